@@ -1,0 +1,246 @@
+//! The MEKD deprivatization GAN: a DCGAN generator whose latent has one dimension per class
+//! (so it can also take logits), and its discriminator.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
+use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::{leaky_relu, sigmoid, tanh};
+use burn::tensor::{Device, Distribution, Tensor};
+
+use crate::IMAGE_SIZE;
+use crate::cost::{self, Hw};
+use crate::error::ModelError;
+
+/// LeakyReLU slope of both networks.
+const LEAKY_SLOPE: f64 = 0.2;
+
+/// Hyperparameters of the generator.
+#[derive(Config, Debug, PartialEq)]
+pub struct GeneratorConfig {
+    /// Latent size = number of classes of the teacher.
+    pub num_classes: usize,
+    /// Image channels produced.
+    pub channels: usize,
+    /// Channels of the 8x8 seed and the first conv; the second conv has half. Reference: 128.
+    #[config(default = 128)]
+    pub width: usize,
+    /// Epsilon of the BatchNorms after the convolutions (the reference code's quirk: 0.8).
+    #[config(default = 0.8)]
+    pub bn_eps: f64,
+}
+
+impl GeneratorConfig {
+    /// Check the configuration.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if self.num_classes < 2 || self.channels == 0 || self.width < 2 || !self.width.is_multiple_of(2) {
+            return Err(ModelError::InvalidConfig(format!(
+                "generator needs >= 2 classes, >= 1 channel and an even width >= 2, got {self:?}"
+            )));
+        }
+        if !(self.bn_eps.is_finite() && self.bn_eps > 0.0) {
+            return Err(ModelError::InvalidConfig(format!("bn_eps must be positive, got {}", self.bn_eps)));
+        }
+        Ok(())
+    }
+
+    /// Build a generator with the reference initialisation (conv N(0, 0.02), BN weight N(1, 0.02)).
+    pub fn init(&self, device: &Device) -> Result<Generator, ModelError> {
+        self.validate()?;
+        let seed = IMAGE_SIZE / 4;
+        let w = self.width;
+        let conv = |c_in, c_out| {
+            Conv2dConfig::new([c_in, c_out], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+                .init(device)
+        };
+        let conv = |c_in, c_out| reset_bias(conv(c_in, c_out), c_in, device);
+        Ok(Generator {
+            fc: LinearConfig::new(self.num_classes, w * seed * seed).init(device),
+            bn0: gan_batch_norm(w, 1e-5, device),
+            up: Interpolate2dConfig::new()
+                .with_scale_factor(Some([2.0, 2.0]))
+                .with_mode(InterpolateMode::Nearest)
+                .init(),
+            conv1: conv(w, w),
+            bn1: gan_batch_norm(w, self.bn_eps, device),
+            conv2: conv(w, w / 2),
+            bn2: gan_batch_norm(w / 2, self.bn_eps, device),
+            conv3: conv(w / 2, self.channels),
+            width: w,
+            seed,
+        })
+    }
+}
+
+/// PyTorch's default conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which the reference
+/// keeps (its custom init only touches conv weights).
+fn reset_bias(mut conv: Conv2d, c_in: usize, device: &Device) -> Conv2d {
+    let bound = 1.0 / ((c_in * 9) as f64).sqrt();
+    conv.bias = conv.bias.map(|b| {
+        let [n] = b.shape().dims();
+        Param::from_tensor(Tensor::random([n], Distribution::Uniform(-bound, bound), device))
+    });
+    conv
+}
+
+/// BatchNorm with weight ~ N(1, 0.02), bias 0.
+fn gan_batch_norm(channels: usize, eps: f64, device: &Device) -> BatchNorm {
+    let mut bn = BatchNormConfig::new(channels).with_epsilon(eps).init(device);
+    bn.gamma = Initializer::Normal { mean: 1.0, std: 0.02 }.init([channels], device);
+    bn
+}
+
+/// Generator: Linear(C -> w*8*8), BN, up x2, conv(w)-BN-LReLU, up x2, conv(w/2)-BN-LReLU,
+/// conv(channels)-Tanh. 312,705 parameters at the reference width for C=10, 1 channel.
+#[derive(Module, Debug)]
+pub struct Generator {
+    fc: Linear,
+    bn0: BatchNorm,
+    up: Interpolate2d,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    conv3: Conv2d,
+    width: usize,
+    seed: usize,
+}
+
+impl Generator {
+    /// Images in `[-1, 1]`, shape `[batch, channels, 32, 32]`, from latents `[batch, classes]`.
+    pub fn forward(&self, z: Tensor<2>) -> Tensor<4> {
+        let [batch, _] = z.dims();
+        let x = self.fc.forward(z).reshape([batch, self.width, self.seed, self.seed]);
+        let x = self.up.forward(self.bn0.forward(x));
+        let x = leaky_relu(self.bn1.forward(self.conv1.forward(x)), LEAKY_SLOPE);
+        let x = self.up.forward(x);
+        let x = leaky_relu(self.bn2.forward(self.conv2.forward(x)), LEAKY_SLOPE);
+        tanh(self.conv3.forward(x))
+    }
+
+    /// Multiply-adds per generated image.
+    pub fn macs(&self) -> u64 {
+        let [i, o] = self.fc.weight.shape().dims();
+        let hw: Hw = (self.seed * 2, self.seed * 2);
+        let (a, hw) = cost::conv2d(&self.conv1, hw);
+        let (b, _) = cost::conv2d(&self.conv2, (hw.0 * 2, hw.1 * 2));
+        let (c, _) = cost::conv2d(&self.conv3, (hw.0 * 2, hw.1 * 2));
+        cost::linear(i, o) + a + b + c
+    }
+}
+
+/// Hyperparameters of the discriminator.
+#[derive(Config, Debug, PartialEq)]
+pub struct DiscriminatorConfig {
+    /// Image channels.
+    pub channels: usize,
+    /// Channels of the first block; each next block doubles. Reference: 16.
+    #[config(default = 16)]
+    pub width: usize,
+    /// Epsilon of the BatchNorms (reference quirk: 0.8).
+    #[config(default = 0.8)]
+    pub bn_eps: f64,
+    /// Channel dropout probability after each block.
+    #[config(default = 0.25)]
+    pub dropout: f64,
+}
+
+impl DiscriminatorConfig {
+    /// Build a discriminator with the reference initialisation.
+    pub fn init(&self, device: &Device) -> Result<Discriminator, ModelError> {
+        if self.channels == 0 || self.width == 0 || !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::InvalidConfig(format!(
+                "discriminator needs >= 1 channel, width >= 1 and dropout in [0, 1), got {self:?}"
+            )));
+        }
+        let mut c_in = self.channels;
+        let blocks = (0..4)
+            .map(|i| {
+                let c_out = self.width << i;
+                let conv = Conv2dConfig::new([c_in, c_out], [3, 3])
+                    .with_stride([2, 2])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+                    .init(device);
+                let block = DiscriminatorBlock {
+                    conv: reset_bias(conv, c_in, device),
+                    bn: (i > 0).then(|| gan_batch_norm(c_out, self.bn_eps, device)),
+                };
+                c_in = c_out;
+                block
+            })
+            .collect();
+        let side = IMAGE_SIZE / 16;
+        Ok(Discriminator {
+            blocks,
+            dropout: Dropout2d { prob: self.dropout, training: Param::from_bool(true) },
+            fc: LinearConfig::new(c_in * side * side, 1).init(device),
+        })
+    }
+}
+
+/// Channel dropout (PyTorch's `Dropout2d`): zeroes whole feature maps while training.
+#[derive(Module, Debug)]
+pub struct Dropout2d {
+    prob: f64,
+    training: Param<burn::module::Flag>,
+}
+
+impl Dropout2d {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if !self.training.is_enabled() || !x.device().is_autodiff() || self.prob == 0.0 {
+            return x;
+        }
+        let [batch, channels, _, _] = x.dims();
+        let keep = 1.0 - self.prob;
+        let mask = Tensor::<4>::random([batch, channels, 1, 1], Distribution::Bernoulli(keep), &x.device());
+        x * mask.div_scalar(keep)
+    }
+}
+
+/// Conv3x3 stride 2, LeakyReLU, Dropout2d, then BN on all but the first block.
+#[derive(Module, Debug)]
+pub struct DiscriminatorBlock {
+    conv: Conv2d,
+    bn: Option<BatchNorm>,
+}
+
+/// Discriminator: four stride-2 blocks (16/32/64/128 channels), Linear(512 -> 1), Sigmoid.
+/// 98,113 parameters at the reference width for 1 channel.
+#[derive(Module, Debug)]
+pub struct Discriminator {
+    blocks: Vec<DiscriminatorBlock>,
+    dropout: Dropout2d,
+    fc: Linear,
+}
+
+impl Discriminator {
+    /// Probability that each image is real, shape `[batch, 1]`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x;
+        for block in &self.blocks {
+            x = self.dropout.forward(leaky_relu(block.conv.forward(x), LEAKY_SLOPE));
+            if let Some(bn) = &block.bn {
+                x = bn.forward(x);
+            }
+        }
+        let [batch, c, h, w] = x.dims();
+        sigmoid(self.fc.forward(x.reshape([batch, c * h * w])))
+    }
+
+    /// Multiply-adds per image.
+    pub fn macs(&self) -> u64 {
+        let mut hw: Hw = (IMAGE_SIZE, IMAGE_SIZE);
+        let mut total = 0;
+        for block in &self.blocks {
+            let (m, out) = cost::conv2d(&block.conv, hw);
+            total += m;
+            hw = out;
+        }
+        let [i, o] = self.fc.weight.shape().dims();
+        total + cost::linear(i, o)
+    }
+}

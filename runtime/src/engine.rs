@@ -1,0 +1,316 @@
+//! ONNX classifier inference with tract: load, read metadata, pin the batch size, optimise once,
+//! and run many times on one reusable state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+pub use crate::data::preprocess::Normalisation;
+
+/// Metadata keys written by this project's exporter (`mekd-models`).
+pub mod keys {
+    /// Zoo architecture name.
+    pub const ARCHITECTURE: &str = "mekd.architecture";
+    /// Number of classes.
+    pub const NUM_CLASSES: &str = "mekd.num_classes";
+    /// `C,H,W` of one image.
+    pub const INPUT_SHAPE: &str = "mekd.input_shape";
+    /// Per-channel mean on [0, 1] pixels.
+    pub const MEAN: &str = "mekd.mean";
+    /// Per-channel std on [0, 1] pixels.
+    pub const STD: &str = "mekd.std";
+    /// Comma-separated class names.
+    pub const CLASS_NAMES: &str = "mekd.class_names";
+}
+
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The file could not be read or is not ONNX.
+    #[error("cannot read ONNX model {path}: {reason}")]
+    Parse {
+        /// The model file.
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The graph is not an image classifier `[N, C, H, W] -> [N, classes]`.
+    #[error("{path} is not an image classifier this runtime can run: {reason}")]
+    NotAClassifier {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// tract could not type or optimise the graph (e.g. an unsupported operator).
+    #[error("tract cannot prepare {path}: {reason}")]
+    Unsupported {
+        /// The model file.
+        path: PathBuf,
+        /// tract's error chain.
+        reason: String,
+    },
+    /// The input given to [`Engine::run`] does not match the model.
+    #[error("input has {actual} values, the model needs {expected} ({detail})")]
+    InputSize {
+        /// Values given.
+        actual: usize,
+        /// Values needed.
+        expected: usize,
+        /// The shape in words.
+        detail: String,
+    },
+    /// Inference failed.
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// What a classifier file says about itself.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelInfo {
+    /// The model file.
+    pub path: PathBuf,
+    /// Name of the image input.
+    pub input_name: String,
+    /// `[C, H, W]` of one image.
+    pub input_shape: [usize; 3],
+    /// Batch size fixed in the file, if any (`None`: dynamic).
+    pub fixed_batch: Option<usize>,
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Zoo architecture, when exported by this project.
+    pub architecture: Option<String>,
+    /// Normalisation from the metadata, when present.
+    pub normalisation: Option<Normalisation>,
+    /// Class names from the metadata, when present.
+    pub class_names: Option<Vec<String>>,
+    /// Size of the file in bytes.
+    pub file_bytes: u64,
+    /// Number of stored float weights (elements of all float initializers, including
+    /// BatchNorm running statistics).
+    pub params: u64,
+}
+
+fn parse_floats(text: &str) -> Option<Vec<f32>> {
+    text.split(',').map(|v| v.trim().parse::<f32>().ok()).collect()
+}
+
+/// Static dims of a value's tensor type (`None` for symbolic dims), or why there are none.
+fn dims_of(value: &pb::ValueInfoProto) -> Result<Vec<Option<usize>>, String> {
+    let Some(pb::type_proto::Value::TensorType(t)) = value.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return Err(format!("`{}` is not a tensor", value.name));
+    };
+    if t.elem_type != pb::tensor_proto::DataType::Float as i32 {
+        return Err(format!("`{}` has element type {} (need float32)", value.name, t.elem_type));
+    }
+    let shape = t.shape.as_ref().ok_or_else(|| format!("`{}` has no shape", value.name))?;
+    Ok(shape
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => Some(v as usize),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Read a model's interface and metadata without preparing it for inference.
+pub fn inspect(path: &Path) -> Result<(ModelInfo, pb::ModelProto), EngineError> {
+    let file_bytes =
+        std::fs::metadata(path).map_err(|e| EngineError::Parse { path: path.into(), reason: e.to_string() })?.len();
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| EngineError::Parse { path: path.into(), reason: format!("{e:#}") })?;
+    let not_classifier = |reason: String| EngineError::NotAClassifier { path: path.into(), reason };
+    let graph = proto.graph.as_ref().ok_or_else(|| not_classifier("the file has no graph".into()))?;
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: Vec<&pb::ValueInfoProto> =
+        graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).collect();
+    let [input] = inputs[..] else {
+        return Err(not_classifier(format!(
+            "it has {} inputs, a classifier has exactly one image input",
+            inputs.len()
+        )));
+    };
+    let dims = dims_of(input).map_err(not_classifier)?;
+    let [batch, Some(c), Some(h), Some(w)] = dims[..] else {
+        return Err(not_classifier(format!(
+            "input `{}` has shape {dims:?}; need rank 4 [N, C, H, W] with static C, H, W",
+            input.name
+        )));
+    };
+    if graph.output.len() != 1 {
+        return Err(not_classifier(format!("it has {} outputs, need one logits output", graph.output.len())));
+    }
+    let out_dims = dims_of(&graph.output[0]).unwrap_or_default();
+    let meta: std::collections::HashMap<&str, &str> =
+        proto.metadata_props.iter().map(|p| (p.key.as_str(), p.value.as_str())).collect();
+    let meta_classes = meta.get(keys::NUM_CLASSES).and_then(|v| v.parse::<usize>().ok());
+    let num_classes = match (out_dims.as_slice(), meta_classes) {
+        ([_, Some(k)], _) => *k,
+        (_, Some(k)) => k,
+        (dims, None) if dims.len() != 2 && !dims.is_empty() => {
+            return Err(not_classifier(format!("output has rank {} (need [N, classes])", dims.len())));
+        }
+        _ => 0, // resolved from the typed model when loading
+    };
+    let normalisation =
+        match (meta.get(keys::MEAN).and_then(|m| parse_floats(m)), meta.get(keys::STD).and_then(|s| parse_floats(s))) {
+            (Some(mean), Some(std)) => Some(Normalisation { mean, std }),
+            _ => None,
+        };
+    let params = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == pb::tensor_proto::DataType::Float as i32)
+        .map(|t| t.dims.iter().product::<i64>().max(0) as u64)
+        .sum();
+    let info = ModelInfo {
+        path: path.into(),
+        input_name: input.name.clone(),
+        input_shape: [c, h, w],
+        fixed_batch: batch,
+        num_classes,
+        architecture: meta.get(keys::ARCHITECTURE).map(|s| s.to_string()),
+        normalisation,
+        class_names: meta.get(keys::CLASS_NAMES).map(|s| s.split(',').map(String::from).collect()),
+        file_bytes,
+        params,
+    };
+    Ok((info, proto))
+}
+
+/// A classifier prepared by tract for one batch size, with a reusable run state.
+pub struct Engine {
+    info: ModelInfo,
+    batch: usize,
+    plan: Arc<TypedSimplePlan>,
+    state: TypedSimpleState,
+}
+
+impl Engine {
+    /// Load `path`, pin its batch axis to `batch`, optimise, and make it runnable.
+    pub fn load(path: &Path, batch: usize) -> Result<Self, EngineError> {
+        let (mut info, proto) = inspect(path)?;
+        if batch == 0 {
+            return Err(EngineError::NotAClassifier {
+                path: path.into(),
+                reason: "batch size must be at least 1".into(),
+            });
+        }
+        if let Some(fixed) = info.fixed_batch.filter(|&f| f != batch) {
+            return Err(EngineError::NotAClassifier {
+                path: path.into(),
+                reason: format!("its batch size is fixed to {fixed} in the file; cannot run batch {batch}"),
+            });
+        }
+        let unsupported = |e: TractError| EngineError::Unsupported { path: path.into(), reason: format!("{e:#}") };
+        let [c, h, w] = info.input_shape;
+        let model = tract_onnx::onnx()
+            .model_for_proto_model(&proto)
+            .map_err(unsupported)?
+            .with_input_fact(0, f32::fact([batch, c, h, w]).into())
+            .map_err(unsupported)?
+            .into_optimized()
+            .map_err(unsupported)?;
+        let out_fact = model.output_fact(0).map_err(unsupported)?.clone();
+        let out_shape: Option<Vec<usize>> = out_fact.shape.as_concrete().map(|s| s.to_vec());
+        match out_shape.as_deref() {
+            Some([n, k]) if *n == batch && *k >= 2 => {
+                if info.num_classes != 0 && info.num_classes != *k {
+                    return Err(EngineError::NotAClassifier {
+                        path: path.into(),
+                        reason: format!("metadata says {} classes, the graph outputs {k}", info.num_classes),
+                    });
+                }
+                info.num_classes = *k;
+            }
+            other => {
+                return Err(EngineError::NotAClassifier {
+                    path: path.into(),
+                    reason: format!("output shape for batch {batch} is {other:?}, need [{batch}, classes]"),
+                });
+            }
+        }
+        let plan = model.into_runnable().map_err(unsupported)?;
+        let state = plan.spawn().map_err(unsupported)?;
+        Ok(Self { info, batch, plan, state })
+    }
+
+    /// What the model file says about itself.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The pinned batch size.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The optimised tract plan (for introspection, e.g. the kernels chosen).
+    pub fn plan(&self) -> &Arc<TypedSimplePlan> {
+        &self.plan
+    }
+
+    /// Values per image.
+    pub fn image_len(&self) -> usize {
+        self.info.input_shape.iter().product()
+    }
+
+    /// Logits for exactly one batch (`batch * C * H * W` values), `batch * classes` values out.
+    pub fn run(&mut self, input: &[f32]) -> Result<Vec<f32>, EngineError> {
+        let expected = self.batch * self.image_len();
+        if input.len() != expected {
+            let [c, h, w] = self.info.input_shape;
+            return Err(EngineError::InputSize {
+                actual: input.len(),
+                expected,
+                detail: format!("[{}, {c}, {h}, {w}]", self.batch),
+            });
+        }
+        let [c, h, w] = self.info.input_shape;
+        let run_error = |e: TractError| EngineError::Run(format!("{e:#}"));
+        let tensor = Tensor::from_shape(&[self.batch, c, h, w], input).map_err(run_error)?;
+        let outputs = self.state.run(tvec!(tensor.into_tvalue())).map_err(run_error)?;
+        let logits = outputs[0].to_plain_array_view::<f32>().map_err(run_error)?.iter().copied().collect();
+        Ok(logits)
+    }
+
+    /// Logits for any number of images: runs full batches and zero-pads the last one.
+    pub fn run_many(&mut self, input: &[f32]) -> Result<Vec<f32>, EngineError> {
+        let per_image = self.image_len();
+        if !input.len().is_multiple_of(per_image) {
+            return Err(EngineError::InputSize {
+                actual: input.len(),
+                expected: per_image,
+                detail: "a multiple of one image".into(),
+            });
+        }
+        let n = input.len() / per_image;
+        let k = self.info.num_classes;
+        let mut out = Vec::with_capacity(n * k);
+        let mut padded = vec![0f32; self.batch * per_image];
+        for chunk in input.chunks(self.batch * per_image) {
+            let images = chunk.len() / per_image;
+            let logits = if images == self.batch {
+                self.run(chunk)?
+            } else {
+                padded[..chunk.len()].copy_from_slice(chunk);
+                padded[chunk.len()..].fill(0.0);
+                self.run(&padded)?
+            };
+            out.extend_from_slice(&logits[..images * k]);
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest value of each row of `k` logits.
+pub fn argmax_rows(logits: &[f32], k: usize) -> Vec<usize> {
+    logits
+        .chunks_exact(k)
+        .map(|row| row.iter().enumerate().fold(0, |best, (i, v)| if *v > row[best] { i } else { best }))
+        .collect()
+}

@@ -1,0 +1,14 @@
+//! The MEKD trainer: burn devices, data batches, teacher training, model export verified by
+//! tract, and the ONNX Runtime binding used by the teacher side.
+//!
+//! Reusable pieces (export, devices, ONNX Runtime) have typed errors; the run orchestration
+//! (run directories, training commands) reports with `anyhow` context chains.
+
+pub mod batches;
+pub mod device;
+pub mod export;
+pub mod onnxruntime;
+pub mod progress;
+pub mod rundir;
+pub mod schedule;
+pub mod teacher;

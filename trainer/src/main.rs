@@ -1,0 +1,229 @@
+//! `mekd`: train a teacher, serve it as a black box, distill a student, export it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mekd_models::export::ExportMetadata;
+use mekd_models::{Architecture, ClassifierSpec, zoo_entries};
+use mekd_trainer::device::DeviceKind;
+use mekd_trainer::export::export_verified;
+use mekd_trainer::schedule::default_milestones;
+use mekd_trainer::teacher::train::{TrainConfig, train};
+
+/// Black-box knowledge distillation (MEKD) from a cloud teacher to an edge student.
+#[derive(Parser)]
+#[command(name = "mekd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every architecture of the model zoo with its parameter count and cost per image.
+    Zoo {
+        /// Input channels to size the networks for (1 = gray, 3 = RGB).
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        /// Number of classes.
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a zoo classifier to ONNX (with metadata), verified with tract before it is written.
+    Export {
+        /// Architecture, e.g. `resnet8`, `lenet5-half` (see `mekd zoo`).
+        #[arg(long)]
+        arch: String,
+        /// Burnpack checkpoint to load; without it the network gets fresh seeded weights.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Output ONNX file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Input channels.
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        /// Number of classes.
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        /// Seed for fresh weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Backend to build the model on.
+        #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+    },
+    /// The cloud side: train a teacher on labeled data.
+    Teacher {
+        #[command(subcommand)]
+        command: TeacherCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TeacherCommand {
+    /// Train a zoo classifier on a labeled dataset with the reference recipe, checkpoint every
+    /// epoch, and export it to ONNX (verified with tract) as RUN_DIR/teacher.onnx.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Architecture (see `mekd zoo`).
+    #[arg(long, default_value = "lenet5")]
+    arch: String,
+    /// Labeled dataset: IDX folder, CIFAR-10 batches, image folders or .tar.gz.
+    #[arg(long, default_value = "data/mnist-slice")]
+    data: PathBuf,
+    /// Run directory (config, metrics.jsonl, checkpoints, teacher.onnx, summary.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue an interrupted run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Image channels for the network (data is converted: 1 = gray, 3 = RGB).
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Epochs.
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Initial learning rate (SGD).
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// 0-based epochs where the rate is multiplied by --gamma [default: 1/3 and 2/3 of --epochs].
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<usize>>,
+    /// Learning-rate decay factor at each milestone.
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f64,
+    /// Seed of the weights and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+    device: DeviceKind,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit_train: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit_test: Option<usize>,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Zoo { channels, classes, json } => zoo(channels, classes, json),
+        Command::Export { arch, checkpoint, out, channels, classes, seed, device } => {
+            let architecture: Architecture = arch.parse()?;
+            let spec = ClassifierSpec { architecture, in_channels: channels, num_classes: classes };
+            spec.validate()?;
+            let device = device.device()?;
+            let model = match &checkpoint {
+                Some(path) => {
+                    spec.load(path, &device).with_context(|| format!("loading checkpoint {}", path.display()))?
+                }
+                None => {
+                    device.seed(seed);
+                    spec.init(&device)?
+                }
+            };
+            let check = export_verified(&model, &spec, &ExportMetadata::symmetric(channels), &out)
+                .with_context(|| format!("exporting {architecture} to {}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes); tract agrees with burn: max |diff| {:.2e} on {} probe images",
+                out.display(),
+                check.bytes,
+                check.agreement.max_abs_diff,
+                check.probe_images
+            );
+            Ok(())
+        }
+        Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
+    }
+}
+
+fn teacher_train(args: TrainArgs) -> Result<()> {
+    let config = TrainConfig {
+        arch: args.arch.parse()?,
+        data: args.data,
+        channels: args.channels,
+        epochs: args.epochs,
+        batch: args.batch,
+        lr: args.lr,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+        gamma: args.gamma,
+        seed: args.seed,
+        device: args.device,
+        limit_train: args.limit_train,
+        limit_test: args.limit_test,
+    };
+    let summary = train(&args.out, &config, args.resume)?;
+    println!(
+        "teacher {}: test accuracy {:.2}% (best {:.2}%), exported to {} (tract max |diff| {:.1e})",
+        config.arch,
+        summary.final_acc,
+        summary.best_acc,
+        summary.onnx.display(),
+        summary.export_max_abs_diff
+    );
+    Ok(())
+}
+
+fn zoo(channels: usize, classes: usize, json: bool) -> Result<()> {
+    if channels == 0 || classes < 2 {
+        bail!("need at least 1 channel and 2 classes");
+    }
+    let entries = zoo_entries(channels, classes, &DeviceKind::Flex.device()?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!("{channels} channel(s), {classes} classes, 32x32 input\n");
+    println!("{:<14} {:<11} {:>12} {:>16} {:>16}", "name", "kind", "params", "MACs/image", "FLOPs/image");
+    for e in &entries {
+        println!(
+            "{:<14} {:<11} {:>12} {:>16} {:>16}",
+            e.name,
+            e.kind,
+            group(e.params as u64),
+            group(e.macs),
+            group(e.flops)
+        );
+    }
+    Ok(())
+}
+
+/// `1234567` -> `1,234,567`.
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

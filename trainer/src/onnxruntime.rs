@@ -1,0 +1,152 @@
+//! ONNX Runtime through `ort` (feature `load-dynamic`): finding the shared library without
+//! ceremony, and running an image classifier with it.
+//!
+//! The library comes from the PyPI `onnxruntime` wheel (version [`PINNED_VERSION`]);
+//! `scripts/fetch-onnxruntime.sh` puts it in `.cache/onnxruntime/`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+
+/// The ONNX Runtime release this project pins (ort 2.0.0-rc.15 speaks its 1.31 API).
+pub const PINNED_VERSION: &str = "1.31.1";
+
+/// Environment variable naming the library explicitly (ort's own convention).
+pub const DYLIB_ENV: &str = "ORT_DYLIB_PATH";
+
+/// ONNX Runtime cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OrtError {
+    /// No library was found anywhere.
+    #[error(
+        "ONNX Runtime library not found (looked at: {looked}). Get it with `scripts/fetch-onnxruntime.sh` \
+         (downloads the pinned onnxruntime=={PINNED_VERSION} wheel from PyPI into .cache/onnxruntime/), \
+         or `pip install onnxruntime=={PINNED_VERSION}`, or point {DYLIB_ENV} at a libonnxruntime.so"
+    )]
+    NotFound {
+        /// The places tried.
+        looked: String,
+    },
+    /// The library was found but could not be loaded.
+    #[error("cannot load ONNX Runtime from {path}: {reason}")]
+    Load {
+        /// The library.
+        path: PathBuf,
+        /// The loader's message.
+        reason: String,
+    },
+    /// A session could not be created or run.
+    #[error("ONNX Runtime: {0}")]
+    Session(String),
+}
+
+fn library_in(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Find the library: `explicit`, else `$ORT_DYLIB_PATH`, else `.cache/onnxruntime/` in the
+/// current directory or any parent, else the Python `onnxruntime` package.
+pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtError> {
+    let mut looked = Vec::new();
+    if let Some(path) = explicit {
+        return if path.is_file() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(OrtError::NotFound { looked: format!("{} (given explicitly, does not exist)", path.display()) })
+        };
+    }
+    if let Some(path) = std::env::var_os(DYLIB_ENV).map(PathBuf::from) {
+        if path.is_file() {
+            return Ok(path);
+        }
+        looked.push(format!("{DYLIB_ENV}={} (missing)", path.display()));
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        candidates.extend(cwd.ancestors().map(|d| d.join(".cache/onnxruntime")));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/onnxruntime"));
+    for dir in &candidates {
+        if let Some(lib) = library_in(dir) {
+            return Ok(lib);
+        }
+    }
+    looked.push(".cache/onnxruntime/ in this directory and its parents".into());
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))"])
+        .output();
+    if let Ok(out) = python {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if let Some(lib) = out.status.success().then(|| library_in(&dir)).flatten() {
+            return Ok(lib);
+        }
+    }
+    looked.push("the python3 `onnxruntime` package".into());
+    Err(OrtError::NotFound { looked: looked.join("; ") })
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Load ONNX Runtime once per process (later calls reuse the first library).
+pub fn environment(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment, OrtError> {
+    let env = ENVIRONMENT.get_or_init(|| {
+        let path = locate_library(explicit).map_err(|e| e.to_string())?;
+        ort::init_from(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .with_name("mekd")
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))
+    });
+    env.as_ref().map_err(|reason| OrtError::Load {
+        path: explicit.map(Path::to_path_buf).unwrap_or_default(),
+        reason: reason.clone(),
+    })
+}
+
+/// An image classifier session: `[N, C, H, W]` f32 in, `[N, classes]` logits out.
+pub struct OrtClassifier {
+    session: Session,
+    input_name: String,
+}
+
+impl OrtClassifier {
+    /// Open `model` with ONNX Runtime (single intra-op thread, all graph optimisations).
+    pub fn open(model: &Path, library: Option<&Path>) -> Result<Self, OrtError> {
+        let env = environment(library)?;
+        let session_error = |e: ort::Error| OrtError::Session(format!("{}: {e}", model.display()));
+        let session = Session::builder(env)
+            .map_err(session_error)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| OrtError::Session(e.to_string()))?
+            .with_intra_threads(1)
+            .map_err(|e| OrtError::Session(e.to_string()))?
+            .commit_from_file(model)
+            .map_err(session_error)?;
+        let input_name = session
+            .inputs()
+            .first()
+            .map(|i| i.name().to_string())
+            .ok_or_else(|| OrtError::Session(format!("{} has no input", model.display())))?;
+        Ok(Self { session, input_name })
+    }
+
+    /// Logits for `images` (`n` images of `shape`).
+    pub fn run(&mut self, images: &[f32], shape: [usize; 3]) -> Result<Vec<f32>, OrtError> {
+        let [c, h, w] = shape;
+        let n = images.len() / (c * h * w);
+        let run_error = |e: ort::Error| OrtError::Session(e.to_string());
+        let input = TensorRef::from_array_view(([n, c, h, w], images)).map_err(run_error)?;
+        let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input]).map_err(run_error)?;
+        let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(run_error)?;
+        Ok(logits.to_vec())
+    }
+}

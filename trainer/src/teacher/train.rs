@@ -1,0 +1,272 @@
+//! `mekd teacher train`: supervised training of a zoo classifier with the reference recipe
+//! (SGD 0.1 / 0.9 / 5e-4, batch 128, step decay x0.1 at 1/3 and 2/3 of the epochs), resumable
+//! checkpoints every epoch, and an ONNX export verified with tract at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use mekd_models::export::ExportMetadata;
+use mekd_models::{Architecture, Classifier, ClassifierSpec, IMAGE_SIZE};
+use mekd_runtime::{Dataset, Split};
+
+use crate::batches::{self, epoch_order};
+use crate::device::DeviceKind;
+use crate::export::export_verified;
+use crate::progress;
+use crate::rundir::RunDir;
+use crate::schedule::{default_milestones, multi_step};
+
+/// Everything a teacher training run depends on; saved as `config.json` in the run directory.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    /// Architecture to train.
+    pub arch: Architecture,
+    /// Labeled dataset (folder or archive).
+    pub data: PathBuf,
+    /// Image channels fed to the network (the data is converted).
+    pub channels: usize,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Epochs (0-based) at which the rate is multiplied by `gamma`.
+    pub milestones: Vec<usize>,
+    /// Decay factor.
+    pub gamma: f64,
+    /// Seed of weights and batch order.
+    pub seed: u64,
+    /// Backend.
+    pub device: DeviceKind,
+    /// Use only the first N training images.
+    pub limit_train: Option<usize>,
+    /// Use only the first N test images.
+    pub limit_test: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The reference recipe for `arch` on `data`.
+    pub fn reference(arch: Architecture, data: PathBuf, epochs: usize) -> Self {
+        Self {
+            arch,
+            data,
+            channels: 1,
+            epochs,
+            batch: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            milestones: default_milestones(epochs),
+            gamma: 0.1,
+            seed: 0,
+            device: DeviceKind::Flex,
+            limit_train: None,
+            limit_test: None,
+        }
+    }
+
+    /// Refuse configurations that cannot train.
+    pub fn validate(&self) -> Result<()> {
+        if !self.arch.is_classifier() {
+            bail!("{} is not a classifier", self.arch);
+        }
+        if self.epochs == 0 || self.batch == 0 {
+            bail!("epochs and batch must be at least 1");
+        }
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
+        let weight_decay_ok = self.weight_decay >= 0.0 && self.weight_decay.is_finite();
+        if !lr_ok || !(0.0..1.0).contains(&self.momentum) || !weight_decay_ok {
+            bail!("need lr > 0, momentum in [0, 1) and weight decay >= 0");
+        }
+        if !(self.gamma > 0.0 && self.gamma <= 1.0) {
+            bail!("gamma must be in (0, 1]");
+        }
+        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            bail!("milestones must increase: {:?}", self.milestones);
+        }
+        if !(1..=4).contains(&self.channels) {
+            bail!("channels must be 1..=4");
+        }
+        Ok(())
+    }
+}
+
+/// One row of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy (percent, on the fly).
+    pub train_acc: f64,
+    /// Test accuracy (percent).
+    pub test_acc: f64,
+    /// Seconds spent on the epoch.
+    pub seconds: f64,
+}
+
+/// What a finished run reports (also `summary.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Test accuracy after the last epoch (percent).
+    pub final_acc: f64,
+    /// Best test accuracy over epochs (percent).
+    pub best_acc: f64,
+    /// The exported ONNX file.
+    pub onnx: PathBuf,
+    /// Largest |burn - tract| on the export check.
+    pub export_max_abs_diff: f32,
+    /// Classes of the dataset.
+    pub classes: Vec<String>,
+}
+
+/// Train (or resume) the run in `dir` with `config`.
+pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSummary> {
+    config.validate()?;
+    let run = RunDir::create(dir)?;
+    if run.file("config.json").exists() {
+        if !resume {
+            bail!("{} already holds a run; pass --resume to continue it or choose another --out", dir.display());
+        }
+        let saved: TrainConfig = run.read_json("config.json")?;
+        if &saved != config {
+            bail!(
+                "--resume with a different configuration than {} (saved: {saved:?})",
+                run.file("config.json").display()
+            );
+        }
+    }
+    run.write_json("config.json", config)?;
+
+    let train_set =
+        Dataset::load(&config.data, Split::Train).with_context(|| format!("reading {}", config.data.display()))?;
+    let test_set =
+        Dataset::load(&config.data, Split::Test).with_context(|| format!("reading {}", config.data.display()))?;
+    let train_set = train_set.take(config.limit_train.unwrap_or(usize::MAX)).prepare(config.channels, IMAGE_SIZE)?;
+    let test_set = test_set.take(config.limit_test.unwrap_or(usize::MAX)).prepare(config.channels, IMAGE_SIZE)?;
+    let spec = ClassifierSpec {
+        architecture: config.arch,
+        in_channels: config.channels,
+        num_classes: train_set.classes.len(),
+    };
+
+    let device = config.device.training_device()?;
+    device.seed(config.seed);
+    let mut model = spec.init(&device)?;
+    let mut optim = SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(config.momentum).with_dampening(0.0)))
+        .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)))
+        .init();
+    let mut metrics: Vec<EpochMetrics> = Vec::new();
+    let mut start_epoch = 0;
+    if let Some((latest, folder)) = run.latest_checkpoint()? {
+        model = model
+            .try_load_file(folder.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("model.bpk").display()))?;
+        optim = optim
+            .load(folder.join("optimizer.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("optimizer.bpk").display()))?;
+        start_epoch = latest.epochs_done;
+        metrics = run.read_metrics()?;
+        metrics.truncate(start_epoch);
+        eprintln!("resuming {} after epoch {start_epoch}", dir.display());
+    }
+
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    for epoch in start_epoch..config.epochs {
+        let started = Instant::now();
+        let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
+        let order = epoch_order(train_set.len(), config.seed, epoch);
+        let bar = progress::bar(order.len() as u64, &format!("epoch {}/{}", epoch + 1, config.epochs));
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        for chunk in order.chunks(config.batch) {
+            let x = batches::images(&train_set, chunk, &device);
+            let y = batches::labels(&train_set, chunk, &device);
+            let logits = model.forward(x);
+            let loss = loss_fn.forward(logits.clone(), y);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            loss_sum += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+            correct += batches::predictions(logits.detach())
+                .iter()
+                .zip(chunk)
+                .filter(|(p, i)| **p == train_set.labels[**i] as usize)
+                .count();
+            seen += chunk.len();
+            bar.inc(chunk.len() as u64);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64
+            ));
+        }
+        bar.finish_and_clear();
+        let test_acc = accuracy(&model, &test_set, &device);
+        let row = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_acc: 100.0 * correct as f64 / seen as f64,
+            test_acc,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "epoch {:>3}/{}: lr {:.4} loss {:.4} train {:.2}% test {:.2}% ({:.1}s)",
+            row.epoch, config.epochs, row.lr, row.train_loss, row.train_acc, row.test_acc, row.seconds
+        );
+        metrics.push(row);
+        let folder = run.new_checkpoint(epoch + 1)?;
+        model
+            .clone()
+            .save_file(folder.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("saving model checkpoint: {e:?}"))?;
+        optim.save(folder.join("optimizer.bpk")).map_err(|e| anyhow::anyhow!("saving optimizer checkpoint: {e:?}"))?;
+        run.write_metrics(&metrics)?;
+        run.commit_checkpoint(epoch + 1, &folder)?;
+    }
+
+    let onnx = run.file("teacher.onnx");
+    let mut metadata = ExportMetadata::symmetric(config.channels);
+    metadata.class_names = Some(train_set.classes.clone());
+    let check = export_verified(&model.valid(), &spec, &metadata, &onnx).context("exporting the teacher to ONNX")?;
+    let summary = TrainSummary {
+        final_acc: metrics.last().map_or(0.0, |m| m.test_acc),
+        best_acc: metrics.iter().map(|m| m.test_acc).fold(0.0, f64::max),
+        onnx,
+        export_max_abs_diff: check.agreement.max_abs_diff,
+        classes: train_set.classes.clone(),
+    };
+    run.write_json("summary.json", &summary)?;
+    Ok(summary)
+}
+
+/// Top-1 accuracy (percent) of `model` in inference mode on `data`.
+pub fn accuracy(model: &Classifier, data: &Dataset, device: &Device) -> f64 {
+    let model = model.valid();
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let correct: usize = indices
+        .chunks(256)
+        .map(|chunk| {
+            let logits = model.forward(batches::images(data, chunk, device));
+            batches::predictions(logits).iter().zip(chunk).filter(|(p, i)| **p == data.labels[**i] as usize).count()
+        })
+        .sum();
+    100.0 * correct as f64 / data.len().max(1) as f64
+}

@@ -5,6 +5,7 @@
 //! (run directories, training commands) reports with `anyhow` context chains.
 
 pub mod batches;
+pub mod blackbox;
 pub mod device;
 pub mod export;
 pub mod onnxruntime;

@@ -6,9 +6,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec, zoo_entries};
+use mekd_runtime::Normalisation;
+use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::export::export_verified;
 use mekd_trainer::schedule::default_milestones;
+use mekd_trainer::teacher::server::{ServeConfig, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 /// Black-box knowledge distillation (MEKD) from a cloud teacher to an edge student.
@@ -69,6 +72,49 @@ enum TeacherCommand {
     /// Train a zoo classifier on a labeled dataset with the reference recipe, checkpoint every
     /// epoch, and export it to ONNX (verified with tract) as RUN_DIR/teacher.onnx.
     Train(TrainArgs),
+    /// Serve an ONNX image classifier as a black box over HTTP (API keys, per-key query budget,
+    /// size limits, soft or hard responses). Ctrl-C stops it gracefully, saving the counts.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The ONNX classifier (any producer; input [N, C, H, W] float32, output [N, classes]).
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// What each image gets back: `soft` (logits) or `hard` (top-1 class only).
+    #[arg(long, value_enum, default_value_t = ResponseMode::Soft)]
+    response: ResponseMode,
+    /// File with one API key per line (`#` comments allowed).
+    #[arg(long)]
+    keys: PathBuf,
+    /// Queries (images) each key may make in total; unlimited without it.
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Where per-key query counts persist across restarts [default: KEYS.usage.json].
+    #[arg(long)]
+    usage_file: Option<PathBuf>,
+    /// Per-channel mean on pixels in [0, 1], for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std on pixels in [0, 1], for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    std: Option<Vec<f32>>,
+    /// Most images per request (413 above).
+    #[arg(long, default_value_t = 1024)]
+    max_batch: usize,
+    /// Most images per model call; concurrent requests are merged up to this.
+    #[arg(long, default_value_t = 256)]
+    model_batch: usize,
+    /// HTTP worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Path of libonnxruntime.so [default: $ORT_DYLIB_PATH, .cache/onnxruntime/, python onnxruntime].
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -159,6 +205,17 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
+        Command::Teacher { command: TeacherCommand::Serve(args) } => {
+            let mut config = ServeConfig::new(args.model, &args.listen, args.response, args.keys);
+            config.budget = args.budget;
+            config.usage_file = args.usage_file;
+            config.normalisation = args.mean.zip(args.std).map(|(mean, std)| Normalisation { mean, std });
+            config.max_batch = args.max_batch;
+            config.model_batch = args.model_batch;
+            config.threads = args.threads;
+            config.ort_library = args.ort_lib;
+            serve(&config)
+        }
     }
 }
 

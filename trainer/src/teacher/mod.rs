@@ -1,3 +1,7 @@
-//! The cloud side: training the teacher on its private labeled data.
+//! The cloud side: training the teacher on its private labeled data and serving it as a black
+//! box over HTTP.
 
+pub mod accounts;
+pub mod batcher;
+pub mod server;
 pub mod train;

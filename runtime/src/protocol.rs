@@ -1,0 +1,101 @@
+//! The teacher's HTTP wire protocol, shared by the server (`mekd teacher serve`), the trainer's
+//! client and `mekd-edge bench`.
+//!
+//! - `GET /v1/health` (no key): `{"status":"ok"}`.
+//! - `GET /v1/info` (key): [`TeacherInfo`].
+//! - `GET /v1/usage` (key): [`Usage`].
+//! - `POST /v1/query` (key): body = `N` images of the model's input shape, `u8`, CHW, back to
+//!   back (`N * C * H * W` bytes, `Content-Type: application/octet-stream`); answer
+//!   [`QueryResponse`]. `N` counts against the key's budget.
+//!
+//! The key travels as `Authorization: Bearer KEY` (or `X-Api-Key: KEY`). Errors are JSON
+//! [`ErrorBody`] with status 400 (malformed), 401 (missing or wrong key), 404, 405, 413 (batch or
+//! body too large), 429 (budget exhausted; `remaining` says how many queries are left), 500.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the health endpoint.
+pub const HEALTH: &str = "/v1/health";
+/// Path of the info endpoint.
+pub const INFO: &str = "/v1/info";
+/// Path of the usage endpoint.
+pub const USAGE: &str = "/v1/usage";
+/// Path of the query endpoint.
+pub const QUERY: &str = "/v1/query";
+/// Environment variable clients read the API key from when no `--api-key` is given.
+pub const API_KEY_ENV: &str = "MEKD_API_KEY";
+
+/// What the server answers per image: fixed by the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum)]
+pub enum ResponseMode {
+    /// Class scores (the model's raw logits).
+    Soft,
+    /// Only the top-1 class.
+    Hard,
+}
+
+impl std::fmt::Display for ResponseMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResponseMode::Soft => "soft",
+            ResponseMode::Hard => "hard",
+        })
+    }
+}
+
+/// `GET /v1/info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TeacherInfo {
+    /// `[C, H, W]` of one image; clients send exactly this shape.
+    pub input_shape: [usize; 3],
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Class names, when the model has them.
+    pub class_names: Option<Vec<String>>,
+    /// Response mode of this server.
+    pub response: ResponseMode,
+    /// Per-channel mean applied by the server to pixels in [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel std applied by the server to pixels in [0, 1].
+    pub std: Vec<f32>,
+    /// Most images per request.
+    pub max_batch: usize,
+}
+
+/// `POST /v1/query` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueryResponse {
+    /// Images answered.
+    pub count: usize,
+    /// Soft mode: `count * num_classes` logits, row by row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<Vec<f32>>,
+    /// Hard mode: the top-1 class per image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<usize>>,
+    /// Queries left for this key (`None`: unlimited).
+    pub remaining: Option<u64>,
+}
+
+/// `GET /v1/usage` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Queries (images) answered for this key so far.
+    pub used: u64,
+    /// The key's budget (`None`: unlimited).
+    pub budget: Option<u64>,
+    /// Queries left (`None`: unlimited).
+    pub remaining: Option<u64>,
+}
+
+/// Body of every error answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+    /// Queries left, on 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+}

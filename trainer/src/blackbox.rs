@@ -1,0 +1,331 @@
+//! The black-box contract: distillation reaches the teacher only through [`Teacher`]: send a
+//! batch of `u8` images, get per-image responses (soft logits or hard labels). Every
+//! implementation counts queries and bytes and enforces a client-side budget; exhausting it is
+//! a clean [`TeacherError::BudgetExhausted`], which callers turn into a reported stop.
+
+use std::path::Path;
+
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::engine::{argmax_rows, inspect};
+use mekd_runtime::protocol::{ResponseMode, TeacherInfo};
+use mekd_runtime::teacher_client::{ClientError, HttpClient};
+
+use crate::onnxruntime::OrtClassifier;
+
+/// Per-image answers of the teacher.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Responses {
+    /// Logits, `count * classes` values.
+    Soft(Vec<f32>),
+    /// Top-1 class per image.
+    Hard(Vec<usize>),
+}
+
+impl Responses {
+    /// Number of images answered.
+    pub fn len(&self, classes: usize) -> usize {
+        match self {
+            Responses::Soft(l) => l.len() / classes,
+            Responses::Hard(l) => l.len(),
+        }
+    }
+
+    /// Whether no image was answered.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Responses::Soft(l) => l.is_empty(),
+            Responses::Hard(l) => l.is_empty(),
+        }
+    }
+
+    /// Target vectors for distillation: the logits, or one-hot vectors for hard labels.
+    pub fn targets(&self, classes: usize) -> Vec<f32> {
+        match self {
+            Responses::Soft(l) => l.clone(),
+            Responses::Hard(labels) => {
+                let mut out = vec![0.0; labels.len() * classes];
+                for (i, &l) in labels.iter().enumerate() {
+                    out[i * classes + l] = 1.0;
+                }
+                out
+            }
+        }
+    }
+
+    /// Top-1 class per image.
+    pub fn labels(&self, classes: usize) -> Vec<usize> {
+        match self {
+            Responses::Soft(l) => argmax_rows(l, classes),
+            Responses::Hard(l) => l.clone(),
+        }
+    }
+}
+
+/// Queries and bytes exchanged with the teacher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Images sent (one query per image).
+    pub queries: u64,
+    /// Bytes sent (request bodies).
+    pub bytes_up: u64,
+    /// Bytes received (response bodies).
+    pub bytes_down: u64,
+}
+
+/// A teacher that cannot answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TeacherError {
+    /// The query budget (client's or server's) does not cover the request.
+    #[error("query budget exhausted: {used} queries used, {requested} more asked, limit {limit}")]
+    BudgetExhausted {
+        /// Queries used so far.
+        used: u64,
+        /// Queries the refused request needed.
+        requested: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The images do not fit the teacher's input.
+    #[error("images do not match the teacher's input: {0}")]
+    Shape(String),
+    /// The server or the local model failed.
+    #[error(transparent)]
+    Backend(#[from] anyhow::Error),
+}
+
+/// The one door to the teacher.
+pub trait Teacher {
+    /// Input shape, classes, response mode, normalisation.
+    fn info(&self) -> &TeacherInfo;
+    /// Answers for `images` (`u8`, CHW, back to back, the teacher's input shape).
+    fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError>;
+    /// Queries and bytes so far.
+    fn usage(&self) -> Usage;
+}
+
+/// Client-side accounting shared by the implementations.
+#[derive(Clone, Debug)]
+struct Meter {
+    usage: Usage,
+    budget: Option<u64>,
+}
+
+impl Meter {
+    fn admit(&self, images: &[u8], info: &TeacherInfo) -> Result<u64, TeacherError> {
+        let per_image = info.input_shape.iter().product::<usize>();
+        if images.is_empty() || !images.len().is_multiple_of(per_image) {
+            return Err(TeacherError::Shape(format!(
+                "{} bytes is not a whole number of {:?} images",
+                images.len(),
+                info.input_shape
+            )));
+        }
+        let n = (images.len() / per_image) as u64;
+        if let Some(limit) = self.budget.filter(|&limit| self.usage.queries + n > limit) {
+            return Err(TeacherError::BudgetExhausted { used: self.usage.queries, requested: n, limit });
+        }
+        Ok(n)
+    }
+
+    fn record(&mut self, n: u64, up: u64, down: u64) {
+        self.usage.queries += n;
+        self.usage.bytes_up += up;
+        self.usage.bytes_down += down;
+    }
+}
+
+/// The teacher behind the HTTP API (`mekd teacher serve`).
+pub struct HttpTeacher {
+    client: HttpClient,
+    info: TeacherInfo,
+    meter: Meter,
+}
+
+impl HttpTeacher {
+    /// Connect to `url` with `key`, with an optional client-side `budget`.
+    pub fn connect(url: &str, key: &str, budget: Option<u64>) -> Result<Self, TeacherError> {
+        let client = HttpClient::new(url, key);
+        let info = client.info().map_err(|e| TeacherError::Backend(e.into()))?;
+        Ok(Self { client, info, meter: Meter { usage: Usage::default(), budget } })
+    }
+}
+
+impl Teacher for HttpTeacher {
+    fn info(&self) -> &TeacherInfo {
+        &self.info
+    }
+
+    fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
+        let n = self.meter.admit(images, &self.info)?;
+        let (answer, transfer) = self.client.query(images).map_err(|e| match e {
+            ClientError::BudgetExhausted { remaining, .. } => TeacherError::BudgetExhausted {
+                used: self.meter.usage.queries,
+                requested: n,
+                limit: self.meter.usage.queries + remaining,
+            },
+            other => TeacherError::Backend(other.into()),
+        })?;
+        self.meter.record(n, transfer.up, transfer.down);
+        let k = self.info.num_classes;
+        match (answer.logits, answer.labels) {
+            (Some(logits), _) if logits.len() == n as usize * k => Ok(Responses::Soft(logits)),
+            (None, Some(labels)) if labels.len() == n as usize && labels.iter().all(|&l| l < k) => {
+                Ok(Responses::Hard(labels))
+            }
+            _ => Err(TeacherError::Backend(anyhow::anyhow!("the server's answer does not hold {n} responses"))),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        self.meter.usage
+    }
+}
+
+/// A local ONNX teacher run with ONNX Runtime (no server), for experiments. Bytes are counted
+/// as the HTTP API would carry them (u8 images up; f32 logits or u32 labels down).
+pub struct OnnxTeacher {
+    model: OrtClassifier,
+    info: TeacherInfo,
+    norm: Normalisation,
+    meter: Meter,
+}
+
+impl OnnxTeacher {
+    /// Open `path`; `norm` is needed when the model carries no normalisation metadata.
+    pub fn open(
+        path: &Path,
+        response: ResponseMode,
+        norm: Option<Normalisation>,
+        budget: Option<u64>,
+    ) -> Result<Self, TeacherError> {
+        let (model_info, _) = inspect(path).map_err(|e| TeacherError::Backend(e.into()))?;
+        let [c, _, _] = model_info.input_shape;
+        let norm = norm
+            .or(model_info.normalisation.clone())
+            .ok_or_else(|| {
+                TeacherError::Backend(anyhow::anyhow!(
+                    "{} has no normalisation metadata: give mean and std",
+                    path.display()
+                ))
+            })?
+            .for_channels(c)
+            .map_err(|e| TeacherError::Backend(e.into()))?;
+        let mut model = OrtClassifier::open(path, None).map_err(|e| TeacherError::Backend(e.into()))?;
+        let num_classes = model
+            .run(&vec![0.0; model_info.input_shape.iter().product()], model_info.input_shape)
+            .map_err(|e| TeacherError::Backend(e.into()))?
+            .len();
+        let info = TeacherInfo {
+            input_shape: model_info.input_shape,
+            num_classes,
+            class_names: model_info.class_names,
+            response,
+            mean: norm.mean.clone(),
+            std: norm.std.clone(),
+            max_batch: usize::MAX,
+        };
+        Ok(Self { model, info, norm, meter: Meter { usage: Usage::default(), budget } })
+    }
+}
+
+impl Teacher for OnnxTeacher {
+    fn info(&self) -> &TeacherInfo {
+        &self.info
+    }
+
+    fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
+        let n = self.meter.admit(images, &self.info)?;
+        let input = to_model_input(images, self.info.input_shape, &self.norm);
+        let logits = self.model.run(&input, self.info.input_shape).map_err(|e| TeacherError::Backend(e.into()))?;
+        let (responses, down) = match self.info.response {
+            ResponseMode::Soft => {
+                let bytes = 4 * logits.len() as u64;
+                (Responses::Soft(logits), bytes)
+            }
+            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, self.info.num_classes)), 4 * n),
+        };
+        self.meter.record(n, images.len() as u64, down);
+        Ok(responses)
+    }
+
+    fn usage(&self) -> Usage {
+        self.meter.usage
+    }
+}
+
+/// A teacher checkpoint run in-process with burn on the training device (so GPU experiments
+/// are not bound by a CPU teacher). Still reachable only through [`Teacher`]; bytes are counted
+/// as the HTTP API would carry them.
+pub struct BurnTeacher {
+    model: mekd_models::Classifier,
+    device: burn::tensor::Device,
+    info: TeacherInfo,
+    meter: Meter,
+}
+
+impl BurnTeacher {
+    /// Load the last checkpoint of a `mekd teacher train` run directory onto `device`.
+    pub fn from_run(
+        run_dir: &Path,
+        device: &burn::tensor::Device,
+        response: ResponseMode,
+        budget: Option<u64>,
+    ) -> Result<Self, TeacherError> {
+        use burn::module::Module;
+        let run = crate::rundir::RunDir::create(run_dir)?;
+        let config: crate::teacher::train::TrainConfig = run.read_json("config.json")?;
+        let summary: crate::teacher::train::TrainSummary = run.read_json("summary.json")?;
+        let (_, folder) =
+            run.latest_checkpoint()?.ok_or_else(|| anyhow::anyhow!("{} holds no checkpoint", run_dir.display()))?;
+        let spec = mekd_models::ClassifierSpec {
+            architecture: config.arch,
+            in_channels: config.channels,
+            num_classes: summary.classes.len(),
+        };
+        let model = spec.load(&folder.join("model.bpk"), device).map_err(anyhow::Error::from)?.valid();
+        let norm = Normalisation::symmetric(config.channels);
+        let info = TeacherInfo {
+            input_shape: spec.image_shape(),
+            num_classes: spec.num_classes,
+            class_names: Some(summary.classes),
+            response,
+            mean: norm.mean,
+            std: norm.std,
+            max_batch: usize::MAX,
+        };
+        Ok(Self { model, device: device.clone(), info, meter: Meter { usage: Usage::default(), budget } })
+    }
+}
+
+impl Teacher for BurnTeacher {
+    fn info(&self) -> &TeacherInfo {
+        &self.info
+    }
+
+    fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
+        use burn::tensor::{Tensor, TensorData};
+        let n = self.meter.admit(images, &self.info)?;
+        let [c, h, w] = self.info.input_shape;
+        let values = to_model_input(images, self.info.input_shape, &Normalisation::symmetric(c));
+        let x = Tensor::<4>::from_data(TensorData::new(values, [n as usize, c, h, w]), &self.device);
+        let logits: Vec<f32> = self
+            .model
+            .forward(x)
+            .into_data()
+            .try_to_vec()
+            .map_err(|e| TeacherError::Backend(anyhow::anyhow!("{e:?}")))?;
+        let (responses, down) = match self.info.response {
+            ResponseMode::Soft => {
+                let bytes = 4 * logits.len() as u64;
+                (Responses::Soft(logits), bytes)
+            }
+            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, self.info.num_classes)), 4 * n),
+        };
+        self.meter.record(n, images.len() as u64, down);
+        Ok(responses)
+    }
+
+    fn usage(&self) -> Usage {
+        self.meter.usage
+    }
+}

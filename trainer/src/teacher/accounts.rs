@@ -1,0 +1,146 @@
+//! API keys, per-key query budgets and their counts, persisted atomically so that they survive
+//! a restart.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use mekd_runtime::fsutil::write_atomic;
+
+/// Why a request is not served.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Missing or unknown key.
+    Unauthorized,
+    /// Not enough budget left for the request.
+    BudgetExhausted {
+        /// Queries left.
+        remaining: u64,
+    },
+}
+
+/// Problems with the keys or usage files.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountsError {
+    /// A file cannot be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The keys, the budget and the counts.
+pub struct Accounts {
+    keys: HashSet<String>,
+    budget: Option<u64>,
+    usage_file: PathBuf,
+    used: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Accounts {
+    /// Read the keys file (one key per line; blank lines and `#` comments ignored) and the
+    /// counts persisted in `usage_file` (absent: all zero).
+    pub fn open(keys_file: &Path, budget: Option<u64>, usage_file: &Path) -> Result<Self, AccountsError> {
+        let file_error = |path: &Path, reason: String| AccountsError::File { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(keys_file).map_err(|e| file_error(keys_file, e.to_string()))?;
+        let keys: HashSet<String> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        if keys.is_empty() {
+            return Err(file_error(keys_file, "holds no API key (one per line)".into()));
+        }
+        if let Some(bad) = keys.iter().find(|k| k.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(file_error(keys_file, format!("key `{bad}` contains whitespace")));
+        }
+        let used = if usage_file.exists() {
+            let text = std::fs::read(usage_file).map_err(|e| file_error(usage_file, e.to_string()))?;
+            serde_json::from_slice(&text).map_err(|e| file_error(usage_file, format!("not a usage file: {e}")))?
+        } else {
+            BTreeMap::new()
+        };
+        Ok(Self { keys, budget, usage_file: usage_file.to_path_buf(), used: Mutex::new(used) })
+    }
+
+    /// Check `key` and, if `n` queries fit in its budget, count them (persisting the new count).
+    /// Returns the queries left afterwards.
+    pub fn reserve(&self, key: Option<&str>, n: u64) -> Result<Option<u64>, Refusal> {
+        let key = key.filter(|k| self.keys.contains(*k)).ok_or(Refusal::Unauthorized)?;
+        let mut used = self.used.lock().expect("accounts lock");
+        let count = used.get(key).copied().unwrap_or(0);
+        if let Some(budget) = self.budget {
+            let remaining = budget.saturating_sub(count);
+            if n > remaining {
+                return Err(Refusal::BudgetExhausted { remaining });
+            }
+        }
+        used.insert(key.to_string(), count + n);
+        // Persist before answering: a crash can never hand out queries that were not counted.
+        if let Err(e) = self.persist(&used, false) {
+            eprintln!("warning: cannot persist usage to {}: {e}", self.usage_file.display());
+        }
+        Ok(self.budget.map(|b| b.saturating_sub(count + n)))
+    }
+
+    /// Give back `n` queries reserved for a request that then failed on the server's side.
+    pub fn refund(&self, key: &str, n: u64) {
+        let mut used = self.used.lock().expect("accounts lock");
+        if let Some(count) = used.get_mut(key) {
+            *count = count.saturating_sub(n);
+        }
+        let _ = self.persist(&used, false);
+    }
+
+    /// `(used, budget, remaining)` of a valid key.
+    pub fn usage(&self, key: Option<&str>) -> Result<(u64, Option<u64>, Option<u64>), Refusal> {
+        let key = key.filter(|k| self.keys.contains(*k)).ok_or(Refusal::Unauthorized)?;
+        let used = self.used.lock().expect("accounts lock").get(key).copied().unwrap_or(0);
+        Ok((used, self.budget, self.budget.map(|b| b.saturating_sub(used))))
+    }
+
+    /// Whether `key` is valid.
+    pub fn is_valid(&self, key: Option<&str>) -> bool {
+        key.is_some_and(|k| self.keys.contains(k))
+    }
+
+    /// Write the counts durably (fsync), e.g. at shutdown.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let used = self.used.lock().expect("accounts lock");
+        self.persist(&used, true)
+    }
+
+    fn persist(&self, used: &BTreeMap<String, u64>, durable: bool) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(used).map_err(std::io::Error::other)?;
+        if durable {
+            write_atomic(&self.usage_file, &bytes)
+        } else {
+            mekd_runtime::fsutil::replace(&self.usage_file, &bytes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_is_enforced_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "# team keys\nalpha\n\nbeta\n").unwrap();
+        let usage = dir.path().join("usage.json");
+        let accounts = Accounts::open(&keys, Some(10), &usage).unwrap();
+        assert_eq!(accounts.reserve(Some("alpha"), 4), Ok(Some(6)));
+        assert_eq!(accounts.reserve(Some("alpha"), 7), Err(Refusal::BudgetExhausted { remaining: 6 }));
+        assert_eq!(accounts.reserve(Some("gamma"), 1), Err(Refusal::Unauthorized));
+        assert_eq!(accounts.reserve(None, 1), Err(Refusal::Unauthorized));
+        accounts.refund("alpha", 1);
+        assert_eq!(accounts.usage(Some("alpha")), Ok((3, Some(10), Some(7))));
+        let reopened = Accounts::open(&keys, Some(10), &usage).unwrap();
+        assert_eq!(reopened.usage(Some("alpha")), Ok((3, Some(10), Some(7))));
+        assert_eq!(reopened.usage(Some("beta")), Ok((0, Some(10), Some(10))));
+        std::fs::write(&keys, "\n# none\n").unwrap();
+        assert!(Accounts::open(&keys, None, &usage).err().unwrap().to_string().contains("holds no API key"));
+    }
+}

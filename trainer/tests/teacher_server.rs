@@ -1,0 +1,229 @@
+//! The teacher server on loopback: answers, keys, limits, budgets, concurrency, restarts, and a
+//! model this project did not export.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use mekd_models::export::ExportMetadata;
+use mekd_models::{Architecture, ClassifierSpec};
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::protocol::ResponseMode;
+use mekd_runtime::teacher_client::{ClientError, HttpClient};
+use mekd_runtime::{Dataset, Split};
+use mekd_trainer::blackbox::{HttpTeacher, Responses, Teacher, TeacherError};
+use mekd_trainer::export::{Agreement, burn_logits, export_verified};
+use mekd_trainer::teacher::server::{RunningServer, ServeConfig, start};
+
+const KEY: &str = "key-alpha";
+
+/// A raw HTTP/1.1 exchange, independent of the project's client: `(status, body)`.
+fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn healthy(addr: SocketAddr) {
+    assert_eq!(raw(addr, "GET", "/v1/health", &[], b"").0, 200);
+}
+
+/// A LeNet-5 teacher exported to `dir`, with the burn model kept for reference logits.
+fn teacher(dir: &Path) -> (PathBuf, mekd_models::Classifier) {
+    let spec = ClassifierSpec { architecture: Architecture::LeNet5, in_channels: 1, num_classes: 10 };
+    let device = Device::flex();
+    device.seed(21);
+    let model = spec.init(&device).unwrap();
+    let path = dir.join("teacher.onnx");
+    export_verified(&model, &spec, &ExportMetadata::symmetric(1), &path).unwrap();
+    (path, model)
+}
+
+fn keys_file(dir: &Path) -> PathBuf {
+    let path = dir.join("keys.txt");
+    std::fs::write(&path, format!("# test keys\n{KEY}\nkey-beta\n")).unwrap();
+    path
+}
+
+fn serve(model: &Path, keys: &Path, response: ResponseMode, budget: Option<u64>) -> RunningServer {
+    let mut config = ServeConfig::new(model.to_path_buf(), "127.0.0.1:0", response, keys.to_path_buf());
+    config.budget = budget;
+    config.max_batch = 16;
+    start(&config).unwrap()
+}
+
+fn mnist_images(n: usize) -> Vec<u8> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist-slice");
+    Dataset::load(&root, Split::Test).unwrap().take(n).prepare(1, 32).unwrap().pixels
+}
+
+#[test]
+fn soft_and_hard_answers_match_the_burn_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, model) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let images = mnist_images(12);
+    let expected =
+        burn_logits(&model, &to_model_input(&images, [1, 32, 32], &Normalisation::symmetric(1)), [1, 32, 32]);
+
+    let soft = serve(&model_path, &keys, ResponseMode::Soft, None);
+    let mut client = HttpTeacher::connect(&soft.url(), KEY, None).unwrap();
+    assert_eq!(client.info().input_shape, [1, 32, 32]);
+    assert_eq!(client.info().response, ResponseMode::Soft);
+    let Responses::Soft(logits) = client.query(&images).unwrap() else { panic!("soft server gave hard answers") };
+    let agreement = Agreement::of(&expected, &logits, 10);
+    assert!(agreement.ok(), "{agreement:?}");
+    let usage = client.usage();
+    assert_eq!((usage.queries, usage.bytes_up), (12, 12 * 1024));
+    assert!(usage.bytes_down > 0);
+    soft.shutdown().unwrap();
+
+    let hard = serve(&model_path, &keys, ResponseMode::Hard, None);
+    let mut client = HttpTeacher::connect(&hard.url(), KEY, None).unwrap();
+    let Responses::Hard(labels) = client.query(&images).unwrap() else { panic!("hard server leaked logits") };
+    assert_eq!(labels, mekd_runtime::engine::argmax_rows(&expected, 10));
+    // The hard answer carries nothing but the classes.
+    let (status, body) =
+        raw(hard.addr(), "POST", "/v1/query", &[("Authorization", &format!("Bearer {KEY}"))], &images[..1024]);
+    assert_eq!(status, 200);
+    assert!(!body.contains("logits"), "{body}");
+}
+
+#[test]
+fn rejections_are_clear_and_leave_the_server_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, Some(20));
+    let addr = server.addr();
+    let bearer = format!("Bearer {KEY}");
+    let auth = [("Authorization", bearer.as_str())];
+    let image = vec![0u8; 1024];
+
+    let (status, body) = raw(addr, "POST", "/v1/query", &[], &image);
+    assert_eq!(status, 401, "{body}");
+    healthy(addr);
+    let (status, _) = raw(addr, "POST", "/v1/query", &[("Authorization", "Bearer nope")], &image);
+    assert_eq!(status, 401);
+    assert_eq!(raw(addr, "GET", "/v1/info", &[("X-Api-Key", "nope")], b"").0, 401);
+    healthy(addr);
+    // Oversized batch: 17 images, limit 16.
+    let (status, body) = raw(addr, "POST", "/v1/query", &auth, &vec![0u8; 17 * 1024]);
+    assert_eq!(status, 413, "{body}");
+    healthy(addr);
+    // Malformed bodies: empty, and images of the wrong shape (28x28 instead of 32x32).
+    let (status, body) = raw(addr, "POST", "/v1/query", &auth, b"");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = raw(addr, "POST", "/v1/query", &auth, &vec![0u8; 3 * 784]);
+    assert_eq!(status, 400);
+    assert!(body.contains("1x32x32"), "{body}");
+    healthy(addr);
+    assert_eq!(raw(addr, "GET", "/v1/query", &auth, b"").0, 405);
+    assert_eq!(raw(addr, "GET", "/v2/anything", &auth, b"").0, 404);
+    // None of the rejected requests was counted.
+    let client = HttpClient::new(&server.url(), KEY);
+    assert_eq!(client.usage().unwrap().used, 0);
+
+    // Budget exhaustion on the server: 20 queries, then 429 with what is left.
+    let (status, _) = raw(addr, "POST", "/v1/query", &[("X-Api-Key", KEY)], &vec![0u8; 16 * 1024]);
+    assert_eq!(status, 200);
+    match client.query(&vec![0u8; 5 * 1024]) {
+        Err(ClientError::BudgetExhausted { remaining, .. }) => assert_eq!(remaining, 4),
+        other => panic!("expected budget exhaustion, got {other:?}"),
+    }
+    let mut teacher = HttpTeacher::connect(&server.url(), KEY, None).unwrap();
+    match teacher.query(&vec![0u8; 5 * 1024]) {
+        Err(TeacherError::BudgetExhausted { requested, .. }) => assert_eq!(requested, 5),
+        other => panic!("expected budget exhaustion, got {:?}", other.map(|_| ())),
+    }
+    assert!(teacher.query(&vec![0u8; 4 * 1024]).is_ok());
+    healthy(addr);
+    assert_eq!(client.usage().unwrap().remaining, Some(0));
+
+    // Budget exhaustion on the client: refused before anything is sent.
+    let mut budgeted = HttpTeacher::connect(&server.url(), "key-beta", Some(3)).unwrap();
+    assert!(budgeted.query(&vec![0u8; 2 * 1024]).is_ok());
+    assert!(matches!(
+        budgeted.query(&vec![0u8; 2 * 1024]),
+        Err(TeacherError::BudgetExhausted { used: 2, requested: 2, limit: 3 })
+    ));
+    assert_eq!(HttpClient::new(&server.url(), "key-beta").usage().unwrap().used, 2);
+}
+
+#[test]
+fn concurrent_clients_are_counted_exactly_and_counts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, None);
+    let url = server.url();
+    let images = mnist_images(5);
+    let sent: u64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|client| {
+                let (url, images) = (url.clone(), images.clone());
+                scope.spawn(move || {
+                    let mut teacher = HttpTeacher::connect(&url, KEY, None).unwrap();
+                    let mut sent = 0;
+                    for step in 0..20 {
+                        let n = 1 + (client + step) % 5;
+                        let Responses::Soft(logits) = teacher.query(&images[..n * 1024]).unwrap() else { panic!() };
+                        assert_eq!(logits.len(), n * 10);
+                        sent += n as u64;
+                    }
+                    assert_eq!(teacher.usage().queries, sent);
+                    sent
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let client = HttpClient::new(&url, KEY);
+    assert_eq!(client.usage().unwrap().used, sent);
+    server.shutdown().unwrap();
+
+    let restarted = serve(&model_path, &keys, ResponseMode::Soft, Some(sent + 2));
+    let client = HttpClient::new(&restarted.url(), KEY);
+    let usage = client.usage().unwrap();
+    assert_eq!((usage.used, usage.remaining), (sent, Some(2)));
+    assert!(client.query(&images[..3 * 1024]).is_err());
+}
+
+#[test]
+fn serves_a_model_from_another_producer() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("fixtures/foreign-teacher.onnx");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("fixtures/foreign-teacher.io.json")).unwrap()).unwrap();
+    let pixels: Vec<u8> = golden["pixels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+    let expected: Vec<f32> = golden["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = keys_file(dir.path());
+
+    // Without normalisation metadata or flags the server refuses to guess.
+    let config = ServeConfig::new(model.clone(), "127.0.0.1:0", ResponseMode::Soft, keys.clone());
+    let err = start(&config).err().expect("no normalisation").to_string();
+    assert!(err.contains("--mean and --std"), "{err}");
+
+    let mut config = ServeConfig::new(model, "127.0.0.1:0", ResponseMode::Soft, keys);
+    config.normalisation = Some(Normalisation { mean: vec![0.1307], std: vec![0.3081] });
+    let server = start(&config).unwrap();
+    let mut teacher = HttpTeacher::connect(&server.url(), KEY, None).unwrap();
+    assert_eq!(teacher.info().num_classes, 10);
+    let Responses::Soft(logits) = teacher.query(&pixels).unwrap() else { panic!() };
+    let agreement = Agreement::of(&expected, &logits, 10);
+    assert!(agreement.ok(), "{agreement:?}");
+}

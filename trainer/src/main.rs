@@ -75,6 +75,34 @@ enum TeacherCommand {
     /// Serve an ONNX image classifier as a black box over HTTP (API keys, per-key query budget,
     /// size limits, soft or hard responses). Ctrl-C stops it gracefully, saving the counts.
     Serve(ServeArgs),
+    /// Measure the server's query throughput on loopback (images/s per batch size and number
+    /// of concurrent clients).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The ONNX classifier to serve.
+    #[arg(long)]
+    model: PathBuf,
+    /// Images per request, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,128")]
+    batch: Vec<usize>,
+    /// Concurrent clients, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    clients: Vec<usize>,
+    /// Seconds per configuration.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Per-channel mean for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    std: Option<Vec<f32>>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -215,6 +243,22 @@ fn run(cli: Cli) -> Result<()> {
             config.threads = args.threads;
             config.ort_library = args.ort_lib;
             serve(&config)
+        }
+        Command::Teacher { command: TeacherCommand::Bench(args) } => {
+            let norm = args.mean.zip(args.std).map(|(mean, std)| Normalisation { mean, std });
+            let rows = mekd_trainer::teacher::bench::run(&args.model, norm, &args.batch, &args.clients, args.seconds)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:>6} {:>8} {:>10} {:>12} {:>9} {:>9}", "batch", "clients", "requests", "images/s", "p50 ms", "p90 ms");
+                for r in rows {
+                    println!(
+                        "{:>6} {:>8} {:>10} {:>12.0} {:>9.3} {:>9.3}",
+                        r.batch, r.clients, r.requests, r.images_per_s, r.p50_ms, r.p90_ms
+                    );
+                }
+            }
+            Ok(())
         }
     }
 }

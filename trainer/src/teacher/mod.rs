@@ -3,5 +3,6 @@
 
 pub mod accounts;
 pub mod batcher;
+pub mod bench;
 pub mod server;
 pub mod train;

@@ -250,7 +250,10 @@ fn run(cli: Cli) -> Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:>6} {:>8} {:>10} {:>12} {:>9} {:>9}", "batch", "clients", "requests", "images/s", "p50 ms", "p90 ms");
+                println!(
+                    "{:>6} {:>8} {:>10} {:>12} {:>9} {:>9}",
+                    "batch", "clients", "requests", "images/s", "p50 ms", "p90 ms"
+                );
                 for r in rows {
                     println!(
                         "{:>6} {:>8} {:>10} {:>12.0} {:>9.3} {:>9.3}",

@@ -5,6 +5,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mekd_runtime::protocol::ResponseMode;
+use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Responses, Teacher};
+use mekd_trainer::export::Agreement;
+use mekd_trainer::teacher::server::{ServeConfig, start};
 use mekd_trainer::teacher::train::EpochMetrics;
 
 fn repo() -> &'static Path {
@@ -77,7 +81,33 @@ fn teacher_learns_exports_and_resumes_after_a_kill() {
     let tract_acc = 100.0 * correct as f64 / 500.0;
     assert!((tract_acc - final_acc).abs() <= 0.2 + 1e-9, "tract {tract_acc}% vs burn {final_acc}%");
 
-    // 3. Kill a second run during epoch 2, then resume it.
+    // 3. The trained teacher answers the same through every door of the black-box contract:
+    //    burn in-process, ONNX Runtime locally, and the HTTP server.
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "k\n").unwrap();
+    let server =
+        start(&ServeConfig::new(straight.join("teacher.onnx"), "127.0.0.1:0", ResponseMode::Soft, keys)).unwrap();
+    let mut doors: Vec<Box<dyn Teacher>> = vec![
+        Box::new(BurnTeacher::from_run(&straight, &burn::tensor::Device::flex(), ResponseMode::Soft, None).unwrap()),
+        Box::new(OnnxTeacher::open(&straight.join("teacher.onnx"), ResponseMode::Soft, None, None).unwrap()),
+        Box::new(HttpTeacher::connect(&server.url(), "k", None).unwrap()),
+    ];
+    let images = &test.pixels[..64 * 1024];
+    let answers: Vec<Vec<f32>> = doors
+        .iter_mut()
+        .map(|t| match t.query(images).unwrap() {
+            Responses::Soft(logits) => logits,
+            Responses::Hard(_) => panic!("soft expected"),
+        })
+        .collect();
+    for other in &answers[1..] {
+        let agreement = Agreement::of(&answers[0], other, 10);
+        assert!(agreement.ok(), "{agreement:?}");
+    }
+    assert!(doors.iter().all(|t| t.usage().queries == 64 && t.usage().bytes_up == 64 * 1024));
+    server.shutdown().unwrap();
+
+    // 4. Kill a second run during epoch 2, then resume it.
     let killed = dir.path().join("killed");
     let mut child = Command::new(mekd).args(train_args(&killed, 3)).stderr(Stdio::null()).spawn().unwrap();
     let latest = killed.join("checkpoints/latest.json");

@@ -3,7 +3,9 @@
 //!
 //! This crate must stay small and must not depend on burn: it cross-compiles to the boards.
 
+pub mod bench;
 pub mod data;
+pub mod display;
 pub mod engine;
 pub mod fsutil;
 pub mod protocol;

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource, resolve_norm};
+use mekd_runtime::data::decode_image;
+use mekd_runtime::data::preprocess::{Normalisation, convert_image, to_model_input};
+use mekd_runtime::display::Screen;
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
 use mekd_runtime::{Dataset, Split};
 
@@ -23,6 +26,25 @@ enum Command {
         /// The ONNX model.
         #[arg(long)]
         model: PathBuf,
+    },
+    /// Measure a model: load time, batch-1 latency p50/p90/p99, throughput, peak memory, size,
+    /// accuracy, and against a teacher (HTTP API or local ONNX): its accuracy, the agreement
+    /// and the round trip per query.
+    Bench(BenchArgs),
+    /// Classify image files (PNG/JPEG): prints the top class and its softmax score per file.
+    Classify {
+        /// The ONNX model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Per-channel mean on [0, 1] pixels, for models without normalisation metadata.
+        #[arg(long, value_delimiter = ',', requires = "std")]
+        mean: Option<Vec<f32>>,
+        /// Per-channel std on [0, 1] pixels, for models without normalisation metadata.
+        #[arg(long, value_delimiter = ',', requires = "mean")]
+        std: Option<Vec<f32>>,
     },
     /// Top-1 accuracy of a model on a labeled dataset.
     Eval {
@@ -53,6 +75,56 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The ONNX student.
+    #[arg(long)]
+    model: PathBuf,
+    /// Labeled test data: IDX folder, CIFAR-10 batches, image folders or .tar.gz.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split to use.
+    #[arg(long, default_value = "test")]
+    split: Split,
+    /// Use only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Teacher HTTP API base URL (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    teacher: Option<String>,
+    /// API key for --teacher.
+    #[arg(long, env = "MEKD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A local ONNX teacher (run with tract) instead of the HTTP API.
+    #[arg(long, conflicts_with = "teacher")]
+    teacher_onnx: Option<PathBuf>,
+    /// Per-channel mean on [0, 1] pixels, for a student without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std on [0, 1] pixels, for a student without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    std: Option<Vec<f32>>,
+    /// Timed batch-1 runs.
+    #[arg(long, default_value_t = 300)]
+    iterations: usize,
+    /// Batch size of the throughput run.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Draw the results screen (128x64) into this PNG.
+    #[arg(long)]
+    png: Option<PathBuf>,
+    /// Also draw it on an SSD1306 OLED at this I2C device (e.g. /dev/i2c-1).
+    #[cfg(feature = "ssd1306")]
+    #[arg(long)]
+    oled: Option<String>,
+    /// Print the CPU features and kernels tract selected.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
     if let Err(err) = run(Cli::parse()) {
         eprintln!("error: {err:#}");
@@ -65,6 +137,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { model } => {
             let (info, _) = inspect(&model)?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(())
+        }
+        Command::Bench(args) => bench(args),
+        Command::Classify { model, images, mean, std } => {
+            let mut engine = Engine::load(&model, 1)?;
+            let info = engine.info().clone();
+            let [c, h, w] = info.input_shape;
+            let norm = resolve_norm(
+                mean.zip(std).map(|(mean, std)| Normalisation { mean, std }),
+                info.normalisation.as_ref(),
+                &model,
+                c,
+            )?;
+            for path in images {
+                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let (pixels, shape) = decode_image(&path, &bytes)?;
+                let pixels = convert_image(&pixels, shape, [c, h, w])?;
+                let logits = engine.run(&to_model_input(&pixels, [c, h, w], &norm))?;
+                let max = logits.iter().copied().fold(f32::MIN, f32::max);
+                let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                let best = argmax_rows(&logits, info.num_classes)[0];
+                let name =
+                    info.class_names.as_ref().and_then(|n| n.get(best).cloned()).unwrap_or_else(|| best.to_string());
+                println!("{}\t{name}\t{:.4}", path.display(), exp[best] / sum);
+            }
             Ok(())
         }
         Command::Eval { model, data, split, limit, mean, std, batch, json } => {
@@ -97,5 +195,63 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let teacher = match (&args.teacher, &args.teacher_onnx) {
+        (Some(url), None) => {
+            let key = args.api_key.clone().context("--teacher needs --api-key KEY (or MEKD_API_KEY)")?;
+            Some(TeacherSource::Http { url: url.clone(), key })
+        }
+        (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),
+        _ => None,
+    };
+    let data = Dataset::load(&args.data, args.split).with_context(|| format!("reading {}", args.data.display()))?;
+    let data = data.take(args.limit.unwrap_or(usize::MAX));
+    let options =
+        BenchOptions { iterations: args.iterations.max(1), batch: args.batch.max(1), ..BenchOptions::default() };
+    let norm = args.mean.zip(args.std).map(|(mean, std)| Normalisation { mean, std });
+    let report = mekd_runtime::bench::run(&args.model, &data, norm, &options, teacher.as_ref())?;
+    let screen = Screen::from_report(&report);
+    if let Some(png) = &args.png {
+        mekd_runtime::fsutil::write_atomic(png, &screen.render().to_png(4))
+            .with_context(|| format!("writing {}", png.display()))?;
+    }
+    #[cfg(feature = "ssd1306")]
+    if let Some(device) = &args.oled {
+        mekd_runtime::display::show_on_ssd1306(&screen, device).map_err(anyhow::Error::msg)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, args.verbose);
+    }
+    Ok(())
+}
+
+fn print_report(r: &BenchReport, verbose: bool) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("model          {} ({})", r.model, r.architecture.as_deref().unwrap_or("no metadata"));
+    println!("size           {:.1} KiB, {} weights", r.model_bytes as f64 / 1024.0, r.params);
+    println!("load+optimise  {:.1} ms", r.load_ms);
+    println!(
+        "latency b=1    p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  ({} runs)",
+        r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.samples
+    );
+    println!("throughput     {:.0} images/s at batch {}", r.throughput_ips, r.throughput_batch);
+    if let Some(rss) = r.peak_rss_bytes {
+        println!("peak memory    {:.1} MiB resident", mib(rss));
+    }
+    println!("accuracy       {:.2}% on {} images", r.accuracy, r.images);
+    if let Some(t) = &r.teacher {
+        println!(
+            "teacher        {:.2}% accuracy, agreement {:.2}%, round trip p50 {:.3} ms ({} queries)",
+            t.accuracy, t.agreement, t.rtt_ms.p50, t.queries
+        );
+    }
+    if verbose {
+        println!("cpu            {}", r.isa);
+        println!("kernels        {}", r.kernels.join(", "));
     }
 }

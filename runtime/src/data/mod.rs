@@ -16,6 +16,7 @@
 mod cifar;
 mod error;
 mod folder;
+pub use folder::decode_image;
 mod idx;
 pub mod preprocess;
 mod subset;

@@ -1,0 +1,50 @@
+//! tract on a model this project did not write, against ONNX Runtime's outputs on x86-64
+//! (golden file): the same test runs on the ARM targets under qemu.
+
+use std::path::{Path, PathBuf};
+
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::engine::{Engine, argmax_rows, inspect};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+}
+
+#[test]
+fn tract_matches_onnxruntime_golden_outputs() {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("foreign-teacher.io.json")).unwrap()).unwrap();
+    let pixels: Vec<u8> = golden["pixels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+    let expected: Vec<f32> = golden["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let norm = Normalisation { mean: vec![0.1307], std: vec![0.3081] };
+    let input = to_model_input(&pixels, [1, 32, 32], &norm);
+    for batch in [1, 3] {
+        let mut engine = Engine::load(&fixture("foreign-teacher.onnx"), batch).unwrap();
+        assert_eq!((engine.info().num_classes, engine.info().input_shape), (10, [1, 32, 32]));
+        assert!(engine.info().normalisation.is_none());
+        let actual = engine.run_many(&input).unwrap();
+        for (a, b) in actual.iter().zip(&expected) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "batch {batch}: {a} vs {b}");
+        }
+        assert_eq!(argmax_rows(&actual, 10), argmax_rows(&expected, 10));
+    }
+}
+
+#[test]
+fn refuses_what_it_cannot_run_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\x08\x07garbage").unwrap();
+    let err = Engine::load(&junk, 1).err().unwrap().to_string();
+    assert!(err.contains("junk.onnx"), "{err}");
+    let err = Engine::load(&fixture("foreign-teacher.onnx"), 0).err().unwrap().to_string();
+    assert!(err.contains("batch size must be at least 1"), "{err}");
+    let mut engine = Engine::load(&fixture("foreign-teacher.onnx"), 2).unwrap();
+    let err = engine.run(&[0.0; 1024]).unwrap_err().to_string();
+    assert!(err.contains("needs 2048"), "{err}");
+    let (info, _) = inspect(&fixture("foreign-teacher.onnx")).unwrap();
+    assert_eq!(
+        (info.input_name.as_str(), info.fixed_batch, info.params),
+        ("image", None, 8 * 9 + 8 + 16 * 72 + 16 + 10240 + 10)
+    );
+}

@@ -26,6 +26,9 @@ enum Command {
         /// The ONNX model.
         #[arg(long)]
         model: PathBuf,
+        /// Also list the operators of the graph tract optimised for batch 1.
+        #[arg(long)]
+        ops: bool,
     },
     /// Measure a model: load time, batch-1 latency p50/p90/p99, throughput, peak memory, size,
     /// accuracy, and against a teacher (HTTP API or local ONNX): its accuracy, the agreement
@@ -134,9 +137,15 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { model } => {
+        Command::Info { model, ops } => {
             let (info, _) = inspect(&model)?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+            if ops {
+                let engine = Engine::load(&model, 1)?;
+                for node in engine.plan().model().nodes() {
+                    println!("{:>4} {:<28} {}", node.id, node.op.name(), node.name);
+                }
+            }
             Ok(())
         }
         Command::Bench(args) => bench(args),

@@ -7,7 +7,9 @@
 pub mod batches;
 pub mod blackbox;
 pub mod device;
+pub mod engines;
 pub mod export;
+pub mod methods;
 pub mod onnxruntime;
 pub mod progress;
 pub mod rundir;

@@ -60,6 +60,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
     },
+    /// Compare tract (the board's engine) with ONNX Runtime on the same ONNX files and inputs.
+    BenchEngines {
+        /// ONNX classifiers to time.
+        #[arg(long = "model", required = true)]
+        models: Vec<PathBuf>,
+        /// Batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        batch: Vec<usize>,
+        /// Timed calls per engine and batch size.
+        #[arg(long, default_value_t = 2000)]
+        iterations: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The cloud side: train a teacher on labeled data.
     Teacher {
         #[command(subcommand)]
@@ -233,6 +248,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
+        Command::BenchEngines { models, batch, iterations, json } => {
+            let mut rows = Vec::new();
+            for model in &models {
+                rows.extend(mekd_trainer::engines::compare(model, &batch, iterations.max(1))?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<32} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7}",
+                    "model", "batch", "tract p50", "tract p90", "ORT p50", "ORT p90", "ratio"
+                );
+                for r in rows {
+                    println!(
+                        "{:<32} {:>5} {:>9.4} ms {:>9.4} ms {:>9.4} ms {:>9.4} ms {:>7.2}",
+                        r.model, r.batch, r.tract_ms.p50, r.tract_ms.p90, r.ort_ms.p50, r.ort_ms.p90, r.ratio
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Teacher { command: TeacherCommand::Serve(args) } => {
             let mut config = ServeConfig::new(args.model, &args.listen, args.response, args.keys);
             config.budget = args.budget;

@@ -1,0 +1,209 @@
+//! The losses of MEKD and its baselines, exactly as `METHOD.md` specifies them (including the
+//! reference code's scaling quirks), on burn tensors.
+
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Int, Tensor};
+
+/// Knowledge-distillation KL: `KL(softmax(t / tau) || softmax(s / tau)) * tau`, averaged over the
+/// batch (PyTorch `KLDivLoss(reduction="batchmean")`). The reference multiplies by `tau`, not
+/// `tau^2`. `targets` are teacher logits, or one-hot vectors for hard responses.
+pub fn kd_kl(student: Tensor<2>, targets: Tensor<2>, tau: f64) -> Tensor<1> {
+    let [batch, _] = student.dims();
+    let log_q = log_softmax(student.div_scalar(tau), 1);
+    let log_p = log_softmax(targets.div_scalar(tau), 1);
+    let p = log_p.clone().exp();
+    (p * (log_p - log_q)).sum().div_scalar(batch as f64).mul_scalar(tau)
+}
+
+/// How generated images are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageDistance {
+    /// Mean absolute difference over every pixel (`nn.L1Loss`), the reference default.
+    L1,
+    /// Mean squared difference over every pixel (`nn.MSELoss`).
+    L2,
+}
+
+/// MEKD's image alignment: the mean distance between `G(s / tau_g)` and `G(t / tau_g)` over all
+/// pixels of the batch.
+pub fn image_alignment(
+    generated_from_student: Tensor<4>,
+    generated_from_teacher: Tensor<4>,
+    distance: ImageDistance,
+) -> Tensor<1> {
+    let diff = generated_from_student - generated_from_teacher;
+    match distance {
+        ImageDistance::L1 => diff.abs().mean(),
+        ImageDistance::L2 => diff.powi_scalar(2).mean(),
+    }
+}
+
+/// Mimic learning: mean squared error between student and teacher logits.
+pub fn logit_mse(student: Tensor<2>, teacher: Tensor<2>) -> Tensor<1> {
+    (student - teacher).powi_scalar(2).mean()
+}
+
+/// Decoupled KD (Zhao et al. 2022) with the teacher's argmax as target, as the reference code:
+/// each KL term summed, times `tau`, divided by the batch. Returns `(tckd, nckd)`; the loss is
+/// `alpha * tckd + beta * nckd` (reference: 1 and 8).
+pub fn dkd_terms(student: Tensor<2>, teacher: Tensor<2>, target: Tensor<1, Int>, tau: f64) -> (Tensor<1>, Tensor<1>) {
+    let [batch, classes] = student.dims();
+    let gt = target.one_hot(classes).float();
+    let other = gt.clone().neg().add_scalar(1.0);
+    let p_s = softmax(student.clone().div_scalar(tau), 1);
+    let p_t = softmax(teacher.clone().div_scalar(tau), 1);
+    // Binary (target, rest) distributions.
+    let binary = |p: Tensor<2>| {
+        let t = (p.clone() * gt.clone()).sum_dim(1);
+        let o = (p * other.clone()).sum_dim(1);
+        Tensor::cat(vec![t, o], 1)
+    };
+    let (b_s, b_t) = (binary(p_s), binary(p_t));
+    let tckd = (b_t.clone() * (b_t.clamp_min(1e-30).log() - b_s.clamp_min(1e-30).log())).sum();
+    // Distributions over the non-target classes: mask the target with -1000 before softmax.
+    let mask = gt.mul_scalar(1000.0);
+    let log_q = log_softmax(student.div_scalar(tau) - mask.clone(), 1);
+    let log_p = log_softmax(teacher.div_scalar(tau) - mask, 1);
+    let nckd = (log_p.clone().exp() * (log_p - log_q)).sum();
+    let scale = tau / batch as f64;
+    (tckd.mul_scalar(scale), nckd.mul_scalar(scale))
+}
+
+/// How the information-maximisation weight `y_i` of a synthetic image is read from the
+/// teacher's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImWeight {
+    /// The paper: the teacher's response strength, `max_c softmax(T(x))_c` for soft answers and
+    /// 1 for hard ones.
+    MaxResponse,
+    /// The reference code's form: the argmax class index (class 0 gets no push).
+    ClassIndex,
+}
+
+/// The IM term `mean_i(-y_i * log(D(G(z_i)) + 1e-5))`, with `d_fake` the discriminator's outputs
+/// `[batch, 1]` and `weights` the `y_i` `[batch]`.
+pub fn information_maximisation(d_fake: Tensor<2>, weights: Tensor<1>) -> Tensor<1> {
+    let [batch, _] = d_fake.dims();
+    let log_d = d_fake.reshape([batch]).add_scalar(1e-5).log();
+    (weights * log_d).neg().mean()
+}
+
+/// The `y_i` of [`information_maximisation`] from the teacher's answers: `targets` are logits
+/// (soft) or one-hot rows (hard); `labels` the argmax per row.
+pub fn im_weights(targets: &[f32], labels: &[usize], classes: usize, hard: bool, form: ImWeight) -> Vec<f32> {
+    match form {
+        ImWeight::ClassIndex => labels.iter().map(|&l| l as f32).collect(),
+        ImWeight::MaxResponse if hard => vec![1.0; labels.len()],
+        ImWeight::MaxResponse => targets
+            .chunks_exact(classes)
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::MIN, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                1.0 / sum
+            })
+            .collect(),
+    }
+}
+
+/// Binary cross-entropy on probabilities, mean over the batch, with PyTorch's clamp of the
+/// logarithms at -100 (`nn.BCELoss`).
+pub fn bce(probabilities: Tensor<2>, target: f64) -> Tensor<1> {
+    let log_p = probabilities.clone().log().clamp_min(-100.0);
+    let log_1mp = probabilities.neg().add_scalar(1.0).log().clamp_min(-100.0);
+    (log_p.mul_scalar(target) + log_1mp.mul_scalar(1.0 - target)).neg().mean()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn t2(rows: &[&[f32]]) -> Tensor<2> {
+        let cols = rows[0].len();
+        let data: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        Tensor::from_data(TensorData::new(data, [rows.len(), cols]), &Device::flex())
+    }
+
+    fn scalar(t: Tensor<1>) -> f64 {
+        t.into_scalar::<f32>() as f64
+    }
+
+    #[test]
+    fn kl_with_temperature_by_hand() {
+        // p = softmax([ln 3, 0]) = [0.75, 0.25], q = [0.5, 0.5]:
+        // KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.1308121.
+        let kl = scalar(kd_kl(t2(&[&[0.0, 0.0]]), t2(&[&[3f32.ln(), 0.0]]), 1.0));
+        assert!((kl - 0.130_812_1).abs() < 1e-6, "{kl}");
+        // tau = 2 with doubled logits gives the same distributions, times tau.
+        let kl = scalar(kd_kl(t2(&[&[0.0, 0.0]]), t2(&[&[2.0 * 3f32.ln(), 0.0]]), 2.0));
+        assert!((kl - 0.261_624_2).abs() < 1e-6, "{kl}");
+        // Batch mean: a second, identical-distribution row adds 0.
+        let kl = scalar(kd_kl(t2(&[&[0.0, 0.0], &[1.0, 1.0]]), t2(&[&[3f32.ln(), 0.0], &[5.0, 5.0]]), 1.0));
+        assert!((kl - 0.130_812_1 / 2.0).abs() < 1e-6, "{kl}");
+    }
+
+    #[test]
+    fn hard_target_softmax_matches_the_reference_anchor() {
+        // softmax(one_hot / 5) for C = 10: 0.11950 at the hot class, 0.097834 elsewhere.
+        let mut row = vec![0f32; 10];
+        row[3] = 1.0;
+        let p: Vec<f32> = softmax(t2(&[&row]).div_scalar(5.0), 1).into_data().try_to_vec().unwrap();
+        assert!((p[3] - 0.119_50).abs() < 1e-5 && (p[0] - 0.097_834).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn image_alignment_l1_and_l2_by_hand() {
+        let dev = Device::flex();
+        let a = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, -1.0, 0.5, 0.0], [1, 1, 2, 2]), &dev);
+        let b = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 0.5, -0.5], [1, 1, 2, 2]), &dev);
+        // |diff| = 1, 2, 0, 0.5 -> mean 0.875; squares 1, 4, 0, 0.25 -> mean 1.3125.
+        assert!((scalar(image_alignment(a.clone(), b.clone(), ImageDistance::L1)) - 0.875).abs() < 1e-6);
+        assert!((scalar(image_alignment(a, b, ImageDistance::L2)) - 1.3125).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dkd_terms_by_hand() {
+        // Three classes, target 0 (the teacher's argmax), tau 1.
+        // p_t = softmax([2, 1, 0]) = [0.665241, 0.244728, 0.090031]; p_s = softmax([0, 0, 0]) = 1/3 each.
+        // TCKD = KL([0.665241, 0.334759] || [1/3, 2/3])
+        //      = 0.665241 ln(1.995723) + 0.334759 ln(0.502139) = 0.229077.
+        // NCKD = KL(softmax([1, 0]) || softmax([0, 0])) = 0.731059 ln 1.462117 + 0.268941 ln 0.537883
+        //      = 0.110944.
+        let dev = Device::flex();
+        let target = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64], [1]), &dev);
+        let (tckd, nckd) = dkd_terms(t2(&[&[0.0, 0.0, 0.0]]), t2(&[&[2.0, 1.0, 0.0]]), target, 1.0);
+        assert!((scalar(tckd) - 0.229_077).abs() < 2e-5);
+        assert!((scalar(nckd) - 0.110_944).abs() < 2e-5);
+    }
+
+    #[test]
+    fn im_term_in_both_forms() {
+        // Soft logits [ln 3, 0] -> max softmax 0.75; class index form uses the argmax (0).
+        let targets = [3f32.ln(), 0.0, 0.0, 1.0];
+        let labels = [0usize, 1];
+        let paper = im_weights(&targets, &labels, 2, false, ImWeight::MaxResponse);
+        assert!((paper[0] - 0.75).abs() < 1e-6 && (paper[1] - 0.731_058_6).abs() < 1e-6);
+        assert_eq!(im_weights(&targets, &labels, 2, true, ImWeight::MaxResponse), vec![1.0, 1.0]);
+        assert_eq!(im_weights(&targets, &labels, 2, false, ImWeight::ClassIndex), vec![0.0, 1.0]);
+        // L_IM = mean(-y * ln(D + 1e-5)) with D = [0.5, 0.25], y = [0.75, 1]:
+        // (0.75 * 0.693127 + 1 * 1.386254) / 2 = 0.953050.
+        let dev = Device::flex();
+        let d = Tensor::<2>::from_data(TensorData::new(vec![0.5f32, 0.25], [2, 1]), &dev);
+        let y = Tensor::<1>::from_data(TensorData::new(vec![0.75f32, 1.0], [2]), &dev);
+        let im = scalar(information_maximisation(d, y));
+        let expected = (0.75 * (0.5f64 + 1e-5).ln().abs() + (0.25f64 + 1e-5).ln().abs()) / 2.0;
+        assert!((im - expected).abs() < 1e-6, "{im} vs {expected}");
+    }
+
+    #[test]
+    fn bce_and_mse_by_hand() {
+        // BCE(0.8, 1) = -ln 0.8 = 0.223144; BCE(0.8, 0) = -ln 0.2 = 1.609438.
+        assert!((scalar(bce(t2(&[&[0.8]]), 1.0)) - 0.223_143_6).abs() < 1e-6);
+        assert!((scalar(bce(t2(&[&[0.8]]), 0.0)) - 1.609_438).abs() < 1e-5);
+        // log(0) is clamped at -100, as PyTorch does.
+        assert!((scalar(bce(t2(&[&[0.0]]), 1.0)) - 100.0).abs() < 1e-3);
+        assert!((scalar(logit_mse(t2(&[&[1.0, 2.0]]), t2(&[&[0.0, 4.0]]))) - 2.5).abs() < 1e-6);
+    }
+}

@@ -127,6 +127,21 @@ impl Meter {
         Ok(n)
     }
 
+    /// Turn a local model's logits into the answer the server would give in `info.response`
+    /// mode, counting the bytes the HTTP API would carry (u8 images up; f32 logits or u32
+    /// labels down).
+    fn answer_locally(&mut self, logits: Vec<f32>, info: &TeacherInfo, n: u64, image_bytes: usize) -> Responses {
+        let (responses, down) = match info.response {
+            ResponseMode::Soft => {
+                let bytes = 4 * logits.len() as u64;
+                (Responses::Soft(logits), bytes)
+            }
+            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, info.num_classes)), 4 * n),
+        };
+        self.record(n, image_bytes as u64, down);
+        responses
+    }
+
     fn record(&mut self, n: u64, up: u64, down: u64) {
         self.usage.queries += n;
         self.usage.bytes_up += up;
@@ -237,15 +252,7 @@ impl Teacher for OnnxTeacher {
         let n = self.meter.admit(images, &self.info)?;
         let input = to_model_input(images, self.info.input_shape, &self.norm);
         let logits = self.model.run(&input, self.info.input_shape).map_err(|e| TeacherError::Backend(e.into()))?;
-        let (responses, down) = match self.info.response {
-            ResponseMode::Soft => {
-                let bytes = 4 * logits.len() as u64;
-                (Responses::Soft(logits), bytes)
-            }
-            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, self.info.num_classes)), 4 * n),
-        };
-        self.meter.record(n, images.len() as u64, down);
-        Ok(responses)
+        Ok(self.meter.answer_locally(logits, &self.info, n, images.len()))
     }
 
     fn usage(&self) -> Usage {
@@ -314,15 +321,7 @@ impl Teacher for BurnTeacher {
             .into_data()
             .try_to_vec()
             .map_err(|e| TeacherError::Backend(anyhow::anyhow!("{e:?}")))?;
-        let (responses, down) = match self.info.response {
-            ResponseMode::Soft => {
-                let bytes = 4 * logits.len() as u64;
-                (Responses::Soft(logits), bytes)
-            }
-            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, self.info.num_classes)), 4 * n),
-        };
-        self.meter.record(n, images.len() as u64, down);
-        Ok(responses)
+        Ok(self.meter.answer_locally(logits, &self.info, n, images.len()))
     }
 
     fn usage(&self) -> Usage {

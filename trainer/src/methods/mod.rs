@@ -1,4 +1,6 @@
-//! Distillation methods: MEKD and its baselines. `losses` holds every loss of `METHOD.md`,
-//! each checked against hand-computed values.
+//! Distillation methods: MEKD (deprivatization, then logit alignment through the frozen
+//! generator) and the losses of its baselines, each loss checked against hand-computed values.
 
+pub mod deprivatize;
 pub mod losses;
+pub mod mekd;

@@ -8,8 +8,13 @@ use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec, zoo_entries};
 use mekd_runtime::Normalisation;
 use mekd_runtime::protocol::ResponseMode;
+use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::export::export_verified;
+use mekd_trainer::methods::deprivatize::GanConfig;
+use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
+use mekd_trainer::methods::mekd::{DistillConfig, QueryMode};
+use mekd_trainer::methods::run::{RunConfig, run_mekd};
 use mekd_trainer::schedule::default_milestones;
 use mekd_trainer::teacher::server::{ServeConfig, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
@@ -75,11 +80,111 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Distill a student from a black-box teacher with MEKD: deprivatization on the unlabeled
+    /// edge subset, then logit alignment through the frozen generator; exports the student to
+    /// ONNX (verified with tract). Writes config, gan.jsonl, samples/, generator.bpk,
+    /// metrics.jsonl, student.onnx and summary.json into --out.
+    Distill(Box<DistillArgs>),
     /// The cloud side: train a teacher on labeled data.
     Teacher {
         #[command(subcommand)]
         command: TeacherCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct DistillArgs {
+    /// Teacher HTTP API base URL (`mekd teacher serve`).
+    #[arg(long, group = "teacher_source")]
+    teacher: Option<String>,
+    /// API key for --teacher.
+    #[arg(long, env = "MEKD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A local ONNX teacher (ONNX Runtime, no server).
+    #[arg(long, group = "teacher_source")]
+    teacher_onnx: Option<PathBuf>,
+    /// A `mekd teacher train` run directory, run in-process with burn on --device.
+    #[arg(long, group = "teacher_source")]
+    teacher_run: Option<PathBuf>,
+    /// Response mode of a local teacher (the HTTP server fixes its own).
+    #[arg(long, value_enum, default_value_t = ResponseMode::Soft)]
+    response: ResponseMode,
+    /// Client-side cap on teacher queries; reaching it stops the run cleanly.
+    #[arg(long)]
+    max_queries: Option<u64>,
+    /// Dataset: its training split provides the edge images (labels unused), its test split scores.
+    #[arg(long, default_value = "data/mnist-slice")]
+    data: PathBuf,
+    /// Fraction of the training split held by the edge.
+    #[arg(long, default_value_t = 0.1)]
+    edge_fraction: f64,
+    /// Student architecture.
+    #[arg(long, default_value = "lenet5-half")]
+    student: String,
+    /// Run directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Deprivatization epochs (reference 200).
+    #[arg(long, default_value_t = 200)]
+    gan_epochs: usize,
+    /// Deprivatization batch size.
+    #[arg(long, default_value_t = 64)]
+    gan_batch: usize,
+    /// Generator width (reference 128; narrower is much cheaper on CPU).
+    #[arg(long, default_value_t = 128)]
+    generator_width: usize,
+    /// Discriminator width (reference 16).
+    #[arg(long, default_value_t = 16)]
+    discriminator_width: usize,
+    /// IM weight: the paper's `max-response` or the reference code's `class-index`.
+    #[arg(long, value_enum, default_value_t = ImWeight::MaxResponse)]
+    im_weight: ImWeight,
+    /// Weight of the IM term.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Distillation epochs (reference 240).
+    #[arg(long, default_value_t = 240)]
+    epochs: usize,
+    /// Steps per epoch (reference 500).
+    #[arg(long, default_value_t = 500)]
+    steps: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// 0-based epochs where the rate drops x0.1 [default: 1/3 and 2/3 of --epochs].
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<usize>>,
+    /// KL temperature.
+    #[arg(long, default_value_t = 5.0)]
+    tau: f64,
+    /// Temperature of the logits fed to the generator.
+    #[arg(long, default_value_t = 5.0)]
+    tau_g: f64,
+    /// Image-alignment weight.
+    #[arg(long, default_value_t = 1.0)]
+    w_f: f64,
+    /// KL weight.
+    #[arg(long, default_value_t = 1.0)]
+    w_kl: f64,
+    /// Image distance.
+    #[arg(long, value_enum, default_value_t = ImageDistance::L1)]
+    distance: ImageDistance,
+    /// Budgeted mode: a fixed pool of this many synthetic images, each queried once
+    /// (default: fresh queries every step, as the reference).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Seed (edge subset, noise, batch order, weights).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+    device: DeviceKind,
 }
 
 #[derive(Subcommand)]
@@ -248,6 +353,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
+        Command::Distill(args) => distill_command(*args),
         Command::BenchEngines { models, batch, iterations, json } => {
             let mut rows = Vec::new();
             for model in &models {
@@ -327,6 +433,81 @@ fn teacher_train(args: TrainArgs) -> Result<()> {
         summary.best_acc,
         summary.onnx.display(),
         summary.export_max_abs_diff
+    );
+    Ok(())
+}
+
+fn distill_command(args: DistillArgs) -> Result<()> {
+    let device = args.device.device()?;
+    let (mut teacher, where_): (Box<dyn Teacher>, String) = match (&args.teacher, &args.teacher_onnx, &args.teacher_run)
+    {
+        (Some(url), _, _) => {
+            let key = args.api_key.clone().context("--teacher needs --api-key KEY (or MEKD_API_KEY)")?;
+            (Box::new(HttpTeacher::connect(url, &key, args.max_queries)?), url.clone())
+        }
+        (_, Some(path), _) => {
+            (Box::new(OnnxTeacher::open(path, args.response, None, args.max_queries)?), path.display().to_string())
+        }
+        (_, _, Some(dir)) => {
+            (Box::new(BurnTeacher::from_run(dir, &device, args.response, args.max_queries)?), dir.display().to_string())
+        }
+        _ => bail!("give a teacher: --teacher URL, --teacher-onnx FILE or --teacher-run DIR"),
+    };
+    let config = RunConfig {
+        teacher: where_,
+        data: args.data,
+        edge_fraction: args.edge_fraction,
+        student: args.student.parse()?,
+        gan: GanConfig {
+            epochs: args.gan_epochs,
+            batch: args.gan_batch,
+            alpha: args.alpha,
+            im_weight: args.im_weight,
+            generator_width: args.generator_width,
+            discriminator_width: args.discriminator_width,
+            seed: args.seed,
+            ..GanConfig::default()
+        },
+        distill: DistillConfig {
+            epochs: args.epochs,
+            steps_per_epoch: args.steps,
+            batch: args.batch,
+            lr: args.lr,
+            milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+            tau: args.tau,
+            tau_g: args.tau_g,
+            w_f: args.w_f,
+            w_kl: args.w_kl,
+            distance: args.distance,
+            queries: args.budget.map_or(QueryMode::Fresh, QueryMode::Budget),
+            seed: args.seed,
+            ..DistillConfig::default()
+        },
+        device: args.device,
+        limit_test: args.limit_test,
+        seed: args.seed,
+    };
+    if config.gan.epochs == 0
+        || config.gan.batch == 0
+        || config.distill.epochs == 0
+        || config.distill.steps_per_epoch == 0
+        || config.distill.batch == 0
+    {
+        bail!("epochs, steps and batch sizes must be at least 1");
+    }
+    if !(config.distill.tau > 0.0 && config.distill.tau_g > 0.0) {
+        bail!("temperatures must be positive");
+    }
+    let summary = run_mekd(&args.out, &config, teacher.as_mut())?;
+    println!(
+        "mekd student {}: test accuracy {:.2}% (best {:.2}%), {} teacher queries, {} bytes up, {} bytes down; {}",
+        summary.student,
+        summary.final_acc,
+        summary.best_acc,
+        summary.queries,
+        summary.bytes_up,
+        summary.bytes_down,
+        summary.onnx.display()
     );
     Ok(())
 }

@@ -4,3 +4,4 @@
 pub mod deprivatize;
 pub mod losses;
 pub mod mekd;
+pub mod run;

@@ -54,3 +54,66 @@ fn export_command_writes_a_verified_model() {
     let (info, _) = mekd_runtime::engine::inspect(&path).unwrap();
     assert_eq!(info.architecture.as_deref(), Some("lenet5-half"));
 }
+
+#[test]
+fn distill_command_writes_a_complete_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = dir.path().join("run");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
+    let args = [
+        "distill",
+        "--teacher-onnx",
+        teacher.to_str().unwrap(),
+        "--data",
+        data,
+        "--edge-fraction",
+        "0.01",
+        "--gan-epochs",
+        "1",
+        "--generator-width",
+        "8",
+        "--discriminator-width",
+        "4",
+        "--epochs",
+        "1",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--budget",
+        "32",
+        "--limit-test",
+        "100",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    let out = mekd(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for file in [
+        "config.json",
+        "gan.jsonl",
+        "generator.bpk",
+        "samples/epoch-1.png",
+        "metrics.jsonl",
+        "student.onnx",
+        "summary.json",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    // 1% of 10,000 edge images, one query each while training the GAN, then a pool of 32.
+    assert_eq!(summary["queries"], 132);
+    assert_eq!(summary["bytes_up"], 132 * 1024);
+    assert_eq!(summary["method"], "mekd");
+    assert_eq!(summary["response"], "soft");
+    let (info, _) = mekd_runtime::engine::inspect(&run.join("student.onnx")).unwrap();
+    assert_eq!(info.architecture.as_deref(), Some("lenet5-half"));
+    // The same directory is not overwritten, and a missing teacher is a clear error.
+    let out = mekd(&args);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    let out = mekd(&["distill", "--out", dir.path().join("x").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give a teacher"));
+}

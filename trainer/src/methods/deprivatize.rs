@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use mekd_models::{DiscriminatorConfig, Generator, GeneratorConfig};
 use mekd_runtime::Dataset;
 
+use super::MethodError;
 use super::losses::{ImWeight, bce, im_weights, information_maximisation};
 use crate::batches::{self, epoch_order};
-use crate::blackbox::{Teacher, TeacherError};
+use crate::blackbox::Teacher;
 
 /// Hyperparameters of deprivatization (reference defaults).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -79,7 +80,7 @@ pub fn deprivatize(
     config: &GanConfig,
     device: &Device,
     mut on_epoch: impl FnMut(&GanEpoch, &Generator) -> anyhow::Result<()>,
-) -> Result<Generator, DeprivatizeError> {
+) -> Result<Generator, MethodError> {
     let classes = teacher.info().num_classes;
     let [channels, _, _] = edge.shape;
     let hard = teacher.info().response == mekd_runtime::protocol::ResponseMode::Hard;
@@ -124,23 +125,9 @@ pub fn deprivatize(
             im_loss: im_sum / steps.max(1) as f64,
             queries: teacher.usage().queries,
         };
-        on_epoch(&row, &generator).map_err(DeprivatizeError::Callback)?;
+        on_epoch(&row, &generator).map_err(MethodError::Callback)?;
     }
     Ok(generator)
-}
-
-/// Why deprivatization stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum DeprivatizeError {
-    /// The teacher refused (e.g. the budget is exhausted).
-    #[error(transparent)]
-    Teacher(#[from] TeacherError),
-    /// The networks could not be built.
-    #[error(transparent)]
-    Model(#[from] mekd_models::ModelError),
-    /// The per-epoch callback failed (e.g. writing a checkpoint).
-    #[error("after an epoch: {0:#}")]
-    Callback(anyhow::Error),
 }
 
 /// The frozen generator for distillation: inference BatchNorm, no parameter gradients.

@@ -12,10 +12,11 @@ use mekd_models::{Classifier, ClassifierSpec, Generator};
 use mekd_runtime::Dataset;
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 
+use super::MethodError;
 use super::deprivatize::to_pixels;
 use super::losses::{ImageDistance, image_alignment, kd_kl};
 use crate::batches::epoch_order;
-use crate::blackbox::{Teacher, TeacherError};
+use crate::blackbox::Teacher;
 use crate::schedule::multi_step;
 use crate::teacher::train::accuracy;
 
@@ -136,7 +137,7 @@ pub fn distill(
     test: &Dataset,
     device: &Device,
     mut on_epoch: impl FnMut(&DistillEpoch, &Classifier) -> anyhow::Result<()>,
-) -> Result<Classifier, DistillError> {
+) -> Result<Classifier, MethodError> {
     let classes = teacher.info().num_classes;
     let shape = teacher.info().input_shape;
     let per_image: usize = shape.iter().product();
@@ -209,21 +210,7 @@ pub fn distill(
             test_acc: accuracy(&student, test, device),
             queries: teacher.usage().queries,
         };
-        on_epoch(&row, &student).map_err(DistillError::Callback)?;
+        on_epoch(&row, &student).map_err(MethodError::Callback)?;
     }
     Ok(student.valid())
-}
-
-/// Why distillation stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum DistillError {
-    /// The teacher refused (e.g. the budget is exhausted).
-    #[error(transparent)]
-    Teacher(#[from] TeacherError),
-    /// The student could not be built.
-    #[error(transparent)]
-    Model(#[from] mekd_models::ModelError),
-    /// The per-epoch callback failed.
-    #[error("after an epoch: {0:#}")]
-    Callback(anyhow::Error),
 }

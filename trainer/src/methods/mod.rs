@@ -5,3 +5,17 @@ pub mod deprivatize;
 pub mod losses;
 pub mod mekd;
 pub mod run;
+
+/// Why a method stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    /// The teacher refused (e.g. the budget is exhausted).
+    #[error(transparent)]
+    Teacher(#[from] crate::blackbox::TeacherError),
+    /// A network could not be built.
+    #[error(transparent)]
+    Model(#[from] mekd_models::ModelError),
+    /// The per-epoch callback failed (e.g. writing a checkpoint).
+    #[error("after an epoch: {0:#}")]
+    Callback(anyhow::Error),
+}

@@ -42,12 +42,8 @@ enum Command {
         /// Image files.
         #[arg(required = true)]
         images: Vec<PathBuf>,
-        /// Per-channel mean on [0, 1] pixels, for models without normalisation metadata.
-        #[arg(long, value_delimiter = ',', requires = "std")]
-        mean: Option<Vec<f32>>,
-        /// Per-channel std on [0, 1] pixels, for models without normalisation metadata.
-        #[arg(long, value_delimiter = ',', requires = "mean")]
-        std: Option<Vec<f32>>,
+        #[command(flatten)]
+        norm: NormArgs,
     },
     /// Top-1 accuracy of a model on a labeled dataset.
     Eval {
@@ -63,12 +59,8 @@ enum Command {
         /// Evaluate only the first N images.
         #[arg(long)]
         limit: Option<usize>,
-        /// Per-channel mean on [0, 1] pixels, for models without normalisation metadata.
-        #[arg(long, value_delimiter = ',')]
-        mean: Option<Vec<f32>>,
-        /// Per-channel std on [0, 1] pixels, for models without normalisation metadata.
-        #[arg(long, value_delimiter = ',')]
-        std: Option<Vec<f32>>,
+        #[command(flatten)]
+        norm: NormArgs,
         /// Batch size for inference.
         #[arg(long, default_value_t = 64)]
         batch: usize,
@@ -101,12 +93,8 @@ struct BenchArgs {
     /// A local ONNX teacher (run with tract) instead of the HTTP API.
     #[arg(long, conflicts_with = "teacher")]
     teacher_onnx: Option<PathBuf>,
-    /// Per-channel mean on [0, 1] pixels, for a student without normalisation metadata.
-    #[arg(long, value_delimiter = ',', requires = "std")]
-    mean: Option<Vec<f32>>,
-    /// Per-channel std on [0, 1] pixels, for a student without normalisation metadata.
-    #[arg(long, value_delimiter = ',', requires = "mean")]
-    std: Option<Vec<f32>>,
+    #[command(flatten)]
+    norm: NormArgs,
     /// Timed batch-1 runs.
     #[arg(long, default_value_t = 300)]
     iterations: usize,
@@ -126,6 +114,24 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--mean`/`--std` for models that carry no normalisation metadata.
+#[derive(clap::Args)]
+struct NormArgs {
+    /// Per-channel mean on [0, 1] pixels, for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std on [0, 1] pixels, for a model without normalisation metadata.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    std: Option<Vec<f32>>,
+}
+
+impl NormArgs {
+    /// The normalisation given on the command line, if any.
+    fn get(self) -> Option<Normalisation> {
+        self.mean.zip(self.std).map(|(mean, std)| Normalisation { mean, std })
+    }
 }
 
 fn main() {
@@ -149,16 +155,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench(args),
-        Command::Classify { model, images, mean, std } => {
+        Command::Classify { model, images, norm } => {
             let mut engine = Engine::load(&model, 1)?;
             let info = engine.info().clone();
             let [c, h, w] = info.input_shape;
-            let norm = resolve_norm(
-                mean.zip(std).map(|(mean, std)| Normalisation { mean, std }),
-                info.normalisation.as_ref(),
-                &model,
-                c,
-            )?;
+            let norm = resolve_norm(norm.get(), info.normalisation.as_ref(), &model, c)?;
             for path in images {
                 let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 let (pixels, shape) = decode_image(&path, &bytes)?;
@@ -174,19 +175,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { model, data, split, limit, mean, std, batch, json } => {
+        Command::Eval { model, data, split, limit, norm, batch, json } => {
             let mut engine = Engine::load(&model, batch)?;
             let info = engine.info().clone();
-            let norm = match (mean, std, &info.normalisation) {
-                (Some(mean), Some(std), _) => Normalisation { mean, std },
-                (None, None, Some(n)) => n.clone(),
-                (None, None, None) => {
-                    bail!("{} carries no normalisation metadata: give --mean and --std", model.display())
-                }
-                _ => bail!("give both --mean and --std"),
-            };
             let [c, h, w] = info.input_shape;
-            let norm = norm.for_channels(c)?;
+            let norm = resolve_norm(norm.get(), info.normalisation.as_ref(), &model, c)?;
             let dataset = Dataset::load(&data, split).with_context(|| format!("reading {}", data.display()))?;
             let dataset = dataset.take(limit.unwrap_or(usize::MAX)).prepare(c, h.max(w))?;
             if dataset.shape != [c, h, w] {
@@ -220,7 +213,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let data = data.take(args.limit.unwrap_or(usize::MAX));
     let options =
         BenchOptions { iterations: args.iterations.max(1), batch: args.batch.max(1), ..BenchOptions::default() };
-    let norm = args.mean.zip(args.std).map(|(mean, std)| Normalisation { mean, std });
+    let norm = args.norm.get();
     let report = mekd_runtime::bench::run(&args.model, &data, norm, &options, teacher.as_ref())?;
     let screen = Screen::from_report(&report);
     if let Some(png) = &args.png {

@@ -228,7 +228,7 @@ pub fn run(
     let logits = batched.run_many(&input)?;
     let batched_s = t.elapsed().as_secs_f64();
     let predictions = argmax_rows(&logits, info.num_classes);
-    let correct = predictions.iter().zip(&images.labels).filter(|(p, l)| **p == **l as usize).count();
+    let correct = images.correct(&predictions);
     let accuracy = 100.0 * correct as f64 / n as f64;
 
     let teacher = match teacher {
@@ -310,7 +310,7 @@ fn compare_teacher(
         }
     };
     let n = labels.len().max(1) as f64;
-    let correct = labels.iter().zip(&data.labels).filter(|(p, l)| **p == **l as usize).count();
+    let correct = data.correct(&labels);
     let agree = labels.iter().zip(student).filter(|(a, b)| a == b).count();
     Ok(TeacherReport {
         source: name,

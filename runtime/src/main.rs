@@ -188,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
             let input = to_model_input(&dataset.pixels, dataset.shape, &norm);
             let logits = engine.run_many(&input)?;
             let predictions = argmax_rows(&logits, info.num_classes);
-            let correct = predictions.iter().zip(&dataset.labels).filter(|(p, l)| **p == **l as usize).count();
+            let correct = dataset.correct(&predictions);
             let accuracy = 100.0 * correct as f64 / dataset.len() as f64;
             if json {
                 println!("{}", serde_json::json!({"accuracy": accuracy, "images": dataset.len(), "correct": correct}));

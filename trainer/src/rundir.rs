@@ -61,15 +61,20 @@ impl RunDir {
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// Rewrite `metrics.jsonl` with exactly `rows` (atomically), so a resumed run never holds
-    /// duplicate or half-written lines.
-    pub fn write_metrics<T: Serialize>(&self, rows: &[T]) -> Result<()> {
+    /// Rewrite the JSON-lines file `name` with exactly `rows` (atomically), so a resumed run
+    /// never holds duplicate or half-written lines.
+    pub fn write_jsonl<T: Serialize>(&self, name: &str, rows: &[T]) -> Result<()> {
         let mut text = Vec::new();
         for row in rows {
             serde_json::to_writer(&mut text, row)?;
             text.write_all(b"\n")?;
         }
-        write_atomic(&self.file("metrics.jsonl"), &text).context("writing metrics.jsonl")
+        write_atomic(&self.file(name), &text).with_context(|| format!("writing {name}"))
+    }
+
+    /// Rewrite `metrics.jsonl` with exactly `rows`.
+    pub fn write_metrics<T: Serialize>(&self, rows: &[T]) -> Result<()> {
+        self.write_jsonl("metrics.jsonl", rows)
     }
 
     /// Rows of `metrics.jsonl` (empty when absent).

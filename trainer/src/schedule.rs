@@ -1,4 +1,17 @@
-//! Learning-rate schedules.
+//! The reference optimiser and its learning-rate schedule.
+
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{ModuleOptimizer, SgdConfig};
+
+/// SGD as PyTorch's `optim.SGD(momentum, weight_decay)`: burn's momentum defaults to dampening
+/// 0.1, PyTorch's to 0, so it is set explicitly.
+pub fn reference_sgd(momentum: f64, weight_decay: f64) -> ModuleOptimizer {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new().with_momentum(momentum).with_dampening(0.0)))
+        .with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)))
+        .init()
+}
 
 /// Step decay: `base * gamma^k` where `k` counts the milestones (0-based epoch indices at which
 /// the rate drops) that `epoch` has reached, as PyTorch's `MultiStepLR` stepped per epoch.

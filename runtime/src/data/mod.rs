@@ -109,6 +109,11 @@ impl Dataset {
         self.labels.is_empty()
     }
 
+    /// How many of `predictions` (one class per image, in order) equal the labels.
+    pub fn correct(&self, predictions: &[usize]) -> usize {
+        predictions.iter().zip(&self.labels).filter(|(p, l)| **p == **l as usize).count()
+    }
+
     /// Bytes of one image.
     pub fn image_len(&self) -> usize {
         self.shape.iter().product()

@@ -2,9 +2,7 @@
 //! synthetic images (the edge images never leave the board).
 
 use burn::module::Module;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +15,7 @@ use super::deprivatize::to_pixels;
 use super::losses::{ImageDistance, image_alignment, kd_kl};
 use crate::batches::epoch_order;
 use crate::blackbox::Teacher;
-use crate::schedule::multi_step;
+use crate::schedule::{multi_step, reference_sgd};
 use crate::teacher::train::accuracy;
 
 /// Where the synthetic queries come from.
@@ -144,10 +142,7 @@ pub fn distill(
     let norm = Normalisation::symmetric(shape[0]);
     device.seed(config.seed);
     let mut student = spec.init(device)?;
-    let mut optim = SgdConfig::new()
-        .with_momentum(Some(MomentumConfig::new().with_momentum(config.momentum).with_dampening(0.0)))
-        .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)))
-        .init();
+    let mut optim = reference_sgd(config.momentum, config.weight_decay);
     // Budgeted mode: one pool, each image queried exactly once.
     let pool: Option<(Vec<u8>, Vec<f32>)> = match config.queries {
         QueryMode::Fresh => None,

@@ -139,11 +139,7 @@ pub fn run_mekd(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher) -> Re
             .save_file(run.file("generator.bpk.tmp"))
             .map_err(|e| anyhow::anyhow!("saving the generator: {e:?}"))?;
         std::fs::rename(run.file("generator.bpk.tmp"), run.file("generator.bpk"))?;
-        let mut lines = Vec::new();
-        for r in &gan_rows {
-            lines.push(serde_json::to_string(r)?);
-        }
-        mekd_runtime::fsutil::write_atomic(&run.file("gan.jsonl"), (lines.join("\n") + "\n").as_bytes())?;
+        run.write_jsonl("gan.jsonl", &gan_rows)?;
         Ok(())
     })?;
     bar.finish_and_clear();

@@ -8,9 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +21,7 @@ use crate::device::DeviceKind;
 use crate::export::export_verified;
 use crate::progress;
 use crate::rundir::RunDir;
-use crate::schedule::{default_milestones, multi_step};
+use crate::schedule::{default_milestones, multi_step, reference_sgd};
 
 /// Everything a teacher training run depends on; saved as `config.json` in the run directory.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -170,10 +168,7 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     let device = config.device.training_device()?;
     device.seed(config.seed);
     let mut model = spec.init(&device)?;
-    let mut optim = SgdConfig::new()
-        .with_momentum(Some(MomentumConfig::new().with_momentum(config.momentum).with_dampening(0.0)))
-        .with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)))
-        .init();
+    let mut optim = reference_sgd(config.momentum, config.weight_decay);
     let mut metrics: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
     if let Some((latest, folder)) = run.latest_checkpoint()? {

@@ -99,8 +99,10 @@ pub trait Teacher {
     fn info(&self) -> &TeacherInfo;
     /// Answers for `images` (`u8`, CHW, back to back, the teacher's input shape).
     fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError>;
-    /// Queries and bytes so far.
+    /// Queries and bytes so far (prior usage included).
     fn usage(&self) -> Usage;
+    /// Count `prior` as already used (a resumed run), so budgets cover the whole run.
+    fn add_prior_usage(&mut self, prior: Usage);
 }
 
 /// Client-side accounting shared by the implementations.
@@ -140,6 +142,10 @@ impl Meter {
         };
         self.record(n, image_bytes as u64, down);
         responses
+    }
+
+    fn add(&mut self, prior: Usage) {
+        self.record(prior.queries, prior.bytes_up, prior.bytes_down);
     }
 
     fn record(&mut self, n: u64, up: u64, down: u64) {
@@ -193,6 +199,10 @@ impl Teacher for HttpTeacher {
 
     fn usage(&self) -> Usage {
         self.meter.usage
+    }
+
+    fn add_prior_usage(&mut self, prior: Usage) {
+        self.meter.add(prior);
     }
 }
 
@@ -257,6 +267,10 @@ impl Teacher for OnnxTeacher {
 
     fn usage(&self) -> Usage {
         self.meter.usage
+    }
+
+    fn add_prior_usage(&mut self, prior: Usage) {
+        self.meter.add(prior);
     }
 }
 
@@ -326,5 +340,9 @@ impl Teacher for BurnTeacher {
 
     fn usage(&self) -> Usage {
         self.meter.usage
+    }
+
+    fn add_prior_usage(&mut self, prior: Usage) {
+        self.meter.add(prior);
     }
 }

@@ -1,15 +1,21 @@
-//! Choosing the burn device (backend) that training runs on.
+//! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, or `wgpu[:N]`
+//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`).
+
+use std::fmt;
+use std::str::FromStr;
 
 use burn::tensor::Device;
 
 /// The burn backends this build can train on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceKind {
     /// burn's pure-Rust CPU backend (im2col + gemm, SIMD, threads). The default.
+    #[default]
     Flex,
     /// burn's older ndarray CPU backend (deprecated upstream; much slower for convolutions).
     Ndarray,
+    /// The discrete GPU with this index, through burn-wgpu (Vulkan, Metal or DX12).
+    Wgpu(usize),
 }
 
 /// A device that cannot be used, and why.
@@ -18,14 +24,71 @@ pub enum DeviceError {
     /// The backend was left out of this build.
     #[error("this build of mekd has no `{0}` backend; rebuild with `--features {0}`")]
     NotCompiled(&'static str),
+    /// No GPU adapter answered (no GPU, no driver, or no Vulkan loader).
+    #[error(
+        "no usable GPU for `--device wgpu:{index}`: {reason}\n\
+         (burn-wgpu needs a discrete GPU with a Vulkan, Metal or DX12 driver; on Linux the Vulkan \
+         loader libvulkan.so.1 and the vendor's ICD. Use `--device flex` to train on the CPU.)"
+    )]
+    NoAdapter {
+        /// The requested discrete GPU.
+        index: usize,
+        /// What wgpu said.
+        reason: String,
+    },
+    /// The device name could not be parsed.
+    #[error("unknown device `{0}`: expected flex, ndarray, wgpu or wgpu:N (N = GPU index)")]
+    Unknown(String),
+}
+
+impl FromStr for DeviceKind {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "flex" | "cpu" => Ok(DeviceKind::Flex),
+            "ndarray" => Ok(DeviceKind::Ndarray),
+            "wgpu" | "gpu" => Ok(DeviceKind::Wgpu(0)),
+            other => other
+                .strip_prefix("wgpu:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceKind::Wgpu)
+                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceKind::Flex => f.write_str("flex"),
+            DeviceKind::Ndarray => f.write_str("ndarray"),
+            DeviceKind::Wgpu(index) => write!(f, "wgpu:{index}"),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl DeviceKind {
-    /// The plain (inference) device of this kind.
+    /// The plain (inference) device of this kind. For a GPU this opens the adapter now, so a
+    /// missing GPU is reported before any work starts.
     pub fn device(self) -> Result<Device, DeviceError> {
         match self {
             DeviceKind::Flex => Ok(Device::flex()),
             DeviceKind::Ndarray => ndarray_device(),
+            DeviceKind::Wgpu(index) => gpu::wgpu_device(index),
         }
     }
 
@@ -44,4 +107,63 @@ fn ndarray_device() -> Result<Device, DeviceError> {
 #[cfg(not(feature = "ndarray"))]
 fn ndarray_device() -> Result<Device, DeviceError> {
     Err(DeviceError::NotCompiled("ndarray"))
+}
+
+#[cfg(feature = "wgpu")]
+mod gpu {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use burn::backend::WgpuDeviceKind;
+    use burn::backend::wgpu::graphics::AutoGraphicsApi;
+    use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, try_init_setup};
+    use burn::tensor::Device;
+
+    use super::DeviceError;
+
+    /// Adapters already opened in this process (wgpu registers a device once).
+    static OPENED: Mutex<Option<HashMap<usize, Result<(), String>>>> = Mutex::new(None);
+
+    /// Open the `index`-th discrete GPU, or say why it cannot be opened.
+    pub fn wgpu_device(index: usize) -> Result<Device, DeviceError> {
+        let device = WgpuDevice::from(WgpuDeviceKind::DiscreteGpu(index));
+        let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let outcome = opened.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
+            let options = RuntimeOptions::try_default().map_err(|e| e.to_string())?;
+            try_init_setup::<AutoGraphicsApi>(&device, options).map(|_| ()).map_err(|e| e.to_string())
+        });
+        match outcome {
+            Ok(()) => Ok(Device::from(device)),
+            Err(reason) => Err(DeviceError::NoAdapter { index, reason: reason.clone() }),
+        }
+    }
+}
+
+#[cfg(not(feature = "wgpu"))]
+mod gpu {
+    use burn::tensor::Device;
+
+    use super::DeviceError;
+
+    /// This build has no GPU backend.
+    pub fn wgpu_device(_index: usize) -> Result<Device, DeviceError> {
+        Err(DeviceError::NotCompiled("wgpu"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3)] {
+            assert_eq!(kind.to_string().parse::<DeviceKind>().unwrap(), kind);
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<DeviceKind>(&json).unwrap(), kind);
+        }
+        assert_eq!("wgpu".parse::<DeviceKind>().unwrap(), DeviceKind::Wgpu(0));
+        assert!("wgpu:x".parse::<DeviceKind>().is_err());
+        assert!("tpu".parse::<DeviceKind>().is_err());
+    }
 }

@@ -12,6 +12,7 @@ pub mod export;
 pub mod methods;
 pub mod onnxruntime;
 pub mod progress;
+pub mod report;
 pub mod rundir;
 pub mod schedule;
 pub mod teacher;

@@ -11,10 +11,13 @@ use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::export::export_verified;
+use mekd_trainer::methods::Method;
 use mekd_trainer::methods::deprivatize::GanConfig;
 use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
 use mekd_trainer::methods::mekd::{DistillConfig, QueryMode};
-use mekd_trainer::methods::run::{RunConfig, run_mekd};
+use mekd_trainer::methods::run::{RunConfig, run_method};
+use mekd_trainer::report;
+use mekd_trainer::rundir::RunDir;
 use mekd_trainer::schedule::default_milestones;
 use mekd_trainer::teacher::server::{ServeConfig, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
@@ -61,8 +64,8 @@ enum Command {
         /// Seed for fresh weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Backend to build the model on.
-        #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+        /// Backend to build the model on: flex (CPU), ndarray, or wgpu[:N] (N-th discrete GPU).
+        #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
     },
     /// Compare tract (the board's engine) with ONNX Runtime on the same ONNX files and inputs.
@@ -80,11 +83,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Distill a student from a black-box teacher with MEKD: deprivatization on the unlabeled
-    /// edge subset, then logit alignment through the frozen generator; exports the student to
-    /// ONNX (verified with tract). Writes config, gan.jsonl, samples/, generator.bpk,
-    /// metrics.jsonl, student.onnx and summary.json into --out.
+    /// Distill a student from a black-box teacher with MEKD (deprivatization on the unlabeled
+    /// edge subset, then logit alignment through the frozen generator) or a baseline (KD, ML,
+    /// DKD, KN on real edge images; scratch on true labels); exports the student to ONNX
+    /// (verified with tract). Writes config.json, usage.json, gan.jsonl, samples/,
+    /// generator.bpk, transfer.pool, metrics.jsonl, checkpoints/, student.onnx and
+    /// summary.json into --out; `--resume` continues an interrupted run.
     Distill(Box<DistillArgs>),
+    /// Compare finished `mekd distill` runs: a table (markdown and JSON; mean and spread over
+    /// seeds; queries; bytes) and the test accuracy per epoch (SVG). Directories are searched
+    /// for runs three levels deep.
+    Report {
+        /// Run directories, or folders holding them.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Print the rows as a JSON array instead of the markdown table.
+        #[arg(long)]
+        json: bool,
+        /// One row per run instead of one per method, response and budget (over seeds).
+        #[arg(long)]
+        per_run: bool,
+        /// Also write report.md, report.json and accuracy.svg into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The cloud side: train a teacher on labeled data.
     Teacher {
         #[command(subcommand)]
@@ -94,6 +116,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct DistillArgs {
+    /// Method: mekd, or a baseline (kd, ml, dkd, kn, scratch).
+    #[arg(long, value_enum, default_value_t = Method::Mekd)]
+    method: Method,
     /// Teacher HTTP API base URL (`mekd teacher serve`).
     #[arg(long, group = "teacher_source")]
     teacher: Option<String>,
@@ -172,18 +197,37 @@ struct DistillArgs {
     /// Image distance.
     #[arg(long, value_enum, default_value_t = ImageDistance::L1)]
     distance: ImageDistance,
-    /// Budgeted mode: a fixed pool of this many synthetic images, each queried once
-    /// (default: fresh queries every step, as the reference).
+    /// Budgeted mode. MEKD: a fixed pool of this many synthetic images, each queried once
+    /// (default: fresh queries every step, as the reference). Baselines: at most this many edge
+    /// images in the transfer set (default: all). Deprivatization queries come on top; cap the
+    /// whole run with --max-queries.
     #[arg(long)]
     budget: Option<usize>,
+    /// DKD: weight of the target-class term.
+    #[arg(long, default_value_t = 1.0)]
+    dkd_alpha: f64,
+    /// DKD: weight of the non-target term.
+    #[arg(long, default_value_t = 8.0)]
+    dkd_beta: f64,
+    /// KN: fraction of the edge images in the one-shot transfer set.
+    #[arg(long, default_value_t = 0.2)]
+    kn_fraction: f64,
+    /// Take every setting from this JSON file (a run's config.json) instead of the flags
+    /// (the teacher, --out and --resume still come from the command line).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the interrupted run in --out (same settings), reusing its checkpoints and
+    /// cached teacher answers.
+    #[arg(long)]
+    resume: bool,
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<usize>,
     /// Seed (edge subset, noise, batch order, weights).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+    /// Backend: flex (CPU, default), ndarray, or wgpu[:N] (N-th discrete GPU; feature `wgpu`).
+    #[arg(long, default_value_t = DeviceKind::Flex)]
     device: DeviceKind,
 }
 
@@ -306,8 +350,8 @@ struct TrainArgs {
     /// Seed of the weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend.
-    #[arg(long, value_enum, default_value_t = DeviceKind::Flex)]
+    /// Backend: flex (CPU, default), ndarray, or wgpu[:N] (N-th discrete GPU; feature `wgpu`).
+    #[arg(long, default_value_t = DeviceKind::Flex)]
     device: DeviceKind,
     /// Train on the first N training images only.
     #[arg(long)]
@@ -354,6 +398,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
         Command::Distill(args) => distill_command(*args),
+        Command::Report { dirs, json, per_run, out } => report_command(&dirs, json, per_run, out.as_deref()),
         Command::BenchEngines { models, batch, iterations, json } => {
             let mut rows = Vec::new();
             for model in &models {
@@ -453,54 +498,61 @@ fn distill_command(args: DistillArgs) -> Result<()> {
         }
         _ => bail!("give a teacher: --teacher URL, --teacher-onnx FILE or --teacher-run DIR"),
     };
-    let config = RunConfig {
-        teacher: where_,
-        data: args.data,
-        edge_fraction: args.edge_fraction,
-        student: args.student.parse()?,
-        gan: GanConfig {
-            epochs: args.gan_epochs,
-            batch: args.gan_batch,
-            alpha: args.alpha,
-            im_weight: args.im_weight,
-            generator_width: args.generator_width,
-            discriminator_width: args.discriminator_width,
+    let config = if let Some(path) = &args.config {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: RunConfig =
+            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config.teacher = where_;
+        config
+    } else if args.resume {
+        let path = args.out.join("config.json");
+        let text = std::fs::read(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?
+    } else {
+        RunConfig {
+            method: args.method,
+            teacher: where_,
+            data: args.data,
+            edge_fraction: args.edge_fraction,
+            student: args.student.parse()?,
+            gan: GanConfig {
+                epochs: args.gan_epochs,
+                batch: args.gan_batch,
+                alpha: args.alpha,
+                im_weight: args.im_weight,
+                generator_width: args.generator_width,
+                discriminator_width: args.discriminator_width,
+                seed: args.seed,
+                ..GanConfig::default()
+            },
+            distill: DistillConfig {
+                epochs: args.epochs,
+                steps_per_epoch: args.steps,
+                batch: args.batch,
+                lr: args.lr,
+                milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+                tau: args.tau,
+                tau_g: args.tau_g,
+                w_f: args.w_f,
+                w_kl: args.w_kl,
+                distance: args.distance,
+                queries: args.budget.map_or(QueryMode::Fresh, QueryMode::Budget),
+                dkd_alpha: args.dkd_alpha,
+                dkd_beta: args.dkd_beta,
+                kn_fraction: args.kn_fraction,
+                seed: args.seed,
+                ..DistillConfig::default()
+            },
+            device: args.device,
+            limit_test: args.limit_test,
             seed: args.seed,
-            ..GanConfig::default()
-        },
-        distill: DistillConfig {
-            epochs: args.epochs,
-            steps_per_epoch: args.steps,
-            batch: args.batch,
-            lr: args.lr,
-            milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
-            tau: args.tau,
-            tau_g: args.tau_g,
-            w_f: args.w_f,
-            w_kl: args.w_kl,
-            distance: args.distance,
-            queries: args.budget.map_or(QueryMode::Fresh, QueryMode::Budget),
-            seed: args.seed,
-            ..DistillConfig::default()
-        },
-        device: args.device,
-        limit_test: args.limit_test,
-        seed: args.seed,
+        }
     };
-    if config.gan.epochs == 0
-        || config.gan.batch == 0
-        || config.distill.epochs == 0
-        || config.distill.steps_per_epoch == 0
-        || config.distill.batch == 0
-    {
-        bail!("epochs, steps and batch sizes must be at least 1");
-    }
-    if !(config.distill.tau > 0.0 && config.distill.tau_g > 0.0) {
-        bail!("temperatures must be positive");
-    }
-    let summary = run_mekd(&args.out, &config, teacher.as_mut())?;
+    config.validate()?;
+    let summary = run_method(&args.out, &config, teacher.as_mut(), args.resume)?;
     println!(
-        "mekd student {}: test accuracy {:.2}% (best {:.2}%), {} teacher queries, {} bytes up, {} bytes down; {}",
+        "{} student {}: test accuracy {:.2}% (best {:.2}%), {} teacher queries, {} bytes up, {} bytes down; {}",
+        summary.method,
         summary.student,
         summary.final_acc,
         summary.best_acc,
@@ -509,6 +561,28 @@ fn distill_command(args: DistillArgs) -> Result<()> {
         summary.bytes_down,
         summary.onnx.display()
     );
+    Ok(())
+}
+
+fn report_command(dirs: &[PathBuf], json: bool, per_run: bool, out: Option<&std::path::Path>) -> Result<()> {
+    let runs = report::collect_runs(dirs)?;
+    let rows = if per_run {
+        runs.iter().flat_map(|run| report::aggregate(std::slice::from_ref(run))).collect()
+    } else {
+        report::aggregate(&runs)
+    };
+    if let Some(out) = out {
+        let run = RunDir::create(out)?;
+        mekd_runtime::fsutil::write_atomic(&run.file("report.md"), report::markdown(&rows).as_bytes())?;
+        run.write_json("report.json", &rows)?;
+        mekd_runtime::fsutil::write_atomic(&run.file("accuracy.svg"), report::accuracy_svg(&rows, &runs).as_bytes())?;
+        eprintln!("wrote report.md, report.json and accuracy.svg to {}", out.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", report::markdown(&rows));
+    }
     Ok(())
 }
 

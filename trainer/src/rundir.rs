@@ -79,7 +79,12 @@ impl RunDir {
 
     /// Rows of `metrics.jsonl` (empty when absent).
     pub fn read_metrics<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
-        let path = self.file("metrics.jsonl");
+        self.read_jsonl("metrics.jsonl")
+    }
+
+    /// Rows of the JSON-lines file `name` (empty when absent).
+    pub fn read_jsonl<T: DeserializeOwned>(&self, name: &str) -> Result<Vec<T>> {
+        let path = self.file(name);
         if !path.exists() {
             return Ok(vec![]);
         }

@@ -98,6 +98,8 @@ fn distill_command_writes_a_complete_run_directory() {
         "generator.bpk",
         "samples/epoch-1.png",
         "metrics.jsonl",
+        "usage.json",
+        "transfer.pool",
         "student.onnx",
         "summary.json",
     ] {
@@ -116,4 +118,136 @@ fn distill_command_writes_a_complete_run_directory() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
     let out = mekd(&["distill", "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("give a teacher"));
+}
+
+/// A tiny distill invocation: 1% of the slice as edge images, 100 test images.
+fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
+    let mut args = vec![
+        "distill",
+        "--teacher-onnx",
+        teacher,
+        "--data",
+        data,
+        "--edge-fraction",
+        "0.01",
+        "--gan-epochs",
+        "1",
+        "--generator-width",
+        "8",
+        "--discriminator-width",
+        "4",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--limit-test",
+        "100",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    mekd(&args)
+}
+
+fn summary(run: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn baselines_resume_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let teacher = teacher.to_str().unwrap();
+
+    // Baselines query each transfer image once (KD: all 100 edge images; KN: 20%; a budget caps
+    // KD at 30); scratch never asks the teacher.
+    for (method, extra, queries, transfer) in [
+        ("kd", vec![], 100, 100),
+        ("kd", vec!["--budget", "30"], 30, 30),
+        ("kn", vec![], 20, 20),
+        ("dkd", vec![], 100, 100),
+        ("ml", vec![], 100, 100),
+        ("scratch", vec![], 0, 100),
+    ] {
+        let run = dir.path().join(format!("{method}-{queries}"));
+        let mut args = vec!["--method", method, "--epochs", "2"];
+        args.extend(extra);
+        let out = tiny_distill(teacher, &run, &args);
+        assert!(out.status.success(), "{method}: {}", String::from_utf8_lossy(&out.stderr));
+        let s = summary(&run);
+        assert_eq!(s["method"], method);
+        assert_eq!(s["queries"], queries, "{method}");
+        assert_eq!(s["transfer_images"], transfer, "{method}");
+        assert!(s["final_acc"].as_f64().unwrap() >= 0.0 && run.join("student.onnx").is_file());
+        assert!(!run.join("gan.jsonl").exists(), "baselines train no generator");
+    }
+    let out = tiny_distill(teacher, &dir.path().join("ml-hard"), &["--method", "ml", "--response", "hard"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a teacher answering soft"));
+
+    // Interrupted by the query cap during student epoch 3 (GAN 100 + 2 x 2 x 16 = 164), then
+    // resumed: the generator and the first two epochs are kept, the count continues.
+    let run = dir.path().join("mekd-resumed");
+    let out = tiny_distill(teacher, &run, &["--epochs", "3", "--max-queries", "170"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("query budget exhausted"));
+    assert!(!run.join("summary.json").exists());
+    let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("deprivatization finished earlier") && err.contains("resuming the student after epoch 2"),
+        "{err}"
+    );
+    let s = summary(&run);
+    assert_eq!(s["queries"], 196);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    // Different settings are refused on resume.
+    let out = mekd(&[
+        "distill",
+        "--teacher-onnx",
+        teacher,
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--config",
+        "/nonexistent.json",
+    ]);
+    assert!(!out.status.success());
+
+    // The report: one row per method/response/budget, JSON keys the issue names.
+    let report_dir = dir.path().join("report");
+    let out = mekd(&["report", dir.path().to_str().unwrap(), "--json", "--out", report_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 7, "{rows:?}");
+    for row in &rows {
+        for key in [
+            "method",
+            "response",
+            "dataset",
+            "teacher",
+            "student",
+            "final_acc",
+            "best_acc",
+            "queries",
+            "bytes_up",
+            "bytes_down",
+            "seeds",
+        ] {
+            assert!(row.get(key).is_some(), "{key} missing in {row}");
+        }
+    }
+    let kd30 = rows.iter().find(|r| r["method"] == "kd" && r["budget"] == 30).unwrap();
+    assert_eq!(kd30["queries"], 30);
+    assert_eq!(kd30["bytes_up"], 30 * 1024);
+    assert_eq!(rows[0]["method"], "mekd");
+    for file in ["report.md", "report.json", "accuracy.svg"] {
+        assert!(report_dir.join(file).is_file(), "{file}");
+    }
+    let svg = std::fs::read_to_string(report_dir.join("accuracy.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 7);
 }

@@ -11,7 +11,9 @@ use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::{Dataset, Split};
 use mekd_trainer::blackbox::{BurnTeacher, Teacher};
 use mekd_trainer::methods::deprivatize::{GanConfig, deprivatize, freeze};
-use mekd_trainer::methods::mekd::{DistillConfig, QueryMode, distill, mekd_loss};
+use mekd_trainer::methods::mekd::{DistillConfig, MekdObjective, QueryMode, mekd_loss};
+use mekd_trainer::methods::student::{Pool, StudentJob, Transfer, train_student};
+use mekd_trainer::rundir::RunDir;
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 #[test]
@@ -43,7 +45,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         ..GanConfig::default()
     };
     let mut epochs = Vec::new();
-    let generator = deprivatize(&edge, &mut teacher, &gan, &device, |row, _| {
+    let generator = deprivatize(&edge, &mut teacher, &gan, &device, |row, _, _| {
         epochs.push(row.clone());
         Ok(())
     })
@@ -82,16 +84,21 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         queries: QueryMode::Budget(96),
         ..DistillConfig::default()
     };
-    let mut rows = Vec::new();
     let start = teacher.usage().queries;
-    distill(&generator, &mut teacher, &spec, &budgeted, &test, &device, |row, _| {
-        rows.push(row.clone());
-        Ok(())
-    })
-    .unwrap();
+    let pool_images = {
+        let z = Tensor::<2>::random([96, 10], Distribution::Normal(0.0, 1.0), &device);
+        mekd_trainer::methods::deprivatize::to_pixels(generator.forward(z))
+    };
+    let pool = Pool::query(pool_images, &mut teacher, 32).unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
+    let objective = MekdObjective { generator: &generator, config: &budgeted };
+    let runs = tempfile::tempdir().unwrap();
+    let run = RunDir::create(&runs.path().join("budgeted")).unwrap();
+    let job = StudentJob { spec: &spec, config: &budgeted, test: &test, device: &device, run: &run };
+    let (_, rows) = train_student(&objective, &Transfer::Pool(pool), &mut teacher, &job, |_, _| Ok(())).unwrap();
+    assert_eq!(teacher.usage().queries - start, 96, "a pool is queried once, then only the cache");
     assert_eq!(rows.iter().map(|r| (r.epoch, r.lr)).collect::<Vec<_>>(), vec![(1, 0.1), (2, 0.010000000000000002)]);
-    assert!(rows.iter().all(|r| r.loss.is_finite() && r.image_loss >= 0.0 && r.kl_loss >= 0.0));
+    assert!(rows.iter().all(|r| r.loss.is_finite() && r.terms["image"] >= 0.0 && r.terms["kl"] >= 0.0));
     // Fresh mode: a new batch of queries every step.
     let fresh = DistillConfig {
         epochs: 1,
@@ -101,13 +108,18 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         ..DistillConfig::default()
     };
     let start = teacher.usage().queries;
-    distill(&generator, &mut teacher, &spec, &fresh, &test, &device, |_, _| Ok(())).unwrap();
+    let run = RunDir::create(&runs.path().join("fresh")).unwrap();
+    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let objective = MekdObjective { generator: &generator, config: &fresh };
+    train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 48);
     // Distillation left the generator untouched.
     let after: Vec<f32> = generator.forward(z).into_data().try_to_vec().unwrap();
     assert_eq!(before, after);
     // A client-side budget turns into a clean error, not a crash.
     let mut limited = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Hard, Some(20)).unwrap();
-    let err = distill(&generator, &mut limited, &spec, &fresh, &test, &device, |_, _| Ok(())).err().unwrap();
+    let run = RunDir::create(&runs.path().join("limited")).unwrap();
+    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let err = train_student(&objective, &Transfer::Fresh(&generator), &mut limited, &job, |_, _| Ok(())).err().unwrap();
     assert!(err.to_string().contains("query budget exhausted"), "{err}");
 }

@@ -13,7 +13,7 @@ use mekd_runtime::Dataset;
 use super::MethodError;
 use super::losses::{ImWeight, bce, im_weights, information_maximisation};
 use crate::batches::{self, epoch_order};
-use crate::blackbox::Teacher;
+use crate::blackbox::{Teacher, Usage};
 
 /// Hyperparameters of deprivatization (reference defaults).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -73,17 +73,22 @@ pub fn to_pixels(images: Tensor<4>) -> Vec<u8> {
 }
 
 /// Train the generator on `edge` (unlabeled images at the teacher's input shape), calling
-/// `on_epoch` after every epoch (for checkpoints and sample grids).
+/// `on_epoch` after every epoch (for checkpoints and sample grids) with the teacher's usage.
+/// The teacher is asked once per synthetic image of each generator step, except when its
+/// answer cannot change the IM weight (hard answers with the paper's form, or `alpha` = 0).
 pub fn deprivatize(
     edge: &Dataset,
     teacher: &mut dyn Teacher,
     config: &GanConfig,
     device: &Device,
-    mut on_epoch: impl FnMut(&GanEpoch, &Generator) -> anyhow::Result<()>,
+    mut on_epoch: impl FnMut(&GanEpoch, &Generator, Usage) -> anyhow::Result<()>,
 ) -> Result<Generator, MethodError> {
     let classes = teacher.info().num_classes;
     let [channels, _, _] = edge.shape;
     let hard = teacher.info().response == mekd_runtime::protocol::ResponseMode::Hard;
+    // The paper's IM weight of a hard answer is 1 whatever the answer, so asking is pointless
+    // (and so is asking when the IM term is off).
+    let needs_answers = config.alpha != 0.0 && !(hard && config.im_weight == ImWeight::MaxResponse);
     device.seed(config.seed);
     let mut generator = GeneratorConfig::new(classes, channels).with_width(config.generator_width).init(device)?;
     let mut discriminator = DiscriminatorConfig::new(channels).with_width(config.discriminator_width).init(device)?;
@@ -105,9 +110,12 @@ pub fn deprivatize(
             // Generator step, fresh noise, one teacher query per synthetic image.
             let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), device);
             let fake = generator.forward(z);
-            let responses = teacher.query(&to_pixels(fake.clone().detach()))?;
-            let weights =
-                im_weights(&responses.targets(classes), &responses.labels(classes), classes, hard, config.im_weight);
+            let weights = if needs_answers {
+                let responses = teacher.query(&to_pixels(fake.clone().detach()))?;
+                im_weights(&responses.targets(classes), &responses.labels(classes), classes, hard, config.im_weight)
+            } else {
+                vec![1.0; b]
+            };
             let weights = Tensor::<1>::from_data(TensorData::new(weights, [b]), device);
             let d_fake = discriminator.forward(fake);
             let im = information_maximisation(d_fake.clone(), weights);
@@ -125,7 +133,7 @@ pub fn deprivatize(
             im_loss: im_sum / steps.max(1) as f64,
             queries: teacher.usage().queries,
         };
-        on_epoch(&row, &generator).map_err(MethodError::Callback)?;
+        on_epoch(&row, &generator, teacher.usage()).map_err(MethodError::Callback)?;
     }
     Ok(generator)
 }

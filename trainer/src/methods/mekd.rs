@@ -1,34 +1,28 @@
 //! MEKD step 2: align student and teacher logits through the frozen generator, using only
-//! synthetic images (the edge images never leave the board).
+//! synthetic images (the edge images never leave the board); and the student-stage settings
+//! that every method shares.
 
-use burn::module::Module;
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use mekd_models::{Classifier, ClassifierSpec, Generator};
-use mekd_runtime::Dataset;
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_models::Generator;
 
-use super::MethodError;
-use super::deprivatize::to_pixels;
 use super::losses::{ImageDistance, image_alignment, kd_kl};
-use crate::batches::epoch_order;
-use crate::blackbox::Teacher;
-use crate::schedule::{multi_step, reference_sgd};
-use crate::teacher::train::accuracy;
+use super::student::Objective;
 
-/// Where the synthetic queries come from.
+/// How many teacher queries the student stage may use.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase", tag = "mode", content = "images")]
 pub enum QueryMode {
-    /// A new synthetic batch and new queries every step (the reference).
+    /// MEKD: a new synthetic batch and new queries every step (the reference). Baselines: every
+    /// edge image of the method's transfer set, queried once.
     Fresh,
-    /// A fixed pool of this many synthetic images, each queried once, reused for every step.
+    /// MEKD: a fixed pool of this many synthetic images, each queried once, reused for every
+    /// step. Baselines: at most this many edge images (a seeded random subset), queried once.
     Budget(usize),
 }
 
-/// Hyperparameters of MEKD distillation (reference defaults).
+/// Hyperparameters of the student stage of every method (reference defaults).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DistillConfig {
     /// Epochs (240).
@@ -59,6 +53,12 @@ pub struct DistillConfig {
     pub distance: ImageDistance,
     /// Fresh queries every step, or a fixed budgeted pool.
     pub queries: QueryMode,
+    /// DKD: weight of the target-class term (1).
+    pub dkd_alpha: f64,
+    /// DKD: weight of the non-target term (8).
+    pub dkd_beta: f64,
+    /// KN: fraction of the edge set in the one-shot transfer set (0.2).
+    pub kn_fraction: f64,
     /// Seed.
     pub seed: u64,
 }
@@ -80,34 +80,12 @@ impl Default for DistillConfig {
             w_kl: 1.0,
             distance: ImageDistance::L1,
             queries: QueryMode::Fresh,
+            dkd_alpha: 1.0,
+            dkd_beta: 8.0,
+            kn_fraction: 0.2,
             seed: 0,
         }
     }
-}
-
-/// One epoch of distillation.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct DistillEpoch {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Learning rate used.
-    pub lr: f64,
-    /// Mean total loss.
-    pub loss: f64,
-    /// Mean image-alignment term.
-    pub image_loss: f64,
-    /// Mean KL term.
-    pub kl_loss: f64,
-    /// Student test accuracy (percent).
-    pub test_acc: f64,
-    /// Teacher queries so far.
-    pub queries: u64,
-}
-
-/// Synthetic images from the frozen generator, as `u8` pixels (what the teacher answers on).
-fn synthesize(generator: &Generator, n: usize, classes: usize, device: &Device) -> Vec<u8> {
-    let z = Tensor::<2>::random([n, classes], Distribution::Normal(0.0, 1.0), device);
-    to_pixels(generator.forward(z))
 }
 
 /// The MEKD loss for one batch: `w_f * dist(G(s / tau_g), G(t / tau_g)) + w_kl * KL_tau(t || s)`.
@@ -125,87 +103,21 @@ pub fn mekd_loss(
     (image.clone().mul_scalar(config.w_f) + kl.clone().mul_scalar(config.w_kl), image, kl)
 }
 
-/// Distill a fresh student of `spec` from `teacher` through the frozen `generator`, evaluating on
-/// `test` after every epoch and calling `on_epoch` (for metrics and checkpoints).
-pub fn distill(
-    generator: &Generator,
-    teacher: &mut dyn Teacher,
-    spec: &ClassifierSpec,
-    config: &DistillConfig,
-    test: &Dataset,
-    device: &Device,
-    mut on_epoch: impl FnMut(&DistillEpoch, &Classifier) -> anyhow::Result<()>,
-) -> Result<Classifier, MethodError> {
-    let classes = teacher.info().num_classes;
-    let shape = teacher.info().input_shape;
-    let per_image: usize = shape.iter().product();
-    let norm = Normalisation::symmetric(shape[0]);
-    device.seed(config.seed);
-    let mut student = spec.init(device)?;
-    let mut optim = reference_sgd(config.momentum, config.weight_decay);
-    // Budgeted mode: one pool, each image queried exactly once.
-    let pool: Option<(Vec<u8>, Vec<f32>)> = match config.queries {
-        QueryMode::Fresh => None,
-        QueryMode::Budget(n) => {
-            let mut pixels = Vec::with_capacity(n * per_image);
-            let mut targets = Vec::with_capacity(n * classes);
-            for start in (0..n).step_by(config.batch) {
-                let images = synthesize(generator, config.batch.min(n - start), classes, device);
-                targets.extend(teacher.query(&images)?.targets(classes));
-                pixels.extend(images);
-            }
-            Some((pixels, targets))
-        }
-    };
-    for epoch in 0..config.epochs {
-        let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
-        let order = pool.as_ref().map(|(_, t)| epoch_order(t.len() / classes, config.seed, epoch));
-        let (mut loss_sum, mut image_sum, mut kl_sum) = (0.0, 0.0, 0.0);
-        for step in 0..config.steps_per_epoch {
-            let (pixels, targets) = match (&pool, &order) {
-                (Some((pool_pixels, pool_targets)), Some(order)) => {
-                    let start = (step * config.batch) % order.len();
-                    let picks: Vec<usize> =
-                        (0..config.batch.min(order.len())).map(|i| order[(start + i) % order.len()]).collect();
-                    let pixels: Vec<u8> = picks
-                        .iter()
-                        .flat_map(|&i| pool_pixels[i * per_image..(i + 1) * per_image].iter().copied())
-                        .collect();
-                    let targets: Vec<f32> = picks
-                        .iter()
-                        .flat_map(|&i| pool_targets[i * classes..(i + 1) * classes].iter().copied())
-                        .collect();
-                    (pixels, targets)
-                }
-                _ => {
-                    let pixels = synthesize(generator, config.batch, classes, device);
-                    let targets = teacher.query(&pixels)?.targets(classes);
-                    (pixels, targets)
-                }
-            };
-            let b = targets.len() / classes;
-            let [c, h, w] = shape;
-            let x =
-                Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [b, c, h, w]), device);
-            let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), device);
-            let (loss, image, kl) = mekd_loss(generator, student.forward(x), t, config);
-            let grads = GradientsParams::from_grads(loss.backward(), &student);
-            student = optim.step(lr, student, grads);
-            loss_sum += loss.into_scalar::<f32>() as f64;
-            image_sum += image.into_scalar::<f32>() as f64;
-            kl_sum += kl.into_scalar::<f32>() as f64;
-        }
-        let steps = config.steps_per_epoch.max(1) as f64;
-        let row = DistillEpoch {
-            epoch: epoch + 1,
-            lr,
-            loss: loss_sum / steps,
-            image_loss: image_sum / steps,
-            kl_loss: kl_sum / steps,
-            test_acc: accuracy(&student, test, device),
-            queries: teacher.usage().queries,
-        };
-        on_epoch(&row, &student).map_err(MethodError::Callback)?;
+/// MEKD's objective: logits aligned through the frozen generator, plus the temperature KL.
+pub struct MekdObjective<'a> {
+    /// The frozen generator.
+    pub generator: &'a Generator,
+    /// Temperatures and weights.
+    pub config: &'a DistillConfig,
+}
+
+impl Objective for MekdObjective<'_> {
+    fn term_names(&self) -> &'static [&'static str] {
+        &["image", "kl"]
     }
-    Ok(student.valid())
+
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+        let (total, image, kl) = mekd_loss(self.generator, student_logits, targets, self.config);
+        (total, vec![image, kl])
+    }
 }

@@ -1,19 +1,27 @@
-//! `mekd distill --method mekd`: one command from the edge subset to a verified student ONNX,
-//! with everything written to one run directory.
+//! `mekd distill`: one command from the edge subset to a verified student ONNX for any method,
+//! with everything written to one run directory, resumable after an interruption.
+//!
+//! Layout: `config.json`, `usage.json` (queries and bytes so far), for MEKD `gan.jsonl`,
+//! `samples/epoch-N.png` and `generator.bpk`; `transfer.pool` (the cached answers of a
+//! budgeted or baseline run), `metrics.jsonl`, `checkpoints/`, `student.onnx`, `summary.json`.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
 use serde::{Deserialize, Serialize};
 
 use mekd_models::export::ExportMetadata;
-use mekd_models::{Architecture, ClassifierSpec, Generator};
+use mekd_models::{Architecture, ClassifierSpec, Generator, GeneratorConfig};
 use mekd_runtime::data::edge_subset;
 use mekd_runtime::{Dataset, Split};
 
-use super::deprivatize::{GanConfig, deprivatize, freeze, to_pixels};
-use super::mekd::{DistillConfig, DistillEpoch, distill};
+use super::Method;
+use super::deprivatize::{GanConfig, GanEpoch, deprivatize, freeze, to_pixels};
+use super::mekd::{DistillConfig, MekdObjective, QueryMode};
+use super::student::{Objective, Pool, StudentJob, Transfer, train_student};
 use crate::blackbox::{Teacher, Usage};
 use crate::device::DeviceKind;
 use crate::export::export_verified;
@@ -23,6 +31,8 @@ use crate::rundir::RunDir;
 /// Everything a distillation run depends on; saved as `config.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RunConfig {
+    /// The method.
+    pub method: Method,
     /// Where the teacher is (for the record).
     pub teacher: String,
     /// The dataset whose training split holds the edge images and whose test split scores.
@@ -46,9 +56,9 @@ pub struct RunConfig {
 /// `summary.json` of a distillation run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSummary {
-    /// `mekd`.
+    /// `mekd`, `kd`, `ml`, `dkd`, `kn` or `scratch`.
     pub method: String,
-    /// `soft` or `hard`.
+    /// `soft` or `hard` (`labels` for `scratch`).
     pub response: String,
     /// Dataset path.
     pub dataset: String,
@@ -68,6 +78,16 @@ pub struct RunSummary {
     pub bytes_down: u64,
     /// Seed.
     pub seed: u64,
+    /// The budget of the student stage (pool size), if the run had one.
+    pub budget: Option<usize>,
+    /// Unlabeled edge images.
+    pub edge_images: usize,
+    /// Images in the student's transfer set (`None`: fresh synthetic queries every step).
+    pub transfer_images: Option<usize>,
+    /// Student parameters.
+    pub student_params: usize,
+    /// Wall time of the run (this process; a resumed run counts its last part only).
+    pub seconds: f64,
     /// The exported student.
     pub onnx: PathBuf,
 }
@@ -94,41 +114,245 @@ pub fn sample_grid(pixels: &[u8], shape: [usize; 3]) -> Vec<u8> {
     out.into_inner()
 }
 
-/// Run MEKD end to end into `dir`.
-pub fn run_mekd(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher) -> Result<RunSummary> {
-    let run = RunDir::create(dir)?;
-    if run.file("summary.json").exists() || run.file("config.json").exists() {
-        bail!("{} already holds a run; choose another --out", dir.display());
+impl RunConfig {
+    /// Reject settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        let (g, d) = (&self.gan, &self.distill);
+        if d.epochs == 0 || d.steps_per_epoch == 0 || d.batch == 0 {
+            bail!("epochs, steps and batch size must be at least 1");
+        }
+        if self.method == Method::Mekd && (g.epochs == 0 || g.batch == 0 || g.generator_width == 0) {
+            bail!("MEKD needs at least one GAN epoch, a GAN batch and a generator width of at least 1");
+        }
+        if !(d.tau > 0.0 && d.tau_g > 0.0) {
+            bail!("temperatures must be positive");
+        }
+        let sgd_ok = d.lr > 0.0 && d.lr.is_finite() && (0.0..1.0).contains(&d.momentum) && d.weight_decay >= 0.0;
+        if !sgd_ok {
+            bail!("SGD needs lr > 0, 0 <= momentum < 1 and weight decay >= 0");
+        }
+        if !(self.edge_fraction > 0.0 && self.edge_fraction <= 1.0) {
+            bail!("--edge-fraction must be in (0, 1], got {}", self.edge_fraction);
+        }
+        if !(d.kn_fraction > 0.0 && d.kn_fraction <= 1.0) {
+            bail!("--kn-fraction must be in (0, 1], got {}", d.kn_fraction);
+        }
+        if d.queries == QueryMode::Budget(0) {
+            bail!("--budget must be at least 1");
+        }
+        Ok(())
     }
-    run.write_json("config.json", config)?;
+}
+
+/// Run `config.method` end to end into `dir`; with `resume`, continue the run already there
+/// (its `config.json` wins), skipping finished stages and reusing cached teacher answers.
+pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, resume: bool) -> Result<RunSummary> {
+    let started = Instant::now();
+    config.validate()?;
+    let run = RunDir::create(dir)?;
+    if resume {
+        if run.file("summary.json").exists() {
+            eprintln!("{} is complete; nothing to resume", dir.display());
+            return run.read_json("summary.json");
+        }
+        let saved: RunConfig = run.read_json("config.json").context("--resume needs the run's config.json")?;
+        if saved != *config {
+            bail!(
+                "--resume: the settings differ from {}; resume with the same flags",
+                run.file("config.json").display()
+            );
+        }
+        if run.file("usage.json").exists() {
+            let prior: Usage = run.read_json("usage.json")?;
+            teacher.add_prior_usage(prior);
+            eprintln!("resuming {}: {} teacher queries already used", dir.display(), prior.queries);
+        }
+    } else {
+        if run.file("summary.json").exists() || run.file("config.json").exists() {
+            bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
+        }
+        run.write_json("config.json", config)?;
+    }
     let info = teacher.info().clone();
     let [c, h, w] = info.input_shape;
     if h != w {
         bail!("the teacher's input {h}x{w} is not square");
     }
+    let baseline = config.method.baseline();
+    if let Some(reason) = baseline.as_ref().and_then(|b| b.unsupported(info.response)) {
+        bail!("{reason}");
+    }
     let train =
         Dataset::load(&config.data, Split::Train).with_context(|| format!("reading {}", config.data.display()))?;
+    if train.classes.len() != info.num_classes {
+        bail!(
+            "{} has {} classes but the teacher answers {}",
+            config.data.display(),
+            train.classes.len(),
+            info.num_classes
+        );
+    }
     let indices = edge_subset(train.len(), config.edge_fraction, config.seed).map_err(anyhow::Error::msg)?;
     let edge = train.select(&indices).prepare(c, h)?;
     let test = Dataset::load(&config.data, Split::Test)?.take(config.limit_test.unwrap_or(usize::MAX)).prepare(c, h)?;
-    eprintln!("edge subset: {} unlabeled images; test: {} images; teacher: {}", edge.len(), test.len(), config.teacher);
+    eprintln!(
+        "{}: edge subset {} unlabeled images; test {} images; teacher {} ({})",
+        config.method,
+        edge.len(),
+        test.len(),
+        config.teacher,
+        info.response
+    );
     let device = config.device.training_device()?;
+    let spec = ClassifierSpec { architecture: config.student, in_channels: c, num_classes: info.num_classes };
 
+    let generator = match config.method {
+        Method::Mekd => Some(deprivatization_stage(&run, config, &edge, teacher, &device, resume)?),
+        _ => None,
+    };
+    let transfer = match (&generator, &baseline) {
+        (Some(generator), _) => match config.distill.queries {
+            QueryMode::Fresh => Transfer::Fresh(generator),
+            QueryMode::Budget(n) => Transfer::Pool(cached_pool(&run, teacher, || {
+                device.seed(config.seed ^ 0xB0D6E7);
+                let z = Tensor::<2>::random([n, info.num_classes], Distribution::Normal(0.0, 1.0), &device);
+                Ok(to_pixels(generator.forward(z)))
+            })?),
+        },
+        (None, Some(baseline)) => {
+            let picks = baseline.transfer_indices(edge.len(), &config.distill);
+            if baseline.queries_teacher() {
+                Transfer::Pool(cached_pool(&run, teacher, || Ok(Pool::gather(&edge, &picks)))?)
+            } else {
+                Transfer::Pool(Pool::labelled(&edge, &picks, info.num_classes))
+            }
+        }
+        (None, None) => unreachable!("every method but MEKD is a baseline"),
+    };
+    let transfer_images = match &transfer {
+        Transfer::Pool(pool) => Some(pool.len()),
+        Transfer::Fresh(_) => None,
+    };
+    run.write_json("usage.json", &teacher.usage())?;
+
+    let objective: Box<dyn Objective + '_> = match (&generator, &baseline) {
+        (Some(generator), _) => Box::new(MekdObjective { generator, config: &config.distill }),
+        (None, Some(baseline)) => baseline.objective(&config.distill),
+        (None, None) => unreachable!("every method but MEKD is a baseline"),
+    };
+    let bar = progress::bar(config.distill.epochs as u64, &format!("{} student", config.method));
+    let job = StudentJob { spec: &spec, config: &config.distill, test: &test, device: &device, run: &run };
+    let (student, rows) = train_student(objective.as_ref(), &transfer, teacher, &job, |row, usage| {
+        bar.set_position(row.epoch as u64);
+        bar.set_message(format!("loss {:.4} test {:.2}% queries {}", row.loss, row.test_acc, row.queries));
+        bar.suspend(|| {
+            eprintln!(
+                "{} epoch {:>3}/{}: lr {:.4} loss {:.4} test {:.2}% queries {} ({:.1}s)",
+                config.method,
+                row.epoch,
+                config.distill.epochs,
+                row.lr,
+                row.loss,
+                row.test_acc,
+                row.queries,
+                row.seconds
+            )
+        });
+        run.write_json("usage.json", &usage)
+    })?;
+    bar.finish_and_clear();
+    run.write_json("usage.json", &teacher.usage())?;
+
+    let onnx = run.file("student.onnx");
+    let mut metadata = ExportMetadata::symmetric(c);
+    metadata.class_names = info.class_names.clone();
+    export_verified(&student, &spec, &metadata, &onnx).context("exporting the student")?;
+    let usage: Usage = teacher.usage();
+    let summary = RunSummary {
+        method: config.method.to_string(),
+        response: if config.method == Method::Scratch { "labels".into() } else { info.response.to_string() },
+        dataset: config.data.display().to_string(),
+        teacher: config.teacher.clone(),
+        student: config.student.to_string(),
+        final_acc: rows.last().map_or(0.0, |r| r.test_acc),
+        best_acc: rows.iter().map(|r| r.test_acc).fold(0.0, f64::max),
+        queries: usage.queries,
+        bytes_up: usage.bytes_up,
+        bytes_down: usage.bytes_down,
+        seed: config.seed,
+        budget: match config.distill.queries {
+            QueryMode::Budget(n) => Some(n),
+            QueryMode::Fresh => None,
+        },
+        edge_images: edge.len(),
+        transfer_images,
+        student_params: mekd_models::params::trainable_params(&student),
+        seconds: started.elapsed().as_secs_f64(),
+        onnx,
+    };
+    run.write_json("summary.json", &summary)?;
+    Ok(summary)
+}
+
+/// The transfer pool cached in `transfer.pool`, or `images()` queried once and cached.
+fn cached_pool(run: &RunDir, teacher: &mut dyn Teacher, images: impl FnOnce() -> Result<Vec<u8>>) -> Result<Pool> {
+    let path = run.file("transfer.pool");
+    if path.exists() {
+        let pool = Pool::load(&path)?;
+        eprintln!("reusing {} cached teacher answers from {}", pool.len(), path.display());
+        return Ok(pool);
+    }
+    let pixels = images()?;
+    let per_image: usize = teacher.info().input_shape.iter().product();
+    let bar = progress::bar((pixels.len() / per_image) as u64, "querying the teacher");
+    let mut targets = Vec::new();
+    let classes = teacher.info().num_classes;
+    for chunk in pixels.chunks(256 * per_image) {
+        targets.extend(teacher.query(chunk)?.targets(classes));
+        bar.inc((chunk.len() / per_image) as u64);
+    }
+    bar.finish_and_clear();
+    let pool = Pool { pixels, targets, shape: teacher.info().input_shape, classes };
+    pool.save(&path).with_context(|| format!("writing {}", path.display()))?;
+    run.write_json("usage.json", &teacher.usage())?;
+    Ok(pool)
+}
+
+/// MEKD step 1, or its finished result when a resumed run already holds it.
+fn deprivatization_stage(
+    run: &RunDir,
+    config: &RunConfig,
+    edge: &Dataset,
+    teacher: &mut dyn Teacher,
+    device: &Device,
+    resume: bool,
+) -> Result<Generator> {
+    let info = teacher.info().clone();
+    let [c, h, w] = info.input_shape;
+    let done: Vec<GanEpoch> = run.read_jsonl("gan.jsonl")?;
+    if resume && done.len() == config.gan.epochs && run.file("generator.bpk").exists() {
+        eprintln!("deprivatization finished earlier: reusing {}", run.file("generator.bpk").display());
+        let generator = GeneratorConfig::new(info.num_classes, c)
+            .with_width(config.gan.generator_width)
+            .init(device)?
+            .try_load_file(run.file("generator.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", run.file("generator.bpk").display()))?;
+        return Ok(freeze(&generator));
+    }
+    if resume && !done.is_empty() {
+        eprintln!("deprivatization was interrupted after epoch {}: it restarts (its queries stay counted)", done.len());
+    }
     std::fs::create_dir_all(run.file("samples"))?;
     let mut gan_rows = Vec::new();
     let bar = progress::bar(config.gan.epochs as u64, "deprivatize");
-    let generator = deprivatize(&edge, teacher, &config.gan, &device, |row, generator: &Generator| {
+    let generator = deprivatize(edge, teacher, &config.gan, device, |row, generator: &Generator, usage| {
         bar.inc(1);
         bar.set_message(format!(
             "d {:.3} g {:.3} im {:.3} queries {}",
             row.d_loss, row.g_loss, row.im_loss, row.queries
         ));
         gan_rows.push(row.clone());
-        let z = burn::tensor::Tensor::<2>::random(
-            [64, info.num_classes],
-            burn::tensor::Distribution::Normal(0.0, 1.0),
-            &device,
-        );
+        let z = Tensor::<2>::random([64, info.num_classes], Distribution::Normal(0.0, 1.0), device);
         let samples = to_pixels(freeze(generator).forward(z));
         mekd_runtime::fsutil::write_atomic(
             &run.file(&format!("samples/epoch-{}.png", row.epoch)),
@@ -140,45 +364,8 @@ pub fn run_mekd(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher) -> Re
             .map_err(|e| anyhow::anyhow!("saving the generator: {e:?}"))?;
         std::fs::rename(run.file("generator.bpk.tmp"), run.file("generator.bpk"))?;
         run.write_jsonl("gan.jsonl", &gan_rows)?;
-        Ok(())
+        run.write_json("usage.json", &usage)
     })?;
     bar.finish_and_clear();
-    let generator = freeze(&generator);
-
-    let spec = ClassifierSpec { architecture: config.student, in_channels: c, num_classes: info.num_classes };
-    let mut rows: Vec<DistillEpoch> = Vec::new();
-    let bar = progress::bar(config.distill.epochs as u64, "distill");
-    let student = distill(&generator, teacher, &spec, &config.distill, &test, &device, |row, _| {
-        bar.inc(1);
-        bar.set_message(format!("loss {:.4} test {:.2}% queries {}", row.loss, row.test_acc, row.queries));
-        eprintln!(
-            "distill epoch {:>3}: loss {:.4} (image {:.4}, kl {:.4}) test {:.2}% queries {}",
-            row.epoch, row.loss, row.image_loss, row.kl_loss, row.test_acc, row.queries
-        );
-        rows.push(row.clone());
-        run.write_metrics(&rows)
-    })?;
-    bar.finish_and_clear();
-
-    let onnx = run.file("student.onnx");
-    let mut metadata = ExportMetadata::symmetric(c);
-    metadata.class_names = info.class_names.clone();
-    export_verified(&student, &spec, &metadata, &onnx).context("exporting the student")?;
-    let usage: Usage = teacher.usage();
-    let summary = RunSummary {
-        method: "mekd".into(),
-        response: info.response.to_string(),
-        dataset: config.data.display().to_string(),
-        teacher: config.teacher.clone(),
-        student: config.student.to_string(),
-        final_acc: rows.last().map_or(0.0, |r| r.test_acc),
-        best_acc: rows.iter().map(|r| r.test_acc).fold(0.0, f64::max),
-        queries: usage.queries,
-        bytes_up: usage.bytes_up,
-        bytes_down: usage.bytes_down,
-        seed: config.seed,
-        onnx,
-    };
-    run.write_json("summary.json", &summary)?;
-    Ok(summary)
+    Ok(freeze(&generator))
 }

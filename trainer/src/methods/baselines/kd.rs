@@ -1,0 +1,36 @@
+//! KD (Hinton et al. 2015): the temperature KL between teacher and student on real edge images,
+//! no labels: `KL(softmax(t / T) || softmax(s / T)) * T`, T = 5 (the reference's scaling). Hard
+//! answers enter as one-hot vectors.
+
+use burn::tensor::Tensor;
+
+use super::Baseline;
+use crate::methods::losses::kd_kl;
+use crate::methods::mekd::DistillConfig;
+use crate::methods::student::Objective;
+
+/// The KD baseline.
+pub struct Kd;
+
+/// The temperature KL as an objective (also used by KN).
+pub struct KdObjective {
+    /// Temperature.
+    pub tau: f64,
+}
+
+impl Objective for KdObjective {
+    fn term_names(&self) -> &'static [&'static str] {
+        &["kl"]
+    }
+
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+        let kl = kd_kl(student_logits, targets, self.tau);
+        (kl.clone(), vec![kl])
+    }
+}
+
+impl Baseline for Kd {
+    fn objective(&self, config: &DistillConfig) -> Box<dyn Objective> {
+        Box::new(KdObjective { tau: config.tau })
+    }
+}

@@ -1,0 +1,318 @@
+//! The student side that every method shares: a transfer set (fresh synthetic queries, or a
+//! pool queried once and cached), an [`Objective`], SGD with step decay, test accuracy after
+//! every epoch, and crash-safe checkpoints that a resumed run continues from.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use mekd_models::{Classifier, ClassifierSpec, Generator};
+use mekd_runtime::Dataset;
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::fsutil::write_atomic;
+
+use super::MethodError;
+use super::deprivatize::to_pixels;
+use super::mekd::DistillConfig;
+use crate::batches::epoch_order;
+use crate::blackbox::{Teacher, Usage};
+use crate::rundir::RunDir;
+use crate::schedule::{multi_step, reference_sgd};
+use crate::teacher::train::accuracy;
+
+/// What a method minimises on one batch, given the student's logits and the batch's targets
+/// (teacher logits, one-hot hard answers, or one-hot true labels).
+pub trait Objective {
+    /// Names of the terms that [`Objective::loss`] returns beside the total, in order.
+    fn term_names(&self) -> &'static [&'static str];
+    /// The total loss and its terms.
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>);
+}
+
+/// A fixed set of images with one target row each (teacher answers or true labels), reused for
+/// every epoch: each image is queried at most once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    /// `u8` CHW images back to back.
+    pub pixels: Vec<u8>,
+    /// `classes` values per image.
+    pub targets: Vec<f32>,
+    /// Image shape.
+    pub shape: [usize; 3],
+    /// Target width.
+    pub classes: usize,
+}
+
+const POOL_MAGIC: &[u8; 8] = b"MEKDPOOL";
+
+impl Pool {
+    /// Query `teacher` once per image of `pixels`, in batches of `batch`.
+    pub fn query(pixels: Vec<u8>, teacher: &mut dyn Teacher, batch: usize) -> Result<Self, MethodError> {
+        let shape = teacher.info().input_shape;
+        let classes = teacher.info().num_classes;
+        let per_image: usize = shape.iter().product();
+        let mut targets = Vec::with_capacity(pixels.len() / per_image * classes);
+        for chunk in pixels.chunks(batch.max(1) * per_image) {
+            targets.extend(teacher.query(chunk)?.targets(classes));
+        }
+        Ok(Self { pixels, targets, shape, classes })
+    }
+
+    /// Images of `data` at `indices` with their true labels as one-hot targets (no teacher).
+    pub fn labelled(data: &Dataset, indices: &[usize], classes: usize) -> Self {
+        let mut pixels = Vec::with_capacity(indices.len() * data.image_len());
+        let mut targets = vec![0.0; indices.len() * classes];
+        for (row, &i) in indices.iter().enumerate() {
+            pixels.extend_from_slice(data.image(i));
+            targets[row * classes + data.labels[i] as usize] = 1.0;
+        }
+        Self { pixels, targets, shape: data.shape, classes }
+    }
+
+    /// Images of `data` at `indices`, back to back.
+    pub fn gather(data: &Dataset, indices: &[usize]) -> Vec<u8> {
+        indices.iter().flat_map(|&i| data.image(i).iter().copied()).collect()
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.targets.len() / self.classes.max(1)
+    }
+
+    /// Whether the pool is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The images and targets at `picks`.
+    fn batch(&self, picks: &[usize]) -> (Vec<u8>, Vec<f32>) {
+        let per_image: usize = self.shape.iter().product();
+        let k = self.classes;
+        let pixels = picks.iter().flat_map(|&i| self.pixels[i * per_image..(i + 1) * per_image].iter().copied());
+        let targets = picks.iter().flat_map(|&i| self.targets[i * k..(i + 1) * k].iter().copied());
+        (pixels.collect(), targets.collect())
+    }
+
+    /// Write the pool (the cached answers) atomically, so a resumed run does not query again.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let mut bytes = Vec::with_capacity(40 + self.pixels.len() + 4 * self.targets.len());
+        bytes.extend_from_slice(POOL_MAGIC);
+        for v in [self.shape[0], self.shape[1], self.shape[2], self.classes, self.len()] {
+            bytes.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        bytes.extend_from_slice(&self.pixels);
+        for t in &self.targets {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        write_atomic(path, &bytes)
+    }
+
+    /// Read a pool written by [`Pool::save`].
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let bad = || anyhow::anyhow!("{} is not a complete transfer pool", path.display());
+        if bytes.len() < 48 || &bytes[..8] != POOL_MAGIC {
+            return Err(bad());
+        }
+        let field = |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")) as usize;
+        let (shape, classes, n) = ([field(0), field(1), field(2)], field(3), field(4));
+        let per_image = shape.iter().product::<usize>();
+        let pixel_bytes = n.checked_mul(per_image).ok_or_else(bad)?;
+        let target_bytes = n.checked_mul(classes).and_then(|v| v.checked_mul(4)).ok_or_else(bad)?;
+        if bytes.len() != 48 + pixel_bytes + target_bytes {
+            return Err(bad());
+        }
+        let pixels = bytes[48..48 + pixel_bytes].to_vec();
+        let targets = bytes[48 + pixel_bytes..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        Ok(Self { pixels, targets, shape, classes })
+    }
+}
+
+/// Where the student's batches come from.
+pub enum Transfer<'a> {
+    /// A new batch of synthetic images from the frozen generator every step, each queried
+    /// (MEKD as the reference runs it; no query cap).
+    Fresh(&'a Generator),
+    /// A fixed pool, cycled through in a seeded order per epoch.
+    Pool(Pool),
+}
+
+/// One epoch of student training.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StudentEpoch {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Mean total loss.
+    pub loss: f64,
+    /// Mean of each named loss term.
+    pub terms: BTreeMap<String, f64>,
+    /// Student test accuracy (percent).
+    pub test_acc: f64,
+    /// Teacher queries so far (the whole run, resumed parts included).
+    pub queries: u64,
+    /// Wall time of the epoch, evaluation included.
+    pub seconds: f64,
+}
+
+/// Everything [`train_student`] needs besides the transfer set and the objective.
+pub struct StudentJob<'a> {
+    /// Student architecture.
+    pub spec: &'a ClassifierSpec,
+    /// Schedule and seed.
+    pub config: &'a DistillConfig,
+    /// Scored after every epoch.
+    pub test: &'a Dataset,
+    /// Training device (with autodiff).
+    pub device: &'a Device,
+    /// Checkpoints (`checkpoints/`) and `metrics.jsonl` go here; an existing checkpoint is resumed.
+    pub run: &'a RunDir,
+}
+
+/// Train a fresh student (or resume the one checkpointed in `job.run`) for `config.epochs`,
+/// calling `on_epoch` (with the teacher's usage) after each epoch's checkpoint is committed. Returns the student in
+/// inference mode and every epoch's row.
+pub fn train_student(
+    objective: &dyn Objective,
+    transfer: &Transfer,
+    teacher: &mut dyn Teacher,
+    job: &StudentJob,
+    mut on_epoch: impl FnMut(&StudentEpoch, Usage) -> anyhow::Result<()>,
+) -> Result<(Classifier, Vec<StudentEpoch>), MethodError> {
+    let StudentJob { spec, config, test, device, run } = *job;
+    let classes = spec.num_classes;
+    let shape = spec.image_shape();
+    let norm = Normalisation::symmetric(shape[0]);
+    device.seed(config.seed);
+    let mut student = spec.init(device)?;
+    let mut optim = reference_sgd(config.momentum, config.weight_decay);
+    let mut rows: Vec<StudentEpoch> = Vec::new();
+    let mut start = 0;
+    let checkpoint = run.latest_checkpoint().map_err(MethodError::Callback)?;
+    if let Some((latest, folder)) = checkpoint {
+        let load = || -> anyhow::Result<_> {
+            let student = student
+                .clone()
+                .try_load_file(folder.join("model.bpk"))
+                .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("model.bpk").display()))?;
+            let optim = reference_sgd(config.momentum, config.weight_decay)
+                .load(folder.join("optimizer.bpk"))
+                .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("optimizer.bpk").display()))?;
+            Ok((student, optim))
+        };
+        (student, optim) = load().map_err(MethodError::Callback)?;
+        start = latest.epochs_done;
+        rows = run.read_metrics().map_err(MethodError::Callback)?;
+        rows.truncate(start);
+        eprintln!("resuming the student after epoch {start}");
+    }
+    for epoch in start..config.epochs {
+        let started = Instant::now();
+        // Seeded per epoch, so a resumed run draws the same noise as an uninterrupted one.
+        device.seed(config.seed.wrapping_add(1_000_003 * (epoch as u64 + 1)));
+        let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
+        let order = match transfer {
+            Transfer::Pool(pool) => epoch_order(pool.len(), config.seed, epoch),
+            Transfer::Fresh(_) => Vec::new(),
+        };
+        // Sums stay on the device: no host round trip per step beyond the teacher's.
+        let mut sums: Option<(Tensor<1>, Vec<Tensor<1>>)> = None;
+        for step in 0..config.steps_per_epoch {
+            let (pixels, targets) = match transfer {
+                Transfer::Pool(pool) => {
+                    let n = order.len();
+                    let first = (step * config.batch) % n;
+                    let picks: Vec<usize> = (0..config.batch.min(n)).map(|i| order[(first + i) % n]).collect();
+                    pool.batch(&picks)
+                }
+                Transfer::Fresh(generator) => {
+                    let z = Tensor::<2>::random([config.batch, classes], Distribution::Normal(0.0, 1.0), device);
+                    let pixels = to_pixels(generator.forward(z));
+                    let targets = teacher.query(&pixels)?.targets(classes);
+                    (pixels, targets)
+                }
+            };
+            let b = targets.len() / classes;
+            let [c, h, w] = shape;
+            let x =
+                Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [b, c, h, w]), device);
+            let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), device);
+            let (loss, terms) = objective.loss(student.forward(x), t);
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            student = optim.step(lr, student, grads);
+            let terms: Vec<Tensor<1>> = terms.into_iter().map(|t| t.detach()).collect();
+            sums = Some(match sums {
+                None => (loss.detach(), terms),
+                Some((total, parts)) => {
+                    (total + loss.detach(), parts.into_iter().zip(terms).map(|(a, b)| a + b).collect())
+                }
+            });
+        }
+        let steps = config.steps_per_epoch.max(1) as f64;
+        let mean = |t: Tensor<1>| t.into_scalar::<f32>() as f64 / steps;
+        let (loss, terms) = match sums {
+            Some((total, parts)) => (
+                mean(total),
+                objective.term_names().iter().zip(parts).map(|(name, t)| (name.to_string(), mean(t))).collect(),
+            ),
+            None => (0.0, BTreeMap::new()),
+        };
+        let row = StudentEpoch {
+            epoch: epoch + 1,
+            lr,
+            loss,
+            terms,
+            test_acc: accuracy(&student, test, device),
+            queries: teacher.usage().queries,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        rows.push(row.clone());
+        let save = || -> anyhow::Result<()> {
+            let folder = run.new_checkpoint(epoch + 1)?;
+            student
+                .clone()
+                .save_file(folder.join("model.bpk"))
+                .map_err(|e| anyhow::anyhow!("saving the student: {e:?}"))?;
+            optim.save(folder.join("optimizer.bpk")).map_err(|e| anyhow::anyhow!("saving the optimizer: {e:?}"))?;
+            run.write_metrics(&rows)?;
+            run.commit_checkpoint(epoch + 1, &folder)
+        };
+        save().map_err(MethodError::Callback)?;
+        on_epoch(&row, teacher.usage()).map_err(MethodError::Callback)?;
+    }
+    Ok((student.valid(), rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_round_trips_and_rejects_truncation() {
+        let pool = Pool {
+            pixels: (0..2 * 3 * 2 * 2).map(|v| v as u8).collect(),
+            targets: vec![0.5, -1.0, 2.0, 0.25],
+            shape: [3, 2, 2],
+            classes: 2,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.bin");
+        pool.save(&path).unwrap();
+        assert_eq!(Pool::load(&path).unwrap(), pool);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(Pool::load(&path).unwrap_err().to_string().contains("not a complete transfer pool"));
+        let (pixels, targets) = pool.batch(&[1]);
+        assert_eq!(pixels, (12..24).map(|v| v as u8).collect::<Vec<_>>());
+        assert_eq!(targets, vec![2.0, 0.25]);
+    }
+}

@@ -1,0 +1,306 @@
+//! `mekd report`: the comparison table (markdown and JSON, mean and spread over seeds) and the
+//! accuracy curves (SVG) of a set of `mekd distill` run directories.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::methods::run::RunSummary;
+use crate::methods::student::StudentEpoch;
+use crate::rundir::RunDir;
+
+/// One finished run: its summary and its per-epoch rows.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// `summary.json`.
+    pub summary: RunSummary,
+    /// `metrics.jsonl`.
+    pub epochs: Vec<StudentEpoch>,
+}
+
+/// One row of the table: the runs of one method, response mode, pair and budget, over seeds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ReportRow {
+    /// `mekd`, `kd`, `ml`, `dkd`, `kn` or `scratch`.
+    pub method: String,
+    /// `soft`, `hard` or `labels`.
+    pub response: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Teacher location.
+    pub teacher: String,
+    /// Student architecture.
+    pub student: String,
+    /// Student-stage budget, if any.
+    pub budget: Option<usize>,
+    /// Mean final-epoch test accuracy (percent).
+    pub final_acc: f64,
+    /// Sample standard deviation of the final accuracy over seeds (0 for one seed).
+    pub final_acc_std: f64,
+    /// Mean best-epoch test accuracy (percent).
+    pub best_acc: f64,
+    /// Sample standard deviation of the best accuracy over seeds.
+    pub best_acc_std: f64,
+    /// Mean teacher queries per run.
+    pub queries: u64,
+    /// Mean bytes sent to the teacher per run.
+    pub bytes_up: u64,
+    /// Mean bytes received per run.
+    pub bytes_down: u64,
+    /// The seeds aggregated.
+    pub seeds: Vec<u64>,
+    /// The run directories aggregated.
+    pub runs: Vec<PathBuf>,
+}
+
+/// Every run under `paths`: a path holding `summary.json` is a run; otherwise its
+/// subdirectories are searched (three levels deep). Unfinished runs are skipped with a note.
+pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
+    let mut dirs = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            bail!("{} is not a directory", path.display());
+        }
+        find_runs(path, 3, &mut dirs)?;
+    }
+    dirs.sort();
+    dirs.dedup();
+    let mut runs = Vec::new();
+    for dir in dirs {
+        let run = RunDir::create(&dir)?;
+        let summary: RunSummary = run.read_json("summary.json")?;
+        let epochs: Vec<StudentEpoch> = run.read_metrics()?;
+        runs.push(RunRecord { dir, summary, epochs });
+    }
+    if runs.is_empty() {
+        bail!("no finished run (a directory with summary.json) under {paths:?}");
+    }
+    Ok(runs)
+}
+
+fn find_runs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+    if dir.join("summary.json").is_file() && dir.join("metrics.jsonl").is_file() {
+        out.push(dir.to_path_buf());
+        return Ok(());
+    }
+    if depth == 0 {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for entry in entries {
+        if entry.join("config.json").is_file() && !entry.join("summary.json").is_file() {
+            eprintln!("skipping {}: the run has not finished", entry.display());
+            continue;
+        }
+        find_runs(&entry, depth - 1, out)?;
+    }
+    Ok(())
+}
+
+type GroupKey = (String, String, String, String, String, Option<usize>);
+
+fn key(summary: &RunSummary) -> GroupKey {
+    (
+        summary.method.clone(),
+        summary.response.clone(),
+        summary.dataset.clone(),
+        summary.teacher.clone(),
+        summary.student.clone(),
+        summary.budget,
+    )
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    if values.is_empty() {
+        return (0.0, 0.0);
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Group the runs by method, response, dataset, teacher, student and budget; one row each, in
+/// a stable order (method order of the paper's tables, then response, then budget).
+pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
+    let mut groups: BTreeMap<GroupKey, Vec<&RunRecord>> = BTreeMap::new();
+    for run in runs {
+        groups.entry(key(&run.summary)).or_default().push(run);
+    }
+    let mut rows: Vec<ReportRow> = groups
+        .into_iter()
+        .map(|((method, response, dataset, teacher, student, budget), members)| {
+            let finals: Vec<f64> = members.iter().map(|r| r.summary.final_acc).collect();
+            let bests: Vec<f64> = members.iter().map(|r| r.summary.best_acc).collect();
+            let (final_acc, final_acc_std) = mean_std(&finals);
+            let (best_acc, best_acc_std) = mean_std(&bests);
+            let n = members.len() as u64;
+            let total = |f: fn(&RunSummary) -> u64| members.iter().map(|r| f(&r.summary)).sum::<u64>() / n;
+            ReportRow {
+                method,
+                response,
+                dataset,
+                teacher,
+                student,
+                budget,
+                final_acc,
+                final_acc_std,
+                best_acc,
+                best_acc_std,
+                queries: total(|s| s.queries),
+                bytes_up: total(|s| s.bytes_up),
+                bytes_down: total(|s| s.bytes_down),
+                seeds: members.iter().map(|r| r.summary.seed).collect(),
+                runs: members.iter().map(|r| r.dir.clone()).collect(),
+            }
+        })
+        .collect();
+    let order = |m: &str| ["mekd", "kd", "ml", "dkd", "kn", "scratch"].iter().position(|x| *x == m).unwrap_or(99);
+    rows.sort_by(|a, b| {
+        (order(&a.method), &a.response, a.budget, &a.student).cmp(&(
+            order(&b.method),
+            &b.response,
+            b.budget,
+            &b.student,
+        ))
+    });
+    rows
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / 1e6)
+}
+
+fn with_spread(mean: f64, std: f64, n: usize) -> String {
+    if n > 1 { format!("{mean:.2} ± {std:.2}") } else { format!("{mean:.2}") }
+}
+
+/// The table as markdown.
+pub fn markdown(rows: &[ReportRow]) -> String {
+    let mut out = String::from(
+        "| method | response | student | budget | final acc % | best acc % | queries | MB up | MB down | seeds |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let n = r.seeds.len();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.method,
+            r.response,
+            r.student,
+            r.budget.map_or("-".to_string(), |b| b.to_string()),
+            with_spread(r.final_acc, r.final_acc_std, n),
+            with_spread(r.best_acc, r.best_acc_std, n),
+            r.queries,
+            megabytes(r.bytes_up),
+            megabytes(r.bytes_down),
+            r.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    out
+}
+
+const PALETTE: [&str; 8] = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"];
+
+/// Test accuracy per epoch, one line per table row (mean over its seeds), as an SVG image.
+pub fn accuracy_svg(rows: &[ReportRow], runs: &[RunRecord]) -> String {
+    let (width, height, left, right, top, bottom) = (720.0, 420.0, 60.0, 200.0, 20.0, 50.0);
+    let curves: Vec<(String, Vec<f64>)> = rows
+        .iter()
+        .map(|row| {
+            let members: Vec<&RunRecord> = runs.iter().filter(|r| row.runs.contains(&r.dir)).collect();
+            let epochs = members.iter().map(|r| r.epochs.len()).min().unwrap_or(0);
+            let mean = (0..epochs)
+                .map(|e| members.iter().map(|r| r.epochs[e].test_acc).sum::<f64>() / members.len() as f64)
+                .collect();
+            let budget = row.budget.map_or(String::new(), |b| format!(" @{b}"));
+            (format!("{} {}{}", row.method, row.response, budget), mean)
+        })
+        .collect();
+    let max_epochs = curves.iter().map(|(_, c)| c.len()).max().unwrap_or(1).max(2);
+    let lowest = curves.iter().flat_map(|(_, c)| c.iter().copied()).fold(100.0, f64::min);
+    let y_min = ((lowest / 10.0).floor() * 10.0).clamp(0.0, 90.0);
+    let plot_w = width - left - right;
+    let plot_h = height - top - bottom;
+    let x = |e: usize| left + plot_w * e as f64 / (max_epochs - 1) as f64;
+    let y = |acc: f64| top + plot_h * (1.0 - (acc - y_min) / (100.0 - y_min));
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" \
+         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for step in 0..=5 {
+        let acc = y_min + (100.0 - y_min) * step as f64 / 5.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3:.1}\" \
+             text-anchor=\"end\">{acc:.0}</text>",
+            y(acc),
+            left + plot_w,
+            left - 6.0,
+            y(acc) + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\
+         <text x=\"{2}\" y=\"{3}\" text-anchor=\"middle\">epoch (1 to {max_epochs})</text>\
+         <text x=\"14\" y=\"{4}\" transform=\"rotate(-90 14 {4})\" text-anchor=\"middle\">test accuracy %</text>",
+        top + plot_h,
+        left + plot_w,
+        left + plot_w / 2.0,
+        height - 12.0,
+        top + plot_h / 2.0
+    );
+    for (i, (label, curve)) in curves.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let points: Vec<String> =
+            curve.iter().enumerate().map(|(e, acc)| format!("{:.1},{:.1}", x(e), y(*acc))).collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        let ly = top + 16.0 * i as f64 + 10.0;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{colour}\" stroke-width=\"3\"/>\
+             <text x=\"{2}\" y=\"{3}\">{4}</text>",
+            left + plot_w + 12.0,
+            left + plot_w + 32.0,
+            left + plot_w + 38.0,
+            ly + 4.0,
+            escape(label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_the_sample_standard_deviation() {
+        let (mean, std) = mean_std(&[98.0, 99.0, 100.0]);
+        assert!((mean - 99.0).abs() < 1e-12);
+        assert!((std - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[97.5]), (97.5, 0.0));
+    }
+}

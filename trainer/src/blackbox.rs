@@ -292,7 +292,6 @@ impl BurnTeacher {
         response: ResponseMode,
         budget: Option<u64>,
     ) -> Result<Self, TeacherError> {
-        use burn::module::Module;
         let run = crate::rundir::RunDir::create(run_dir)?;
         let config: crate::teacher::train::TrainConfig = run.read_json("config.json")?;
         let summary: crate::teacher::train::TrainSummary = run.read_json("summary.json")?;
@@ -303,18 +302,31 @@ impl BurnTeacher {
             in_channels: config.channels,
             num_classes: summary.classes.len(),
         };
-        let model = spec.load(&folder.join("model.bpk"), device).map_err(anyhow::Error::from)?.valid();
-        let norm = Normalisation::symmetric(config.channels);
+        let model = spec.load(&folder.join("model.bpk"), device).map_err(anyhow::Error::from)?;
+        Ok(Self::from_model(model, &spec, device, response, Some(summary.classes), budget))
+    }
+
+    /// Serve `model` (a `spec` classifier on `device`, inputs scaled to [-1, 1]) as a teacher.
+    pub fn from_model(
+        model: mekd_models::Classifier,
+        spec: &mekd_models::ClassifierSpec,
+        device: &burn::tensor::Device,
+        response: ResponseMode,
+        class_names: Option<Vec<String>>,
+        budget: Option<u64>,
+    ) -> Self {
+        use burn::module::Module;
+        let norm = Normalisation::symmetric(spec.in_channels);
         let info = TeacherInfo {
             input_shape: spec.image_shape(),
             num_classes: spec.num_classes,
-            class_names: Some(summary.classes),
+            class_names,
             response,
             mean: norm.mean,
             std: norm.std,
             max_batch: usize::MAX,
         };
-        Ok(Self { model, device: device.clone(), info, meter: Meter { usage: Usage::default(), budget } })
+        Self { model: model.valid(), device: device.clone(), info, meter: Meter { usage: Usage::default(), budget } }
     }
 }
 

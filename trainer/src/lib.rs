@@ -5,7 +5,9 @@
 //! (run directories, training commands) reports with `anyhow` context chains.
 
 pub mod batches;
+pub mod bench_train;
 pub mod blackbox;
+pub mod demo;
 pub mod device;
 pub mod engines;
 pub mod export;

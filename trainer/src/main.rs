@@ -11,6 +11,7 @@ use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::export::export_verified;
+use mekd_trainer::demo::{DemoConfig, run_demo};
 use mekd_trainer::methods::Method;
 use mekd_trainer::methods::deprivatize::GanConfig;
 use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
@@ -67,6 +68,52 @@ enum Command {
         /// Backend to build the model on: flex (CPU), ndarray, or wgpu[:N] (N-th discrete GPU).
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
+    },
+    /// The whole path on the embedded MNIST slice, in one command: train a LeNet-5 teacher,
+    /// serve it on loopback (soft answers, API keys, a query budget), distill a LeNet-5-half
+    /// student with MEKD and with KD at the same budget through the API, benchmark both with
+    /// tract against the served teacher, and write the report and summary.json. Re-running with
+    /// the same --out continues an interrupted demo.
+    Demo {
+        /// Output directory.
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Labeled dataset (its train split is the cloud's data and holds the edge subset).
+        #[arg(long, default_value = "data/mnist-slice")]
+        data: PathBuf,
+        /// Queries each method may make.
+        #[arg(long)]
+        budget: Option<u64>,
+        /// A tiny configuration (seconds; what the end-to-end test runs).
+        #[arg(long)]
+        tiny: bool,
+        /// Backend: flex (CPU, default), ndarray, or wgpu[:N].
+        #[arg(long, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+    },
+    /// Time one training step of each stage on a device: teacher training (ResNet32, b128),
+    /// deprivatization (DCGAN + IM query, b64), MEKD distillation (ResNet32 teacher in-process,
+    /// ResNet8 student, b128) and, with --http, the same against the teacher served over HTTP on
+    /// loopback. Reports warm-up apart from the steady-state median and spread.
+    BenchTrain {
+        /// Backend: flex (CPU), ndarray, or wgpu[:N].
+        #[arg(long, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+        /// Unmeasured steps first (autotuning, compilation).
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Measured steps per stage.
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        /// Also time MEKD against the HTTP teacher on loopback (needs ONNX Runtime).
+        #[arg(long)]
+        http: bool,
+        /// The ONNX Runtime library (default: ORT_DYLIB_PATH, .cache/onnxruntime, python).
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        /// Also write the rows as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Compare tract (the board's engine) with ONNX Runtime on the same ONNX files and inputs.
     BenchEngines {
@@ -167,6 +214,10 @@ struct DistillArgs {
     /// Weight of the IM term.
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
+    /// Cap on deprivatization's teacher queries: the IM term then runs on every k-th generator
+    /// step only, spread over the run (default: every step asks, as the reference).
+    #[arg(long)]
+    gan_queries: Option<u64>,
     /// Distillation epochs (reference 240).
     #[arg(long, default_value_t = 240)]
     epochs: usize,
@@ -399,6 +450,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
         Command::Distill(args) => distill_command(*args),
         Command::Report { dirs, json, per_run, out } => report_command(&dirs, json, per_run, out.as_deref()),
+        Command::Demo { out, data, budget, tiny, device } => {
+            let mut config = if tiny { DemoConfig::tiny(data) } else { DemoConfig::new(data) };
+            config.device = device;
+            if let Some(budget) = budget {
+                config.budget = budget;
+            }
+            let summary = run_demo(&out, &config)?;
+            print!("{}", mekd_trainer::demo::table(&summary));
+            println!("report: {}", out.join("report.md").display());
+            Ok(())
+        }
+        Command::BenchTrain { device, warmup, steps, http, ort_library, out } => {
+            if steps == 0 {
+                bail!("--steps must be at least 1");
+            }
+            let config = mekd_trainer::bench_train::BenchTrainConfig { device, warmup, steps, http, ort_library };
+            let rows = mekd_trainer::bench_train::bench_train(&config)?;
+            let json = serde_json::to_string_pretty(&rows)?;
+            if let Some(out) = out {
+                mekd_runtime::fsutil::write_atomic(&out, json.as_bytes())?;
+            }
+            println!("{json}");
+            Ok(())
+        }
         Command::BenchEngines { models, batch, iterations, json } => {
             let mut rows = Vec::new();
             for model in &models {
@@ -522,6 +597,7 @@ fn distill_command(args: DistillArgs) -> Result<()> {
                 im_weight: args.im_weight,
                 generator_width: args.generator_width,
                 discriminator_width: args.discriminator_width,
+                im_queries: args.gan_queries,
                 seed: args.seed,
                 ..GanConfig::default()
             },

@@ -184,6 +184,18 @@ fn baselines_resume_and_report() {
         assert!(s["final_acc"].as_f64().unwrap() >= 0.0 && run.join("student.onnx").is_file());
         assert!(!run.join("gan.jsonl").exists(), "baselines train no generator");
     }
+    // A cap on deprivatization's queries: with 100 edge images, batch 64 and a cap of 70, the
+    // IM term asks on every 2nd generator step: 64 queries, then the pool of 32.
+    let run = dir.path().join("mekd-capped");
+    let out = tiny_distill(teacher, &run, &["--gan-queries", "70", "--budget", "32", "--epochs", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&run)["queries"], 96);
+    // Hard answers with the paper's IM weight need no query during deprivatization.
+    let run = dir.path().join("mekd-hard");
+    let out = tiny_distill(teacher, &run, &["--response", "hard", "--budget", "32", "--epochs", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary(&run)["queries"], 32);
+    assert_eq!(summary(&run)["response"], "hard");
     let out = tiny_distill(teacher, &dir.path().join("ml-hard"), &["--method", "ml", "--response", "hard"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a teacher answering soft"));
 
@@ -223,7 +235,7 @@ fn baselines_resume_and_report() {
     let out = mekd(&["report", dir.path().to_str().unwrap(), "--json", "--out", report_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows.len(), 7, "{rows:?}");
+    assert_eq!(rows.len(), 9, "{rows:?}");
     for row in &rows {
         for key in [
             "method",
@@ -249,5 +261,5 @@ fn baselines_resume_and_report() {
         assert!(report_dir.join(file).is_file(), "{file}");
     }
     let svg = std::fs::read_to_string(report_dir.join("accuracy.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 7);
+    assert_eq!(svg.matches("<polyline").count(), 9);
 }

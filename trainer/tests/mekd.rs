@@ -89,7 +89,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         let z = Tensor::<2>::random([96, 10], Distribution::Normal(0.0, 1.0), &device);
         mekd_trainer::methods::deprivatize::to_pixels(generator.forward(z))
     };
-    let pool = Pool::query(pool_images, &mut teacher, 32).unwrap();
+    let pool = Pool::query(pool_images, &mut teacher, 32, |_| ()).unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
     let objective = MekdObjective { generator: &generator, config: &budgeted };
     let runs = tempfile::tempdir().unwrap();

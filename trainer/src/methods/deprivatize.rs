@@ -3,11 +3,11 @@
 //! the black-box [`Teacher`] only).
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use mekd_models::{DiscriminatorConfig, Generator, GeneratorConfig};
+use mekd_models::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig};
 use mekd_runtime::Dataset;
 
 use super::MethodError;
@@ -32,6 +32,11 @@ pub struct GanConfig {
     pub generator_width: usize,
     /// Discriminator width (reference 16).
     pub discriminator_width: usize,
+    /// Cap on the teacher queries of deprivatization: the IM term is then computed on every
+    /// k-th generator step only (k chosen so the cap holds, spread over the whole run) and left
+    /// out of the others. `None`: every step asks (the reference).
+    #[serde(default)]
+    pub im_queries: Option<u64>,
     /// Seed of the noise and the batch order.
     pub seed: u64,
 }
@@ -46,6 +51,7 @@ impl Default for GanConfig {
             im_weight: ImWeight::MaxResponse,
             generator_width: 128,
             discriminator_width: 16,
+            im_queries: None,
             seed: 0,
         }
     }
@@ -72,6 +78,101 @@ pub fn to_pixels(images: Tensor<4>) -> Vec<u8> {
     values.iter().map(|v| (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8).collect()
 }
 
+/// The two networks of deprivatization, their optimisers, and one training step.
+pub struct Gan {
+    /// The generator being trained.
+    pub generator: Generator,
+    discriminator: Discriminator,
+    opt_g: ModuleOptimizer,
+    opt_d: ModuleOptimizer,
+    config: GanConfig,
+    classes: usize,
+    hard: bool,
+    needs_answers: bool,
+    /// Ask the teacher on every `im_every`-th generator step.
+    im_every: usize,
+    steps_done: usize,
+    queries_done: u64,
+}
+
+impl Gan {
+    /// Fresh networks for a teacher with `classes` classes answering `hard` or soft, for images
+    /// with `channels` channels (seeded by `config.seed`).
+    pub fn new(
+        config: &GanConfig,
+        classes: usize,
+        channels: usize,
+        hard: bool,
+        device: &Device,
+    ) -> Result<Self, MethodError> {
+        device.seed(config.seed);
+        let generator = GeneratorConfig::new(classes, channels).with_width(config.generator_width).init(device)?;
+        let discriminator = DiscriminatorConfig::new(channels).with_width(config.discriminator_width).init(device)?;
+        let adam = AdamConfig::new().with_beta_1(0.5).with_beta_2(0.999).with_epsilon(1e-8);
+        Ok(Self {
+            generator,
+            discriminator,
+            opt_g: adam.init(),
+            opt_d: adam.init(),
+            config: config.clone(),
+            classes,
+            hard,
+            // The paper's IM weight of a hard answer is 1 whatever the answer, so asking is
+            // pointless (and so is asking when the IM term is off).
+            needs_answers: config.alpha != 0.0 && !(hard && config.im_weight == ImWeight::MaxResponse),
+            im_every: 1,
+            steps_done: 0,
+            queries_done: 0,
+        })
+    }
+
+    /// Spread `config.im_queries` over a run of `images` synthetic images in total (epochs times
+    /// edge images): the IM term is computed on every k-th step.
+    pub fn plan_queries(&mut self, images: u64) {
+        if let Some(cap) = self.config.im_queries {
+            self.im_every = if cap == 0 { usize::MAX } else { images.div_ceil(cap).max(1) as usize };
+        }
+    }
+
+    /// One discriminator step on `real` images and one generator step with fresh noise, asking
+    /// the teacher once per synthetic image (when its answer matters). Returns the
+    /// discriminator loss, the generator loss and the IM term, still on the device.
+    pub fn step(&mut self, real: Tensor<4>, teacher: &mut dyn Teacher) -> Result<[Tensor<1>; 3], MethodError> {
+        let [b, _, _, _] = real.dims();
+        let device = real.device();
+        let (classes, lr) = (self.classes, self.config.lr);
+        let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), &device);
+        let fake = self.generator.forward(z).detach();
+        let d_loss = bce(self.discriminator.forward(real), 1.0) + bce(self.discriminator.forward(fake), 0.0);
+        let grads = GradientsParams::from_grads(d_loss.backward(), &self.discriminator);
+        self.discriminator = self.opt_d.step(lr, self.discriminator.clone(), grads);
+
+        let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), &device);
+        let fake = self.generator.forward(z);
+        let cap = self.config.im_queries.unwrap_or(u64::MAX);
+        let ask = self.steps_done.is_multiple_of(self.im_every) && self.queries_done + b as u64 <= cap;
+        self.steps_done += 1;
+        let weights = if !self.needs_answers {
+            vec![1.0; b]
+        } else if ask {
+            let responses = teacher.query(&to_pixels(fake.clone().detach()))?;
+            self.queries_done += b as u64;
+            let (targets, labels) = (responses.targets(classes), responses.labels(classes));
+            im_weights(&targets, &labels, classes, self.hard, self.config.im_weight)
+        } else {
+            // Over the query cap: the IM term is left out of this step.
+            vec![0.0; b]
+        };
+        let weights = Tensor::<1>::from_data(TensorData::new(weights, [b]), &device);
+        let d_fake = self.discriminator.forward(fake);
+        let im = information_maximisation(d_fake.clone(), weights);
+        let g_loss = bce(d_fake, 1.0) + im.clone().mul_scalar(self.config.alpha);
+        let grads = GradientsParams::from_grads(g_loss.backward(), &self.generator);
+        self.generator = self.opt_g.step(lr, self.generator.clone(), grads);
+        Ok([d_loss.detach(), g_loss.detach(), im.detach()])
+    }
+}
+
 /// Train the generator on `edge` (unlabeled images at the teacher's input shape), calling
 /// `on_epoch` after every epoch (for checkpoints and sample grids) with the teacher's usage.
 /// The teacher is asked once per synthetic image of each generator step, except when its
@@ -83,59 +184,31 @@ pub fn deprivatize(
     device: &Device,
     mut on_epoch: impl FnMut(&GanEpoch, &Generator, Usage) -> anyhow::Result<()>,
 ) -> Result<Generator, MethodError> {
-    let classes = teacher.info().num_classes;
-    let [channels, _, _] = edge.shape;
     let hard = teacher.info().response == mekd_runtime::protocol::ResponseMode::Hard;
-    // The paper's IM weight of a hard answer is 1 whatever the answer, so asking is pointless
-    // (and so is asking when the IM term is off).
-    let needs_answers = config.alpha != 0.0 && !(hard && config.im_weight == ImWeight::MaxResponse);
-    device.seed(config.seed);
-    let mut generator = GeneratorConfig::new(classes, channels).with_width(config.generator_width).init(device)?;
-    let mut discriminator = DiscriminatorConfig::new(channels).with_width(config.discriminator_width).init(device)?;
-    let adam = AdamConfig::new().with_beta_1(0.5).with_beta_2(0.999).with_epsilon(1e-8);
-    let (mut opt_g, mut opt_d) = (adam.init(), adam.init());
+    let mut gan = Gan::new(config, teacher.info().num_classes, edge.shape[0], hard, device)?;
+    gan.plan_queries((config.epochs * edge.len()) as u64);
     for epoch in 0..config.epochs {
         let order = epoch_order(edge.len(), config.seed, epoch);
-        let (mut d_sum, mut g_sum, mut im_sum, mut steps) = (0.0, 0.0, 0.0, 0usize);
+        // Loss sums stay on the device: the only host round trip of a step is the teacher's.
+        let mut sums: Option<[Tensor<1>; 3]> = None;
+        let mut steps = 0usize;
         for chunk in order.chunks(config.batch) {
-            let b = chunk.len();
-            // Discriminator step.
-            let real = batches::images(edge, chunk, device);
-            let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), device);
-            let fake = generator.forward(z).detach();
-            let d_loss = bce(discriminator.forward(real), 1.0) + bce(discriminator.forward(fake), 0.0);
-            let grads = GradientsParams::from_grads(d_loss.backward(), &discriminator);
-            d_sum += d_loss.into_scalar::<f32>() as f64;
-            discriminator = opt_d.step(config.lr, discriminator, grads);
-            // Generator step, fresh noise, one teacher query per synthetic image.
-            let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), device);
-            let fake = generator.forward(z);
-            let weights = if needs_answers {
-                let responses = teacher.query(&to_pixels(fake.clone().detach()))?;
-                im_weights(&responses.targets(classes), &responses.labels(classes), classes, hard, config.im_weight)
-            } else {
-                vec![1.0; b]
-            };
-            let weights = Tensor::<1>::from_data(TensorData::new(weights, [b]), device);
-            let d_fake = discriminator.forward(fake);
-            let im = information_maximisation(d_fake.clone(), weights);
-            let g_loss = bce(d_fake, 1.0) + im.clone().mul_scalar(config.alpha);
-            let grads = GradientsParams::from_grads(g_loss.backward(), &generator);
-            g_sum += g_loss.into_scalar::<f32>() as f64;
-            im_sum += im.into_scalar::<f32>() as f64;
-            generator = opt_g.step(config.lr, generator, grads);
+            let values = gan.step(batches::images(edge, chunk, device), teacher)?;
+            sums = Some(match sums {
+                None => values,
+                Some([a, b, c]) => {
+                    let [x, y, z] = values;
+                    [a + x, b + y, c + z]
+                }
+            });
             steps += 1;
         }
-        let row = GanEpoch {
-            epoch: epoch + 1,
-            d_loss: d_sum / steps.max(1) as f64,
-            g_loss: g_sum / steps.max(1) as f64,
-            im_loss: im_sum / steps.max(1) as f64,
-            queries: teacher.usage().queries,
-        };
-        on_epoch(&row, &generator, teacher.usage()).map_err(MethodError::Callback)?;
+        let [d_loss, g_loss, im_loss] =
+            sums.map_or([0.0; 3], |sums| sums.map(|t| t.into_scalar::<f32>() as f64 / steps.max(1) as f64));
+        let row = GanEpoch { epoch: epoch + 1, d_loss, g_loss, im_loss, queries: teacher.usage().queries };
+        on_epoch(&row, &gan.generator, teacher.usage()).map_err(MethodError::Callback)?;
     }
-    Ok(generator)
+    Ok(gan.generator)
 }
 
 /// The frozen generator for distillation: inference BatchNorm, no parameter gradients.

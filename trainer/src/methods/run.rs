@@ -305,14 +305,8 @@ fn cached_pool(run: &RunDir, teacher: &mut dyn Teacher, images: impl FnOnce() ->
     let pixels = images()?;
     let per_image: usize = teacher.info().input_shape.iter().product();
     let bar = progress::bar((pixels.len() / per_image) as u64, "querying the teacher");
-    let mut targets = Vec::new();
-    let classes = teacher.info().num_classes;
-    for chunk in pixels.chunks(256 * per_image) {
-        targets.extend(teacher.query(chunk)?.targets(classes));
-        bar.inc((chunk.len() / per_image) as u64);
-    }
+    let pool = Pool::query(pixels, teacher, 256, |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    let pool = Pool { pixels, targets, shape: teacher.info().input_shape, classes };
     pool.save(&path).with_context(|| format!("writing {}", path.display()))?;
     run.write_json("usage.json", &teacher.usage())?;
     Ok(pool)

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -51,14 +51,21 @@ pub struct Pool {
 const POOL_MAGIC: &[u8; 8] = b"MEKDPOOL";
 
 impl Pool {
-    /// Query `teacher` once per image of `pixels`, in batches of `batch`.
-    pub fn query(pixels: Vec<u8>, teacher: &mut dyn Teacher, batch: usize) -> Result<Self, MethodError> {
+    /// Query `teacher` once per image of `pixels`, in batches of `batch`, calling `answered`
+    /// with the number of images of each batch answered.
+    pub fn query(
+        pixels: Vec<u8>,
+        teacher: &mut dyn Teacher,
+        batch: usize,
+        mut answered: impl FnMut(usize),
+    ) -> Result<Self, MethodError> {
         let shape = teacher.info().input_shape;
         let classes = teacher.info().num_classes;
         let per_image: usize = shape.iter().product();
         let mut targets = Vec::with_capacity(pixels.len() / per_image * classes);
         for chunk in pixels.chunks(batch.max(1) * per_image) {
             targets.extend(teacher.query(chunk)?.targets(classes));
+            answered(chunk.len() / per_image);
         }
         Ok(Self { pixels, targets, shape, classes })
     }
@@ -164,6 +171,56 @@ pub struct StudentEpoch {
     pub seconds: f64,
 }
 
+/// A synthetic batch from the frozen generator and the teacher's answers on it (one query per
+/// image): the `u8` pixels (what the API carries) and the target rows.
+pub fn fresh_batch(
+    generator: &Generator,
+    teacher: &mut dyn Teacher,
+    batch: usize,
+    device: &Device,
+) -> Result<(Vec<u8>, Vec<f32>), MethodError> {
+    let classes = teacher.info().num_classes;
+    let z = Tensor::<2>::random([batch, classes], Distribution::Normal(0.0, 1.0), device);
+    let pixels = to_pixels(generator.forward(z));
+    let targets = teacher.query(&pixels)?.targets(classes);
+    Ok((pixels, targets))
+}
+
+/// One SGD step of a `spec` student on `pixels` (`u8`, as the teacher saw them) and `targets`;
+/// returns the updated student, the loss and its terms (still on the device).
+pub struct StudentStep<'a> {
+    /// The student's architecture (input shape, classes).
+    pub spec: &'a ClassifierSpec,
+    /// What it minimises.
+    pub objective: &'a dyn Objective,
+    /// The device.
+    pub device: &'a Device,
+}
+
+impl StudentStep<'_> {
+    /// Run the step at learning rate `lr`.
+    pub fn run(
+        &self,
+        student: Classifier,
+        optim: &mut ModuleOptimizer,
+        pixels: &[u8],
+        targets: Vec<f32>,
+        lr: f64,
+    ) -> (Classifier, Tensor<1>, Vec<Tensor<1>>) {
+        let shape = self.spec.image_shape();
+        let [c, h, w] = shape;
+        let classes = self.spec.num_classes;
+        let b = targets.len() / classes;
+        let norm = Normalisation::symmetric(c);
+        let x = Tensor::<4>::from_data(TensorData::new(to_model_input(pixels, shape, &norm), [b, c, h, w]), self.device);
+        let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), self.device);
+        let (loss, terms) = self.objective.loss(student.forward(x), t);
+        let grads = GradientsParams::from_grads(loss.backward(), &student);
+        let student = optim.step(lr, student, grads);
+        (student, loss, terms)
+    }
+}
+
 /// Everything [`train_student`] needs besides the transfer set and the objective.
 pub struct StudentJob<'a> {
     /// Student architecture.
@@ -189,9 +246,7 @@ pub fn train_student(
     mut on_epoch: impl FnMut(&StudentEpoch, Usage) -> anyhow::Result<()>,
 ) -> Result<(Classifier, Vec<StudentEpoch>), MethodError> {
     let StudentJob { spec, config, test, device, run } = *job;
-    let classes = spec.num_classes;
-    let shape = spec.image_shape();
-    let norm = Normalisation::symmetric(shape[0]);
+    let stepper = StudentStep { spec, objective, device };
     device.seed(config.seed);
     let mut student = spec.init(device)?;
     let mut optim = reference_sgd(config.momentum, config.weight_decay);
@@ -234,21 +289,10 @@ pub fn train_student(
                     let picks: Vec<usize> = (0..config.batch.min(n)).map(|i| order[(first + i) % n]).collect();
                     pool.batch(&picks)
                 }
-                Transfer::Fresh(generator) => {
-                    let z = Tensor::<2>::random([config.batch, classes], Distribution::Normal(0.0, 1.0), device);
-                    let pixels = to_pixels(generator.forward(z));
-                    let targets = teacher.query(&pixels)?.targets(classes);
-                    (pixels, targets)
-                }
+                Transfer::Fresh(generator) => fresh_batch(generator, teacher, config.batch, device)?,
             };
-            let b = targets.len() / classes;
-            let [c, h, w] = shape;
-            let x =
-                Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [b, c, h, w]), device);
-            let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), device);
-            let (loss, terms) = objective.loss(student.forward(x), t);
-            let grads = GradientsParams::from_grads(loss.backward(), &student);
-            student = optim.step(lr, student, grads);
+            let (loss, terms);
+            (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr);
             let terms: Vec<Tensor<1>> = terms.into_iter().map(|t| t.detach()).collect();
             sums = Some(match sums {
                 None => (loss.detach(), terms),

@@ -1,7 +1,7 @@
 //! API keys, per-key query budgets and their counts, persisted atomically so that they survive
 //! a restart.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -32,27 +32,59 @@ pub enum AccountsError {
     },
 }
 
+/// A key's own budget, from the keys file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyBudget {
+    /// The server's `--budget`.
+    Default,
+    /// This many queries.
+    Limit(u64),
+    /// No limit.
+    Unlimited,
+}
+
 /// The keys, the budget and the counts.
 pub struct Accounts {
-    keys: HashSet<String>,
+    keys: BTreeMap<String, KeyBudget>,
     budget: Option<u64>,
     usage_file: PathBuf,
     used: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Accounts {
-    /// Read the keys file (one key per line; blank lines and `#` comments ignored) and the
-    /// counts persisted in `usage_file` (absent: all zero).
+    /// Read the keys file (one key per line, optionally followed by that key's own budget: a
+    /// number or `unlimited`; blank lines and `#` comments ignored) and the counts persisted in
+    /// `usage_file` (absent: all zero). Keys without their own budget get `budget`.
     pub fn open(keys_file: &Path, budget: Option<u64>, usage_file: &Path) -> Result<Self, AccountsError> {
         let file_error = |path: &Path, reason: String| AccountsError::File { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(keys_file).map_err(|e| file_error(keys_file, e.to_string()))?;
-        let keys: HashSet<String> =
-            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+        let mut keys = BTreeMap::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let own = match fields.as_slice() {
+                [_] => KeyBudget::Default,
+                [_, "unlimited"] => KeyBudget::Unlimited,
+                [_, n] => KeyBudget::Limit(n.parse().map_err(|_| {
+                    file_error(keys_file, format!("line {}: `{n}` is not a budget (a number or `unlimited`)", number + 1))
+                })?),
+                _ => {
+                    return Err(file_error(
+                        keys_file,
+                        format!("line {}: expected `KEY` or `KEY BUDGET` (keys cannot contain spaces)", number + 1),
+                    ));
+                }
+            };
+            if fields[0].chars().any(|c| c.is_control()) {
+                return Err(file_error(keys_file, format!("line {}: the key contains control characters", number + 1)));
+            }
+            keys.insert(fields[0].to_string(), own);
+        }
         if keys.is_empty() {
             return Err(file_error(keys_file, "holds no API key (one per line)".into()));
-        }
-        if let Some(bad) = keys.iter().find(|k| k.chars().any(|c| c.is_whitespace() || c.is_control())) {
-            return Err(file_error(keys_file, format!("key `{bad}` contains whitespace")));
         }
         let used = if usage_file.exists() {
             let text = std::fs::read(usage_file).map_err(|e| file_error(usage_file, e.to_string()))?;
@@ -63,13 +95,23 @@ impl Accounts {
         Ok(Self { keys, budget, usage_file: usage_file.to_path_buf(), used: Mutex::new(used) })
     }
 
+    /// The budget of a known key.
+    fn budget_of(&self, key: &str) -> Option<u64> {
+        match self.keys.get(key) {
+            Some(KeyBudget::Limit(n)) => Some(*n),
+            Some(KeyBudget::Unlimited) => None,
+            Some(KeyBudget::Default) | None => self.budget,
+        }
+    }
+
     /// Check `key` and, if `n` queries fit in its budget, count them (persisting the new count).
     /// Returns the queries left afterwards.
     pub fn reserve(&self, key: Option<&str>, n: u64) -> Result<Option<u64>, Refusal> {
-        let key = key.filter(|k| self.keys.contains(*k)).ok_or(Refusal::Unauthorized)?;
+        let key = key.filter(|k| self.keys.contains_key(*k)).ok_or(Refusal::Unauthorized)?;
         let mut used = self.used.lock().expect("accounts lock");
         let count = used.get(key).copied().unwrap_or(0);
-        if let Some(budget) = self.budget {
+        let budget = self.budget_of(key);
+        if let Some(budget) = budget {
             let remaining = budget.saturating_sub(count);
             if n > remaining {
                 return Err(Refusal::BudgetExhausted { remaining });
@@ -80,7 +122,7 @@ impl Accounts {
         if let Err(e) = self.persist(&used, false) {
             eprintln!("warning: cannot persist usage to {}: {e}", self.usage_file.display());
         }
-        Ok(self.budget.map(|b| b.saturating_sub(count + n)))
+        Ok(budget.map(|b| b.saturating_sub(count + n)))
     }
 
     /// Give back `n` queries reserved for a request that then failed on the server's side.
@@ -94,14 +136,15 @@ impl Accounts {
 
     /// `(used, budget, remaining)` of a valid key.
     pub fn usage(&self, key: Option<&str>) -> Result<(u64, Option<u64>, Option<u64>), Refusal> {
-        let key = key.filter(|k| self.keys.contains(*k)).ok_or(Refusal::Unauthorized)?;
+        let key = key.filter(|k| self.keys.contains_key(*k)).ok_or(Refusal::Unauthorized)?;
         let used = self.used.lock().expect("accounts lock").get(key).copied().unwrap_or(0);
-        Ok((used, self.budget, self.budget.map(|b| b.saturating_sub(used))))
+        let budget = self.budget_of(key);
+        Ok((used, budget, budget.map(|b| b.saturating_sub(used))))
     }
 
     /// Whether `key` is valid.
     pub fn is_valid(&self, key: Option<&str>) -> bool {
-        key.is_some_and(|k| self.keys.contains(k))
+        key.is_some_and(|k| self.keys.contains_key(k))
     }
 
     /// Write the counts durably (fsync), e.g. at shutdown.
@@ -142,5 +185,21 @@ mod tests {
         assert_eq!(reopened.usage(Some("beta")), Ok((0, Some(10), Some(10))));
         std::fs::write(&keys, "\n# none\n").unwrap();
         assert!(Accounts::open(&keys, None, &usage).err().unwrap().to_string().contains("holds no API key"));
+    }
+
+    #[test]
+    fn keys_may_carry_their_own_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "plain\nsmall 2\nfree unlimited\n").unwrap();
+        let accounts = Accounts::open(&keys, Some(5), &dir.path().join("usage.json")).unwrap();
+        assert_eq!(accounts.reserve(Some("plain"), 5), Ok(Some(0)));
+        assert_eq!(accounts.reserve(Some("small"), 3), Err(Refusal::BudgetExhausted { remaining: 2 }));
+        assert_eq!(accounts.reserve(Some("free"), 1_000_000), Ok(None));
+        for bad in ["key lots\n", "a b c\n"] {
+            std::fs::write(&keys, bad).unwrap();
+            let err = Accounts::open(&keys, None, &dir.path().join("usage.json")).err().unwrap().to_string();
+            assert!(err.contains("line 1"), "{err}");
+        }
     }
 }

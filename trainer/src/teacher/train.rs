@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use mekd_models::export::ExportMetadata;
@@ -190,28 +190,29 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
         let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
         let order = epoch_order(train_set.len(), config.seed, epoch);
         let bar = progress::bar(order.len() as u64, &format!("epoch {}/{}", epoch + 1, config.epochs));
-        let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+        // Running sums stay on the device: no host round trip inside a step.
+        let mut sums: Option<(Tensor<1>, Tensor<1, Int>)> = None;
+        let mut seen = 0usize;
         for chunk in order.chunks(config.batch) {
             let x = batches::images(&train_set, chunk, &device);
             let y = batches::labels(&train_set, chunk, &device);
             let logits = model.forward(x);
-            let loss = loss_fn.forward(logits.clone(), y);
+            let loss = loss_fn.forward(logits.clone(), y.clone());
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
-            loss_sum += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
-            correct += batches::predictions(logits.detach())
-                .iter()
-                .zip(chunk)
-                .filter(|(p, i)| **p == train_set.labels[**i] as usize)
-                .count();
+            let batch_loss = loss.detach().mul_scalar(chunk.len() as f64);
+            let batch_correct = logits.detach().argmax(1).reshape([chunk.len()]).equal(y).int().sum();
+            sums = Some(match sums {
+                None => (batch_loss, batch_correct),
+                Some((l, c)) => (l + batch_loss, c + batch_correct),
+            });
             seen += chunk.len();
             bar.inc(chunk.len() as u64);
-            bar.set_message(format!(
-                "loss {:.4} acc {:.2}%",
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64
-            ));
         }
+        let (loss_sum, correct) = match sums {
+            Some((l, c)) => (l.into_scalar::<f32>() as f64, c.into_scalar::<i64>() as usize),
+            None => (0.0, 0),
+        };
         bar.finish_and_clear();
         let test_acc = accuracy(&model, &test_set, &device);
         let row = EpochMetrics {

@@ -1,0 +1,250 @@
+//! `mekd bench-train`: the time of one training step of each stage on a device, through the
+//! same code the commands run: teacher training (ResNet32, batch 128), deprivatization (DCGAN
+//! with the IM query to a ResNet32 teacher, batch 64), and MEKD distillation (ResNet32 teacher
+//! through the in-process teacher, ResNet8 student, batch 128; optionally with the teacher
+//! behind the HTTP API on loopback). Warm-up (autotuning, first allocations) is reported apart
+//! from the steady state.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::GradientsParams;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Serialize;
+
+use mekd_models::{Architecture, ClassifierSpec};
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::protocol::{ResponseMode, TeacherInfo};
+use mekd_runtime::rng::SplitMix64;
+
+use crate::blackbox::{BurnTeacher, HttpTeacher, Responses, Teacher, TeacherError, Usage};
+use crate::device::DeviceKind;
+use crate::methods::deprivatize::{Gan, GanConfig, freeze};
+use crate::methods::losses::ImWeight;
+use crate::methods::mekd::{DistillConfig, MekdObjective};
+use crate::methods::student::{StudentStep, fresh_batch};
+use crate::schedule::reference_sgd;
+
+/// Timings of one kind of step.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTiming {
+    /// What was timed.
+    pub step: String,
+    /// The device.
+    pub device: String,
+    /// Images per step.
+    pub batch: usize,
+    /// Warm-up steps (not in the statistics).
+    pub warmup_steps: usize,
+    /// Their total time (s): autotuning, kernel compilation, first allocations.
+    pub warmup_s: f64,
+    /// Measured steps.
+    pub steps: usize,
+    /// Median step time (ms).
+    pub median_ms: f64,
+    /// 10th percentile (ms).
+    pub p10_ms: f64,
+    /// 90th percentile (ms).
+    pub p90_ms: f64,
+    /// Images per second at the median.
+    pub images_per_s: f64,
+    /// Median time per step spent waiting for the teacher's answers (ms), where a step asks.
+    pub teacher_ms: Option<f64>,
+}
+
+/// What to time.
+#[derive(Clone, Debug)]
+pub struct BenchTrainConfig {
+    /// Device.
+    pub device: DeviceKind,
+    /// Steps not measured, first.
+    pub warmup: usize,
+    /// Steps measured.
+    pub steps: usize,
+    /// Also time the MEKD step against the teacher served over HTTP on loopback (needs ONNX
+    /// Runtime).
+    pub http: bool,
+    /// The ONNX Runtime library, if not found automatically.
+    pub ort_library: Option<std::path::PathBuf>,
+}
+
+/// A teacher wrapper that adds up the time spent in queries.
+struct Timed<'a> {
+    inner: &'a mut dyn Teacher,
+    spent: Duration,
+}
+
+impl Teacher for Timed<'_> {
+    fn info(&self) -> &TeacherInfo {
+        self.inner.info()
+    }
+
+    fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
+        let started = Instant::now();
+        let answer = self.inner.query(images);
+        self.spent += started.elapsed();
+        answer
+    }
+
+    fn usage(&self) -> Usage {
+        self.inner.usage()
+    }
+
+    fn add_prior_usage(&mut self, prior: Usage) {
+        self.inner.add_prior_usage(prior);
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+/// Run `step` `warmup + steps` times; each call returns the time it waited for the teacher.
+/// The step must end with a host read (so its time is complete).
+fn time_steps(
+    name: &str,
+    config: &BenchTrainConfig,
+    batch: usize,
+    mut step: impl FnMut() -> Result<Duration>,
+) -> Result<StepTiming> {
+    let started = Instant::now();
+    for _ in 0..config.warmup {
+        step()?;
+    }
+    let warmup_s = started.elapsed().as_secs_f64();
+    let (mut times, mut waits) = (Vec::with_capacity(config.steps), Vec::with_capacity(config.steps));
+    for _ in 0..config.steps {
+        let t0 = Instant::now();
+        let waited = step()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        waits.push(waited.as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    waits.sort_by(f64::total_cmp);
+    let median_ms = percentile(&times, 0.5);
+    let teacher_ms = percentile(&waits, 0.5);
+    let row = StepTiming {
+        step: name.to_string(),
+        device: config.device.to_string(),
+        batch,
+        warmup_steps: config.warmup,
+        warmup_s,
+        steps: config.steps,
+        median_ms,
+        p10_ms: percentile(&times, 0.1),
+        p90_ms: percentile(&times, 0.9),
+        images_per_s: batch as f64 / (median_ms / 1e3),
+        teacher_ms: (teacher_ms > 0.0).then_some(teacher_ms),
+    };
+    eprintln!(
+        "{name:<34} median {:>8.2} ms (p10 {:.2}, p90 {:.2}), {:>8.0} images/s, warm-up {:.1} s{}",
+        row.median_ms,
+        row.p10_ms,
+        row.p90_ms,
+        row.images_per_s,
+        row.warmup_s,
+        row.teacher_ms.map_or(String::new(), |t| format!(", teacher {t:.2} ms"))
+    );
+    Ok(row)
+}
+
+fn random_pixels(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.below(256) as u8).collect()
+}
+
+/// Time the three steps (four with `http`) on `config.device`.
+pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
+    let device = config.device.training_device()?;
+    let plain = config.device.device()?;
+    let teacher_spec = ClassifierSpec { architecture: Architecture::ResNet32, in_channels: 1, num_classes: 10 };
+    let student_spec = ClassifierSpec { architecture: Architecture::ResNet8, in_channels: 1, num_classes: 10 };
+    let shape = teacher_spec.image_shape();
+    let per_image: usize = shape.iter().product();
+    let norm = Normalisation::symmetric(1);
+    let mut rows = Vec::new();
+
+    // 1. Teacher training: ResNet32, batch 128, cross-entropy, reference SGD; the batch comes
+    // from host u8 pixels each step, as in `mekd teacher train`.
+    device.seed(0);
+    let mut model = teacher_spec.init(&device)?;
+    let mut optim = reference_sgd(0.9, 5e-4);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let pixels = random_pixels(128 * per_image, 1);
+    let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
+    rows.push(time_steps("teacher step (resnet32, b128)", config, 128, || {
+        let x = Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [128, 1, 32, 32]), &device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [128]), &device);
+        let loss = loss_fn.forward(model.forward(x), y);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(0.1, model.clone(), grads);
+        loss.into_scalar::<f32>();
+        Ok(Duration::ZERO)
+    })?);
+
+    // The in-process teacher: a ResNet32 on the same device (inference mode).
+    let teacher_model = teacher_spec.init(&plain)?;
+    let mut teacher =
+        BurnTeacher::from_model(teacher_model.clone(), &teacher_spec, &plain, ResponseMode::Soft, None, None);
+
+    // 2. Deprivatization: D and G steps, batch 64, one query per synthetic image (the reference
+    // code's class-index IM weight, so the answer is needed).
+    let gan_config = GanConfig { im_weight: ImWeight::ClassIndex, ..GanConfig::default() };
+    let mut gan = Gan::new(&gan_config, 10, 1, false, &device)?;
+    let real_pixels = random_pixels(64 * per_image, 2);
+    rows.push(time_steps("gan step (b64, resnet32 teacher)", config, 64, || {
+        let real = Tensor::<4>::from_data(
+            TensorData::new(to_model_input(&real_pixels, shape, &norm), [64, 1, 32, 32]),
+            &device,
+        );
+        let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
+        let [d, _, _] = gan.step(real, &mut timed)?;
+        d.into_scalar::<f32>();
+        Ok(timed.spent)
+    })?);
+
+    // 3. MEKD distillation: fresh synthetic batch, teacher query, student step, batch 128.
+    let generator = freeze(&gan.generator);
+    let distill = DistillConfig::default();
+    let objective = MekdObjective { generator: &generator, config: &distill };
+    let stepper = StudentStep { spec: &student_spec, objective: &objective, device: &device };
+    let mekd_step = |teacher: &mut dyn Teacher, name: &str| -> Result<StepTiming> {
+        let mut student = student_spec.init(&device)?;
+        let mut optim = reference_sgd(0.9, 5e-4);
+        time_steps(name, config, 128, || {
+            let mut timed = Timed { inner: teacher, spent: Duration::ZERO };
+            let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
+            let (next, loss, _) = stepper.run(student.clone(), &mut optim, &pixels, targets, 0.1);
+            student = next;
+            loss.into_scalar::<f32>();
+            Ok(timed.spent)
+        })
+    };
+    rows.push(mekd_step(&mut teacher, "mekd step (resnet32 -> resnet8, b128)")?);
+
+    // 4. The same step against the teacher behind the HTTP API (ONNX Runtime on the CPU).
+    if config.http {
+        let dir = tempfile::tempdir()?;
+        let onnx = dir.path().join("teacher.onnx");
+        let metadata = mekd_models::export::ExportMetadata::symmetric(1);
+        crate::export::export_verified(&teacher_model.valid(), &teacher_spec, &metadata, &onnx)
+            .context("exporting the benchmark teacher")?;
+        let keys = dir.path().join("keys.txt");
+        std::fs::write(&keys, "bench-key\n")?;
+        let mut serve = crate::teacher::server::ServeConfig::new(onnx, "127.0.0.1:0", ResponseMode::Soft, keys);
+        serve.ort_library = config.ort_library.clone();
+        serve.max_batch = 128;
+        let server = crate::teacher::server::start(&serve).context("starting the loopback teacher (ONNX Runtime)")?;
+        let mut http = HttpTeacher::connect(&server.url(), "bench-key", None)?;
+        rows.push(mekd_step(&mut http, "mekd step, http teacher (loopback)")?);
+        server.shutdown()?;
+    }
+    Ok(rows)
+}

@@ -229,6 +229,29 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     };
     rows.push(mekd_step(&mut teacher, "mekd step (resnet32 -> resnet8, b128)")?);
 
+    // Where the MEKD step's time goes: its parts alone.
+    let noise = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    rows.push(time_steps("  part: generator forward (b128)", config, 128, || {
+        generator.forward(noise()).into_data();
+        Ok(Duration::ZERO)
+    })?);
+    let synthetic = crate::methods::deprivatize::to_pixels(generator.forward(noise()));
+    rows.push(time_steps("  part: teacher forward (resnet32, b128)", config, 128, || {
+        teacher.query(&synthetic)?;
+        Ok(Duration::ZERO)
+    })?);
+    let kd = crate::methods::baselines::kd::KdObjective { tau: 5.0 };
+    let kd_stepper = StudentStep { spec: &student_spec, objective: &kd, device: &device };
+    let targets: Vec<f32> = teacher.query(&synthetic)?.targets(10);
+    let mut student = student_spec.init(&device)?;
+    let mut optim = reference_sgd(0.9, 5e-4);
+    rows.push(time_steps("  part: student kd step, no generator", config, 128, || {
+        let (next, loss, _) = kd_stepper.run(student.clone(), &mut optim, &synthetic, targets.clone(), 0.1);
+        student = next;
+        loss.into_scalar::<f32>();
+        Ok(Duration::ZERO)
+    })?);
+
     // 4. The same step against the teacher behind the HTTP API (ONNX Runtime on the CPU).
     if config.http {
         let dir = tempfile::tempdir()?;

@@ -202,6 +202,9 @@ struct DistillArgs {
     /// Deprivatization batch size.
     #[arg(long, default_value_t = 64)]
     gan_batch: usize,
+    /// Adam learning rate of both GAN networks (reference 2e-4).
+    #[arg(long, default_value_t = 2e-4)]
+    gan_lr: f64,
     /// Generator width (reference 128; narrower is much cheaper on CPU).
     #[arg(long, default_value_t = 128)]
     generator_width: usize,
@@ -593,6 +596,7 @@ fn distill_command(args: DistillArgs) -> Result<()> {
             gan: GanConfig {
                 epochs: args.gan_epochs,
                 batch: args.gan_batch,
+                lr: args.gan_lr,
                 alpha: args.alpha,
                 im_weight: args.im_weight,
                 generator_width: args.generator_width,

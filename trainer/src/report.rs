@@ -73,7 +73,13 @@ pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
     let mut runs = Vec::new();
     for dir in dirs {
         let run = RunDir::create(&dir)?;
-        let summary: RunSummary = run.read_json("summary.json")?;
+        let raw: serde_json::Value = run.read_json("summary.json")?;
+        if raw.get("method").is_none() {
+            eprintln!("skipping {}: not a `mekd distill` run (e.g. a teacher)", dir.display());
+            continue;
+        }
+        let summary: RunSummary = serde_json::from_value(raw)
+            .with_context(|| format!("parsing {}", run.file("summary.json").display()))?;
         let epochs: Vec<StudentEpoch> = run.read_metrics()?;
         runs.push(RunRecord { dir, summary, epochs });
     }

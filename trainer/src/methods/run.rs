@@ -345,6 +345,12 @@ fn deprivatization_stage(
             "d {:.3} g {:.3} im {:.3} queries {}",
             row.d_loss, row.g_loss, row.im_loss, row.queries
         ));
+        bar.suspend(|| {
+            eprintln!(
+                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}",
+                row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries
+            )
+        });
         gan_rows.push(row.clone());
         let z = Tensor::<2>::random([64, info.num_classes], Distribution::Normal(0.0, 1.0), device);
         let samples = to_pixels(freeze(generator).forward(z));

@@ -180,7 +180,8 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     let pixels = random_pixels(128 * per_image, 1);
     let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
     rows.push(time_steps("teacher step (resnet32, b128)", config, 128, || {
-        let x = Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [128, 1, 32, 32]), &device);
+        let x =
+            Tensor::<4>::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [128, 1, 32, 32]), &device);
         let y = Tensor::<1, Int>::from_data(TensorData::new(labels.clone(), [128]), &device);
         let loss = loss_fn.forward(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.backward(), &model);

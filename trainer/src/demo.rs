@@ -73,12 +73,12 @@ impl DemoConfig {
         Self {
             data,
             teacher_epochs: 5,
-            budget: 20_000,
+            budget: 50_000,
             edge_fraction: 0.1,
             gan_epochs: 20,
             generator_width: 32,
             gan_queries: 8_000,
-            mekd_pool: 11_000,
+            mekd_pool: 40_000,
             epochs: 8,
             steps: 100,
             batch: 64,
@@ -88,19 +88,19 @@ impl DemoConfig {
         }
     }
 
-    /// A configuration small enough for the end-to-end test (a few hundred images, one epoch
-    /// of each stage).
+    /// A configuration small enough for the end-to-end test (a few hundred images, one or two
+    /// epochs of each stage).
     pub fn tiny(data: PathBuf) -> Self {
         Self {
             teacher_epochs: 1,
-            budget: 1_500,
-            edge_fraction: 0.03,
-            gan_epochs: 1,
+            budget: 2_500,
+            edge_fraction: 0.1,
+            gan_epochs: 6,
             generator_width: 16,
-            gan_queries: 300,
-            mekd_pool: 600,
-            epochs: 1,
-            steps: 30,
+            gan_queries: 600,
+            mekd_pool: 1_500,
+            epochs: 2,
+            steps: 100,
             limit_test: Some(500),
             ..Self::new(data)
         }
@@ -148,7 +148,8 @@ impl DemoConfig {
                 epochs: self.epochs,
                 steps_per_epoch: self.steps,
                 batch: self.batch,
-                milestones: crate::schedule::default_milestones(self.epochs),
+                // One decay, three quarters in: short runs need the high rate longest.
+                milestones: vec![(self.epochs * 3).div_ceil(4)],
                 queries: QueryMode::Budget(match method {
                     Method::Mekd => self.mekd_pool,
                     _ => self.budget as usize,

@@ -219,7 +219,9 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3), DeviceKind::Cuda(1)] {
+        for kind in
+            [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3), DeviceKind::Cuda(1)]
+        {
             assert_eq!(kind.to_string().parse::<DeviceKind>().unwrap(), kind);
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<DeviceKind>(&json).unwrap(), kind);

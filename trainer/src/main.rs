@@ -9,9 +9,9 @@ use mekd_models::{Architecture, ClassifierSpec, zoo_entries};
 use mekd_runtime::Normalisation;
 use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
+use mekd_trainer::demo::{DemoConfig, run_demo};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::export::export_verified;
-use mekd_trainer::demo::{DemoConfig, run_demo};
 use mekd_trainer::methods::Method;
 use mekd_trainer::methods::deprivatize::GanConfig;
 use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
@@ -603,7 +603,6 @@ fn distill_command(args: DistillArgs) -> Result<()> {
                 discriminator_width: args.discriminator_width,
                 im_queries: args.gan_queries,
                 seed: args.seed,
-                ..GanConfig::default()
             },
             distill: DistillConfig {
                 epochs: args.epochs,

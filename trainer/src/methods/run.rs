@@ -215,8 +215,14 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
             QueryMode::Fresh => Transfer::Fresh(generator),
             QueryMode::Budget(n) => Transfer::Pool(cached_pool(&run, teacher, || {
                 device.seed(config.seed ^ 0xB0D6E7);
-                let z = Tensor::<2>::random([n, info.num_classes], Distribution::Normal(0.0, 1.0), &device);
-                Ok(to_pixels(generator.forward(z)))
+                // In batches: the generator's activations for a whole pool would not fit in memory.
+                let mut pixels = Vec::with_capacity(n * c * h * w);
+                for start in (0..n).step_by(256) {
+                    let b = 256.min(n - start);
+                    let z = Tensor::<2>::random([b, info.num_classes], Distribution::Normal(0.0, 1.0), &device);
+                    pixels.extend(to_pixels(generator.forward(z)));
+                }
+                Ok(pixels)
             })?),
         },
         (None, Some(baseline)) => {

@@ -212,7 +212,8 @@ impl StudentStep<'_> {
         let classes = self.spec.num_classes;
         let b = targets.len() / classes;
         let norm = Normalisation::symmetric(c);
-        let x = Tensor::<4>::from_data(TensorData::new(to_model_input(pixels, shape, &norm), [b, c, h, w]), self.device);
+        let x =
+            Tensor::<4>::from_data(TensorData::new(to_model_input(pixels, shape, &norm), [b, c, h, w]), self.device);
         let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), self.device);
         let (loss, terms) = self.objective.loss(student.forward(x), t);
         let grads = GradientsParams::from_grads(loss.backward(), &student);

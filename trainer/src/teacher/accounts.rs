@@ -69,7 +69,10 @@ impl Accounts {
                 [_] => KeyBudget::Default,
                 [_, "unlimited"] => KeyBudget::Unlimited,
                 [_, n] => KeyBudget::Limit(n.parse().map_err(|_| {
-                    file_error(keys_file, format!("line {}: `{n}` is not a budget (a number or `unlimited`)", number + 1))
+                    file_error(
+                        keys_file,
+                        format!("line {}: `{n}` is not a budget (a number or `unlimited`)", number + 1),
+                    )
                 })?),
                 _ => {
                     return Err(file_error(

@@ -196,9 +196,7 @@ impl Dropout2d {
         }
         let [batch, channels, _, _] = x.dims();
         let keep = 1.0 - self.prob;
-        // The mask is `uniform < keep` rather than a `Distribution::Bernoulli` draw: on burn-wgpu
-        // the discriminator's output stayed at exactly 0.5, as if every map were dropped
-        // (suspected, not yet confirmed on the GPU; see results/mnist-resnet32-resnet8-h200-short).
+        // One Bernoulli(keep) draw per map, as `uniform < keep`.
         let uniform = Tensor::<4>::random([batch, channels, 1, 1], Distribution::Uniform(0.0, 1.0), &x.device());
         let mask = uniform.lower_elem(keep).float();
         x * mask.div_scalar(keep)

@@ -1,6 +1,7 @@
-//! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, `wgpu[:N]`
-//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`) or
-//! `cuda[:N]` (burn's CUDA backend; feature `cuda`).
+//! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, or `wgpu[:N]`
+//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`).
+//! burn's CUDA backend is left out on purpose: cubecl-cuda 0.11 depends on cubecl-llvm, whose
+//! build script downloads LLVM (tracel-llvm-bundler), and builds here must fetch nothing.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,8 +18,6 @@ pub enum DeviceKind {
     Ndarray,
     /// The discrete GPU with this index, through burn-wgpu (Vulkan, Metal or DX12).
     Wgpu(usize),
-    /// The NVIDIA GPU with this index, through burn's CUDA backend.
-    Cuda(usize),
 }
 
 /// A device that cannot be used, and why.
@@ -39,20 +38,8 @@ pub enum DeviceError {
         /// What wgpu said.
         reason: String,
     },
-    /// CUDA could not open the GPU.
-    #[error(
-        "no usable GPU for `--device cuda:{index}`: {reason}\n\
-         (burn's CUDA backend needs an NVIDIA driver (libcuda.so) and NVRTC (libnvrtc.so) at run \
-         time. Use `--device flex` to train on the CPU.)"
-    )]
-    NoCudaDevice {
-        /// The requested GPU.
-        index: usize,
-        /// What failed.
-        reason: String,
-    },
     /// The device name could not be parsed.
-    #[error("unknown device `{0}`: expected flex, ndarray, wgpu, wgpu:N, cuda or cuda:N (N = GPU index)")]
+    #[error("unknown device `{0}`: expected flex, ndarray, wgpu or wgpu:N (N = GPU index)")]
     Unknown(String),
 }
 
@@ -64,14 +51,11 @@ impl FromStr for DeviceKind {
             "flex" | "cpu" => Ok(DeviceKind::Flex),
             "ndarray" => Ok(DeviceKind::Ndarray),
             "wgpu" | "gpu" => Ok(DeviceKind::Wgpu(0)),
-            "cuda" => Ok(DeviceKind::Cuda(0)),
-            other => {
-                let index = |prefix: &str| other.strip_prefix(prefix).and_then(|n| n.parse().ok());
-                index("wgpu:")
-                    .map(DeviceKind::Wgpu)
-                    .or_else(|| index("cuda:").map(DeviceKind::Cuda))
-                    .ok_or_else(|| DeviceError::Unknown(s.to_string()))
-            }
+            other => other
+                .strip_prefix("wgpu:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceKind::Wgpu)
+                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
         }
     }
 }
@@ -82,7 +66,6 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Flex => f.write_str("flex"),
             DeviceKind::Ndarray => f.write_str("ndarray"),
             DeviceKind::Wgpu(index) => write!(f, "wgpu:{index}"),
-            DeviceKind::Cuda(index) => write!(f, "cuda:{index}"),
         }
     }
 }
@@ -108,7 +91,6 @@ impl DeviceKind {
             DeviceKind::Flex => Ok(Device::flex()),
             DeviceKind::Ndarray => ndarray_device(),
             DeviceKind::Wgpu(index) => gpu::wgpu_device(index),
-            DeviceKind::Cuda(index) => cuda::cuda_device(index),
         }
     }
 
@@ -171,57 +153,13 @@ mod gpu {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    use burn::backend::CudaDevice;
-    use burn::tensor::{Device, Tensor};
-
-    use super::DeviceError;
-
-    /// Open the `index`-th CUDA GPU: a first tiny tensor round trip, so a missing driver or
-    /// GPU is reported here, as an error, rather than as a panic later.
-    pub fn cuda_device(index: usize) -> Result<Device, DeviceError> {
-        let device = Device::from(CudaDevice { index });
-        let probe = device.clone();
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let outcome = std::panic::catch_unwind(move || Tensor::<1>::zeros([1], &probe).into_data());
-        std::panic::set_hook(hook);
-        match outcome {
-            Ok(_) => Ok(device),
-            Err(panic) => {
-                let reason = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "the CUDA runtime failed to start".into());
-                Err(DeviceError::NoCudaDevice { index, reason })
-            }
-        }
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-mod cuda {
-    use burn::tensor::Device;
-
-    use super::DeviceError;
-
-    /// This build has no CUDA backend.
-    pub fn cuda_device(_index: usize) -> Result<Device, DeviceError> {
-        Err(DeviceError::NotCompiled("cuda"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_round_trip() {
-        for kind in
-            [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3), DeviceKind::Cuda(1)]
-        {
+        for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3)] {
             assert_eq!(kind.to_string().parse::<DeviceKind>().unwrap(), kind);
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<DeviceKind>(&json).unwrap(), kind);

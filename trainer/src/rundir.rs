@@ -11,10 +11,24 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use mekd_runtime::fsutil::write_atomic;
+
+/// A loaded checkpoint.
+pub struct Checkpoint<M, T> {
+    /// Epochs it completed.
+    pub epochs_done: usize,
+    /// The model's weights.
+    pub model: M,
+    /// The optimiser's state.
+    pub optim: ModuleOptimizer,
+    /// `metrics.jsonl` up to it.
+    pub rows: Vec<T>,
+}
 
 /// A run directory.
 #[derive(Clone, Debug)]
@@ -116,6 +130,43 @@ impl RunDir {
             }
         }
         Ok(())
+    }
+
+    /// Save `model` and `optim` after `epochs_done` epochs, rewrite `metrics.jsonl` with `rows`,
+    /// then mark the checkpoint as the latest (in that order, so a crash leaves the previous one).
+    pub fn save_checkpoint<M: Module, T: Serialize>(
+        &self,
+        epochs_done: usize,
+        model: &M,
+        optim: &ModuleOptimizer,
+        rows: &[T],
+    ) -> Result<()> {
+        let folder = self.new_checkpoint(epochs_done)?;
+        model.clone().save_file(folder.join("model.bpk")).map_err(|e| anyhow::anyhow!("saving the model: {e:?}"))?;
+        optim.save(folder.join("optimizer.bpk")).map_err(|e| anyhow::anyhow!("saving the optimizer: {e:?}"))?;
+        self.write_metrics(rows)?;
+        self.commit_checkpoint(epochs_done, &folder)
+    }
+
+    /// The latest checkpoint loaded into `model` and `optim` (fresh ones of the same kind), with
+    /// the epochs it completed and its metric rows; `None` when the run has none.
+    pub fn load_checkpoint<M: Module, T: DeserializeOwned>(
+        &self,
+        model: M,
+        optim: ModuleOptimizer,
+    ) -> Result<Option<Checkpoint<M, T>>> {
+        let Some((latest, folder)) = self.latest_checkpoint()? else {
+            return Ok(None);
+        };
+        let model = model
+            .try_load_file(folder.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("model.bpk").display()))?;
+        let optim = optim
+            .load(folder.join("optimizer.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("optimizer.bpk").display()))?;
+        let mut rows: Vec<T> = self.read_metrics()?;
+        rows.truncate(latest.epochs_done);
+        Ok(Some(Checkpoint { epochs_done: latest.epochs_done, model, optim, rows }))
     }
 
     /// The latest complete checkpoint, if any.

@@ -62,35 +62,9 @@ fn distill_command_writes_a_complete_run_directory() {
     let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = dir.path().join("run");
-    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
-    let args = [
-        "distill",
-        "--teacher-onnx",
-        teacher.to_str().unwrap(),
-        "--data",
-        data,
-        "--edge-fraction",
-        "0.01",
-        "--gan-epochs",
-        "1",
-        "--generator-width",
-        "8",
-        "--discriminator-width",
-        "4",
-        "--epochs",
-        "1",
-        "--steps",
-        "2",
-        "--batch",
-        "16",
-        "--budget",
-        "32",
-        "--limit-test",
-        "100",
-        "--out",
-        run.to_str().unwrap(),
-    ];
-    let out = mekd(&args);
+    let teacher = teacher.to_str().unwrap();
+    let extra = ["--epochs", "1", "--budget", "32"];
+    let out = tiny_distill(teacher, &run, &extra);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for file in [
         "config.json",
@@ -114,7 +88,7 @@ fn distill_command_writes_a_complete_run_directory() {
     let (info, _) = mekd_runtime::engine::inspect(&run.join("student.onnx")).unwrap();
     assert_eq!(info.architecture.as_deref(), Some("lenet5-half"));
     // The same directory is not overwritten, and a missing teacher is a clear error.
-    let out = mekd(&args);
+    let out = tiny_distill(teacher, &run, &extra);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
     let out = mekd(&["distill", "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("give a teacher"));

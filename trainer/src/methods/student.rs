@@ -253,22 +253,9 @@ pub fn train_student(
     let mut optim = reference_sgd(config.momentum, config.weight_decay);
     let mut rows: Vec<StudentEpoch> = Vec::new();
     let mut start = 0;
-    let checkpoint = run.latest_checkpoint().map_err(MethodError::Callback)?;
-    if let Some((latest, folder)) = checkpoint {
-        let load = || -> anyhow::Result<_> {
-            let student = student
-                .clone()
-                .try_load_file(folder.join("model.bpk"))
-                .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("model.bpk").display()))?;
-            let optim = reference_sgd(config.momentum, config.weight_decay)
-                .load(folder.join("optimizer.bpk"))
-                .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("optimizer.bpk").display()))?;
-            Ok((student, optim))
-        };
-        (student, optim) = load().map_err(MethodError::Callback)?;
-        start = latest.epochs_done;
-        rows = run.read_metrics().map_err(MethodError::Callback)?;
-        rows.truncate(start);
+    let checkpoint = run.load_checkpoint(student.clone(), optim.clone()).map_err(MethodError::Callback)?;
+    if let Some(checkpoint) = checkpoint {
+        (start, student, optim, rows) = (checkpoint.epochs_done, checkpoint.model, checkpoint.optim, checkpoint.rows);
         eprintln!("resuming the student after epoch {start}");
     }
     for epoch in start..config.epochs {
@@ -321,17 +308,7 @@ pub fn train_student(
             seconds: started.elapsed().as_secs_f64(),
         };
         rows.push(row.clone());
-        let save = || -> anyhow::Result<()> {
-            let folder = run.new_checkpoint(epoch + 1)?;
-            student
-                .clone()
-                .save_file(folder.join("model.bpk"))
-                .map_err(|e| anyhow::anyhow!("saving the student: {e:?}"))?;
-            optim.save(folder.join("optimizer.bpk")).map_err(|e| anyhow::anyhow!("saving the optimizer: {e:?}"))?;
-            run.write_metrics(&rows)?;
-            run.commit_checkpoint(epoch + 1, &folder)
-        };
-        save().map_err(MethodError::Callback)?;
+        run.save_checkpoint(epoch + 1, &student, &optim, &rows).map_err(MethodError::Callback)?;
         on_epoch(&row, teacher.usage()).map_err(MethodError::Callback)?;
     }
     Ok((student.valid(), rows))

@@ -171,16 +171,9 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     let mut optim = reference_sgd(config.momentum, config.weight_decay);
     let mut metrics: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
-    if let Some((latest, folder)) = run.latest_checkpoint()? {
-        model = model
-            .try_load_file(folder.join("model.bpk"))
-            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("model.bpk").display()))?;
-        optim = optim
-            .load(folder.join("optimizer.bpk"))
-            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", folder.join("optimizer.bpk").display()))?;
-        start_epoch = latest.epochs_done;
-        metrics = run.read_metrics()?;
-        metrics.truncate(start_epoch);
+    if let Some(checkpoint) = run.load_checkpoint(model.clone(), optim.clone())? {
+        (start_epoch, model, optim, metrics) =
+            (checkpoint.epochs_done, checkpoint.model, checkpoint.optim, checkpoint.rows);
         eprintln!("resuming {} after epoch {start_epoch}", dir.display());
     }
 
@@ -228,14 +221,7 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
             row.epoch, config.epochs, row.lr, row.train_loss, row.train_acc, row.test_acc, row.seconds
         );
         metrics.push(row);
-        let folder = run.new_checkpoint(epoch + 1)?;
-        model
-            .clone()
-            .save_file(folder.join("model.bpk"))
-            .map_err(|e| anyhow::anyhow!("saving model checkpoint: {e:?}"))?;
-        optim.save(folder.join("optimizer.bpk")).map_err(|e| anyhow::anyhow!("saving optimizer checkpoint: {e:?}"))?;
-        run.write_metrics(&metrics)?;
-        run.commit_checkpoint(epoch + 1, &folder)?;
+        run.save_checkpoint(epoch + 1, &model, &optim, &metrics)?;
     }
 
     let onnx = run.file("teacher.onnx");

@@ -1,0 +1,100 @@
+#!/bin/bash
+# The H200 runs of results/ (issue 5/7), as driven through the device tool: the binary
+# (cargo build -p mekd-trainer --features wgpu; strip; xz) and MNIST travel in .device/, the
+# Vulkan loader packages in .gl/ (see the device tool README). Verbs: phaseA (teacher + bench +
+# launch), phaseB SECONDS (wait, collect to $OUT), phaseC SECONDS (unpack a teacher, launch, wait).
+# usage: bash scripts/gpu-runs.sh VERB [ARGS]
+set -u
+cd "$(dirname "$0")/.."  # repository root
+export ORT_DYLIB_PATH=/tmp/libonnxruntime.so
+M=/tmp/mekd
+setup() {
+  if [ ! -x $M ]; then
+    for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+    xz -dc .device/mekd.xz > $M; chmod +x $M
+    xz -dc .device/libonnxruntime.so.xz > /tmp/libonnxruntime.so
+  fi
+  if ! ldconfig -p | grep -q libvulkan; then echo "no libvulkan"; fi
+  [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  mkdir -p runs/gpu
+}
+teacher() {  # GPU $1
+  CUBECL_ENVIRONMENT=teacher setsid nohup $M teacher train --arch resnet32 --data .device/mnist --epochs 15 \
+    --milestones 8,12 --device wgpu:$1 --out runs/gpu/teacher > runs/gpu/teacher.log 2>&1 < /dev/null &
+}
+distill() {  # NAME GPU ARGS...
+  local name=$1 gpu=$2; shift 2
+  CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run runs/gpu/teacher --data .device/mnist \
+    --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" > runs/gpu/$name.log 2>&1 < /dev/null &
+}
+bench() {  # GPU NAME
+  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+}
+chain() {  # run distill specs one after another in the background: "name gpu args;name gpu args"
+  setsid nohup bash -c "$1" > /dev/null 2>&1 < /dev/null &
+}
+launch_short() {
+  S="--gan-epochs 20 --steps 100"
+  distill mekd-soft 0 $S --response soft --im-weight class-index
+  distill mekd-hard 1 $S --response hard --im-weight class-index
+  distill kd-soft 2 $S --method kd --response soft
+  distill kd-hard 2 $S --method kd --response hard
+  distill mekd-soft-10k 3 $S --response soft --gan-queries 4000 --budget 6000 --max-queries 10000
+  distill mekd-hard-10k 3 $S --response hard --budget 10000 --max-queries 10000
+}
+phaseA() {
+  teacher 0
+  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  while [ ! -f runs/gpu/teacher/summary.json ] && [ $SECONDS -lt 560 ]; do sleep 3; done
+  tail -3 runs/gpu/teacher.log
+  if [ -f runs/gpu/teacher/summary.json ]; then
+    launch_short && echo launched
+    tar czf $OUT/teacher.tar.gz -C runs/gpu teacher/config.json teacher/summary.json teacher/metrics.jsonl teacher/teacher.onnx teacher/checkpoints teacher.log
+  fi
+}
+phaseC() {
+  mkdir -p runs/gpu && tar xzf .device/teacher.tar.gz -C runs/gpu
+  launch_short
+  phaseB $1
+}
+phaseB() {  # collect at $1 seconds at the latest
+  while pgrep -f "/tmp/mekd" > /dev/null && [ $SECONDS -lt $1 ]; do sleep 5; done
+  status; collect
+}
+launch() {
+  distill mekd-soft 0 --response soft
+  distill mekd-soft-10k 0 --response soft --im-weight max-response --gan-queries 4000 --budget 6000 --max-queries 10000
+  distill mekd-hard 1 --response hard
+  distill mekd-hard-10k 1 --response hard --im-weight max-response --budget 10000 --max-queries 10000
+  distill kd-soft 2 --method kd --response soft
+  distill kd-hard 2 --method kd --response hard --budget 10000 --max-queries 10000
+  distill kn-soft 3 --method kn --response soft
+  distill dkd-soft 3 --method dkd --response soft
+  distill ml-soft 3 --method ml --response soft
+  distill scratch 3 --method scratch
+}
+phase1() {
+  teacher 1
+  nvidia-smi -L
+  bench 0 bench-cold; bench 0 bench-warm
+  while [ ! -f runs/gpu/teacher/summary.json ] && [ $SECONDS -lt 530 ]; do sleep 5; done
+  tail -3 runs/gpu/teacher.log
+  [ -f runs/gpu/teacher/summary.json ] && launch && echo launched
+}
+status() {
+  for f in runs/gpu/*.log; do echo "== $f"; grep -v '^\s*$' $f | tail -2; done
+}
+wait_all() {  # seconds
+  while pgrep -f "/tmp/mekd" > /dev/null && [ $SECONDS -lt $1 ]; do sleep 10; done
+  status
+}
+collect() {
+  mkdir -p /tmp/res
+  for d in runs/gpu/*/; do n=$(basename $d); mkdir -p /tmp/res/$n
+    (cd $d && cp -r $(ls | grep -v -e checkpoints -e transfer.pool -e samples) /tmp/res/$n/ 2>/dev/null)
+    [ -d $d/samples ] && mkdir -p /tmp/res/$n/samples && cp $(ls -v $d/samples/*.png | tail -1) /tmp/res/$n/samples/
+  done
+  cp runs/gpu/*.log /tmp/res/ 2>/dev/null
+  tar czf $OUT/results.tar.gz -C /tmp/res .
+}
+setup; "$@"

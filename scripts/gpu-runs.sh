@@ -2,7 +2,9 @@
 # The H200 runs of results/ (issue 5/7), as driven through the device tool: the binary
 # (cargo build -p mekd-trainer --features wgpu; strip; xz) and MNIST travel in .device/, the
 # Vulkan loader packages in .gl/ (see the device tool README). Verbs: phaseA (teacher + bench +
-# launch), phaseB SECONDS (wait, collect to $OUT), phaseC SECONDS (unpack a teacher, launch, wait).
+# launch), phaseB SECONDS (wait, collect to $OUT), phaseC SECONDS (unpack a teacher, launch, wait);
+# full SECONDS (the issue's schedule with the committed teacher: launch, wait, collect), then
+# phaseB SECONDS in a call chained right after it (the machine stays warm for 30 s only).
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -22,9 +24,10 @@ teacher() {  # GPU $1
   CUBECL_ENVIRONMENT=teacher setsid nohup $M teacher train --arch resnet32 --data .device/mnist --epochs 15 \
     --milestones 8,12 --device wgpu:$1 --out runs/gpu/teacher > runs/gpu/teacher.log 2>&1 < /dev/null &
 }
+TEACHER=${TEACHER:-runs/gpu/teacher}
 distill() {  # NAME GPU ARGS...
   local name=$1 gpu=$2; shift 2
-  CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run runs/gpu/teacher --data .device/mnist \
+  CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run $TEACHER --data .device/mnist \
     --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" > runs/gpu/$name.log 2>&1 < /dev/null &
 }
 bench() {  # GPU NAME
@@ -41,6 +44,20 @@ launch_short() {
   distill kd-hard 2 $S --method kd --response hard
   distill mekd-soft-10k 3 $S --response soft --gan-queries 4000 --budget 6000 --max-queries 10000
   distill mekd-hard-10k 3 $S --response hard --budget 10000 --max-queries 10000
+}
+full() {  # the issue's schedule: GAN 40 epochs, 30 x 500 steps, decay at 10 and 20
+  F="--gan-epochs 40 --steps 500"
+  TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
+  distill mekd-soft 1 $F --response soft --im-weight class-index
+  distill mekd-hard 2 $F --response hard --im-weight class-index
+  B="--im-weight class-index --gan-queries 4000 --budget 6000 --max-queries 10000"
+  distill mekd-soft-10k 3 $F --response soft $B
+  distill kd-soft 3 $F --method kd --response soft
+  distill kd-hard 3 $F --method kd --response hard
+  bench 0 bench
+  distill mekd-hard-10k 0 $F --response hard $B
+  distill kd-soft-10k 0 $F --method kd --response soft --budget 10000 --max-queries 10000
+  phaseB $1
 }
 phaseA() {
   teacher 0

@@ -1,5 +1,6 @@
 //! Parameter counts against the reference implementation, output shapes and costs.
 
+use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor};
 use mekd_models::{Architecture, ClassifierSpec, DiscriminatorConfig, GeneratorConfig, trainable_params, zoo_entries};
 
@@ -73,9 +74,9 @@ fn generator_and_discriminator_shapes_and_ranges() {
     let values: Vec<f32> = img.clone().into_data().try_to_vec().unwrap();
     assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)));
     let d = DiscriminatorConfig::new(3).with_width(8).init(&dev).unwrap();
-    let p: Vec<f32> = d.forward(img).into_data().try_to_vec().unwrap();
-    assert_eq!(p.len(), 4);
-    assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
+    let logits: Vec<f32> = d.forward_logits(img).into_data().try_to_vec().unwrap();
+    assert_eq!(logits.len(), 4);
+    assert!(logits.iter().all(|v| v.is_finite()));
     assert!(GeneratorConfig::new(10, 1).with_width(3).init(&dev).is_err());
 }
 
@@ -87,4 +88,35 @@ fn architecture_names_round_trip() {
     assert_eq!("LeNet5_Half".parse::<Architecture>().unwrap(), Architecture::LeNet5Half);
     let err = "resnet9".parse::<Architecture>().unwrap_err().to_string();
     assert!(err.contains("unknown architecture `resnet9`") && err.contains("resnet8"), "{err}");
+}
+
+#[test]
+fn latent_grad_matches_autodiff() {
+    // A generator whose BatchNorms have non-trivial running statistics, then frozen.
+    let train = Device::flex().autodiff();
+    train.seed(3);
+    let g = GeneratorConfig::new(10, 1).with_width(8).init(&train).unwrap();
+    for _ in 0..3 {
+        let _ = g.forward(Tensor::<2>::random([16, 10], Distribution::Normal(0.0, 2.0), &train));
+    }
+    let frozen = g.valid().no_grad();
+    let plain = Device::flex();
+    let z = Tensor::<2>::random([5, 10], Distribution::Normal(0.0, 1.0), &plain);
+    let cotangent = Tensor::<4>::random([5, 1, 32, 32], Distribution::Uniform(-1.0, 1.0), &plain);
+
+    // Reference: autodiff through the ordinary forward pass.
+    let z_tracked = z.clone().autodiff().require_grad();
+    let images = frozen.forward(z_tracked.clone());
+    let grads = (images.clone() * cotangent.clone().autodiff()).sum().backward();
+    let expected: Vec<f32> = z_tracked.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+
+    let trace = frozen.forward_traced(z);
+    let same: Vec<f32> = (trace.images().clone() - images.inner()).abs().max().into_data().try_to_vec().unwrap();
+    assert!(same[0] < 1e-6, "traced images differ by {}", same[0]);
+    let got: Vec<f32> = frozen.latent_grad(&trace, cotangent).into_data().try_to_vec().unwrap();
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-3, "a gradient worth comparing: {expected:?}");
+    for (e, g) in expected.iter().zip(&got) {
+        assert!((e - g).abs() <= 1e-4 * scale, "{expected:?}\nvs\n{got:?}");
+    }
 }

@@ -236,6 +236,13 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         generator.forward(noise()).into_data();
         Ok(Duration::ZERO)
     })?);
+    let logits = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 3.0), &device);
+    rows.push(time_steps("  part: mekd loss + its gradient (b128)", config, 128, || {
+        let s = logits().require_grad();
+        let loss = crate::methods::mekd::mekd_loss(&generator, s.clone(), logits(), &distill);
+        s.grad(&loss.differentiable.backward()).context("no gradient for the logits")?.into_data();
+        Ok(Duration::ZERO)
+    })?);
     let synthetic = crate::methods::deprivatize::to_pixels(generator.forward(noise()));
     rows.push(time_steps("  part: teacher forward (resnet32, b128)", config, 128, || {
         teacher.query(&synthetic)?;

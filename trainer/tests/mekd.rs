@@ -60,17 +60,18 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let student = spec.init(&device).unwrap();
     let x = Tensor::<4>::random([4, 1, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
     let t = Tensor::<2>::random([4, 10], Distribution::Normal(0.0, 3.0), &device);
-    let (loss, _, _) = mekd_loss(&generator, student.forward(x), t, &DistillConfig::default());
-    let grads = loss.backward();
+    let loss = mekd_loss(&generator, student.forward(x), t, &DistillConfig::default());
+    let grads = loss.differentiable.backward();
     let student_grads = GradientsParams::from_grads(grads, &student);
     assert!(!student_grads.is_empty(), "the student must receive gradients");
-    let (loss, _, _) = mekd_loss(
+    let loss = mekd_loss(
         &generator,
         student.forward(Tensor::<4>::random([4, 1, 32, 32], Distribution::Uniform(-1.0, 1.0), &device)),
         Tensor::<2>::random([4, 10], Distribution::Normal(0.0, 3.0), &device),
         &DistillConfig::default(),
     );
-    assert!(GradientsParams::from_grads(loss.backward(), &generator).is_empty(), "no gradient may reach the generator");
+    let grads = loss.differentiable.backward();
+    assert!(GradientsParams::from_grads(grads, &generator).is_empty(), "no gradient may reach the generator");
 
     // Budgeted mode: a pool of 96 images, each queried once, then only the cache.
     let z = Tensor::<2>::random([8, 10], Distribution::Normal(0.0, 1.0), &device);

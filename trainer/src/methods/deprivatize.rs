@@ -4,6 +4,7 @@
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +12,7 @@ use mekd_models::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig
 use mekd_runtime::Dataset;
 
 use super::MethodError;
-use super::losses::{ImWeight, bce, im_weights, information_maximisation};
+use super::losses::{ImWeight, bce_with_logits, im_weights, information_maximisation};
 use crate::batches::{self, epoch_order};
 use crate::blackbox::{Teacher, Usage};
 
@@ -143,7 +144,8 @@ impl Gan {
         let (classes, lr) = (self.classes, self.config.lr);
         let z = Tensor::<2>::random([b, classes], Distribution::Normal(0.0, 1.0), &device);
         let fake = self.generator.forward(z).detach();
-        let d_loss = bce(self.discriminator.forward(real), 1.0) + bce(self.discriminator.forward(fake), 0.0);
+        let d_loss = bce_with_logits(self.discriminator.forward_logits(real), 1.0)
+            + bce_with_logits(self.discriminator.forward_logits(fake), 0.0);
         let grads = GradientsParams::from_grads(d_loss.backward(), &self.discriminator);
         self.discriminator = self.opt_d.step(lr, self.discriminator.clone(), grads);
 
@@ -164,9 +166,9 @@ impl Gan {
             vec![0.0; b]
         };
         let weights = Tensor::<1>::from_data(TensorData::new(weights, [b]), &device);
-        let d_fake = self.discriminator.forward(fake);
-        let im = information_maximisation(d_fake.clone(), weights);
-        let g_loss = bce(d_fake, 1.0) + im.clone().mul_scalar(self.config.alpha);
+        let d_fake = self.discriminator.forward_logits(fake);
+        let im = information_maximisation(sigmoid(d_fake.clone()), weights);
+        let g_loss = bce_with_logits(d_fake, 1.0) + im.clone().mul_scalar(self.config.alpha);
         let grads = GradientsParams::from_grads(g_loss.backward(), &self.generator);
         self.generator = self.opt_g.step(lr, self.generator.clone(), grads);
         Ok([d_loss.detach(), g_loss.detach(), im.detach()])

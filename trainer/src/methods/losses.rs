@@ -1,7 +1,7 @@
 //! The losses of MEKD and its baselines, exactly as `METHOD.md` specifies them (including the
 //! reference code's scaling quirks), on burn tensors.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::{log_sigmoid, log_softmax, softmax};
 use burn::tensor::{Int, Tensor};
 
 /// Knowledge-distillation KL: `KL(softmax(t / tau) || softmax(s / tau)) * tau`, averaged over the
@@ -36,6 +36,21 @@ pub fn image_alignment(
     match distance {
         ImageDistance::L1 => diff.abs().mean(),
         ImageDistance::L2 => diff.powi_scalar(2).mean(),
+    }
+}
+
+/// The gradient of [`image_alignment`] with respect to its first argument: `sign(diff) / n`
+/// (L1, with PyTorch's zero at zero) or `2 diff / n` (L2), `n` the number of pixels.
+pub fn image_alignment_grad(
+    generated_from_student: Tensor<4>,
+    generated_from_teacher: Tensor<4>,
+    distance: ImageDistance,
+) -> Tensor<4> {
+    let diff = generated_from_student - generated_from_teacher;
+    let n = diff.shape().num_elements() as f64;
+    match distance {
+        ImageDistance::L1 => diff.sign().div_scalar(n),
+        ImageDistance::L2 => diff.mul_scalar(2.0 / n),
     }
 }
 
@@ -107,11 +122,17 @@ pub fn im_weights(targets: &[f32], labels: &[usize], classes: usize, hard: bool,
     }
 }
 
-/// Binary cross-entropy on probabilities, mean over the batch, with PyTorch's clamp of the
-/// logarithms at -100 (`nn.BCELoss`).
-pub fn bce(probabilities: Tensor<2>, target: f64) -> Tensor<1> {
-    let log_p = probabilities.clone().log().clamp_min(-100.0);
-    let log_1mp = probabilities.neg().add_scalar(1.0).log().clamp_min(-100.0);
+/// Binary cross-entropy on the discriminator's logits `z`, mean over the batch:
+/// `-(y ln sigmoid(z) + (1 - y) ln sigmoid(-z))`, through the stable `log_sigmoid`.
+///
+/// The reference applies `nn.BCELoss` to `sigmoid(z)` (logarithms clamped at -100). The values
+/// agree wherever `|z| < 100`; the gradient differs where it matters: once the sigmoid saturates
+/// to exactly 0 or 1 in f32, the clamped logarithm's backward multiplies a zero mask by
+/// `1 / p = inf` and yields NaN, which on the GPU ended a deprivatization run. Here the gradient
+/// is `sigmoid(z) - y`, finite everywhere.
+pub fn bce_with_logits(logits: Tensor<2>, target: f64) -> Tensor<1> {
+    let log_p = log_sigmoid(logits.clone());
+    let log_1mp = log_sigmoid(logits.neg());
     (log_p.mul_scalar(target) + log_1mp.mul_scalar(1.0 - target)).neg().mean()
 }
 
@@ -160,7 +181,13 @@ mod tests {
         let b = Tensor::<4>::from_data(TensorData::new(vec![0.0f32, 1.0, 0.5, -0.5], [1, 1, 2, 2]), &dev);
         // |diff| = 1, 2, 0, 0.5 -> mean 0.875; squares 1, 4, 0, 0.25 -> mean 1.3125.
         assert!((scalar(image_alignment(a.clone(), b.clone(), ImageDistance::L1)) - 0.875).abs() < 1e-6);
-        assert!((scalar(image_alignment(a, b, ImageDistance::L2)) - 1.3125).abs() < 1e-6);
+        assert!((scalar(image_alignment(a.clone(), b.clone(), ImageDistance::L2)) - 1.3125).abs() < 1e-6);
+        // diff = [1, -2, 0, 0.5]: sign(diff) / 4 = [0.25, -0.25, 0, 0.25]; 2 diff / 4 = [0.5, -1, 0, 0.25].
+        let l1: Vec<f32> =
+            image_alignment_grad(a.clone(), b.clone(), ImageDistance::L1).into_data().try_to_vec().unwrap();
+        assert_eq!(l1, vec![0.25, -0.25, 0.0, 0.25]);
+        let l2: Vec<f32> = image_alignment_grad(a, b, ImageDistance::L2).into_data().try_to_vec().unwrap();
+        assert_eq!(l2, vec![0.5, -1.0, 0.0, 0.25]);
     }
 
     #[test]
@@ -199,11 +226,23 @@ mod tests {
 
     #[test]
     fn bce_and_mse_by_hand() {
-        // BCE(0.8, 1) = -ln 0.8 = 0.223144; BCE(0.8, 0) = -ln 0.2 = 1.609438.
-        assert!((scalar(bce(t2(&[&[0.8]]), 1.0)) - 0.223_143_6).abs() < 1e-6);
-        assert!((scalar(bce(t2(&[&[0.8]]), 0.0)) - 1.609_438).abs() < 1e-5);
-        // log(0) is clamped at -100, as PyTorch does.
-        assert!((scalar(bce(t2(&[&[0.0]]), 1.0)) - 100.0).abs() < 1e-3);
+        // z = ln 4 -> sigmoid 0.8: BCE(0.8, 1) = -ln 0.8 = 0.223144; BCE(0.8, 0) = -ln 0.2 = 1.609438.
+        let z = 4f32.ln();
+        assert!((scalar(bce_with_logits(t2(&[&[z]]), 1.0)) - 0.223_143_6).abs() < 1e-6);
+        assert!((scalar(bce_with_logits(t2(&[&[z]]), 0.0)) - 1.609_438).abs() < 1e-5);
+        // Saturated logits: the loss is |z| (no overflow) ...
+        assert!((scalar(bce_with_logits(t2(&[&[-200.0]]), 1.0)) - 200.0).abs() < 1e-3);
         assert!((scalar(logit_mse(t2(&[&[1.0, 2.0]]), t2(&[&[0.0, 4.0]]))) - 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bce_gradient_is_finite_where_the_sigmoid_saturates() {
+        // d/dz BCE(z, y) = sigmoid(z) - y: at z = [200, -200] with y = 0 -> [1, 0] / 2 (the mean).
+        // The clamped-log form of nn.BCELoss gives NaN here (0 * inf in its backward).
+        let dev = Device::flex().autodiff();
+        let z = Tensor::<2>::from_data(TensorData::new(vec![200.0f32, -200.0], [2, 1]), &dev).require_grad();
+        let grads = bce_with_logits(z.clone(), 0.0).backward();
+        let g: Vec<f32> = z.grad(&grads).expect("gradient").into_data().try_to_vec().unwrap();
+        assert!((g[0] - 0.5).abs() < 1e-6 && g[1].abs() < 1e-6, "{g:?}");
     }
 }

@@ -30,8 +30,26 @@ use crate::teacher::train::accuracy;
 pub trait Objective {
     /// Names of the terms that [`Objective::loss`] returns beside the total, in order.
     fn term_names(&self) -> &'static [&'static str];
-    /// The total loss and its terms.
-    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>);
+    /// The loss of one batch.
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss;
+}
+
+/// One batch's loss: the tensor to differentiate, and the values to report.
+pub struct BatchLoss {
+    /// What the step differentiates. Its gradient is the loss's; its value need not be (MEKD
+    /// attaches its image term through the gradient alone).
+    pub differentiable: Tensor<1>,
+    /// The loss's value.
+    pub total: Tensor<1>,
+    /// The named terms, in [`Objective::term_names`] order.
+    pub terms: Vec<Tensor<1>>,
+}
+
+impl BatchLoss {
+    /// A loss differentiated as it is: `total` with its `terms`.
+    pub fn new(total: Tensor<1>, terms: Vec<Tensor<1>>) -> Self {
+        Self { differentiable: total.clone(), total, terms }
+    }
 }
 
 /// A fixed set of images with one target row each (teacher answers or true labels), reused for
@@ -215,10 +233,10 @@ impl StudentStep<'_> {
         let x =
             Tensor::<4>::from_data(TensorData::new(to_model_input(pixels, shape, &norm), [b, c, h, w]), self.device);
         let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), self.device);
-        let (loss, terms) = self.objective.loss(student.forward(x), t);
-        let grads = GradientsParams::from_grads(loss.backward(), &student);
+        let loss = self.objective.loss(student.forward(x), t);
+        let grads = GradientsParams::from_grads(loss.differentiable.backward(), &student);
         let student = optim.step(lr, student, grads);
-        (student, loss, terms)
+        (student, loss.total, loss.terms)
     }
 }
 

@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use super::Baseline;
 use crate::methods::losses::dkd_terms;
 use crate::methods::mekd::DistillConfig;
-use crate::methods::student::Objective;
+use crate::methods::student::{BatchLoss, Objective};
 
 /// The DKD baseline.
 pub struct Dkd;
@@ -23,11 +23,11 @@ impl Objective for DkdObjective {
         &["tckd", "nckd"]
     }
 
-    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss {
         let [batch, _] = targets.dims();
         let target = targets.clone().argmax(1).reshape([batch]);
         let (tckd, nckd) = dkd_terms(student_logits, targets, target, self.tau);
-        (tckd.clone().mul_scalar(self.alpha) + nckd.clone().mul_scalar(self.beta), vec![tckd, nckd])
+        BatchLoss::new(tckd.clone().mul_scalar(self.alpha) + nckd.clone().mul_scalar(self.beta), vec![tckd, nckd])
     }
 }
 

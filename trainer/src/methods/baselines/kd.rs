@@ -7,7 +7,7 @@ use burn::tensor::Tensor;
 use super::Baseline;
 use crate::methods::losses::kd_kl;
 use crate::methods::mekd::DistillConfig;
-use crate::methods::student::Objective;
+use crate::methods::student::{BatchLoss, Objective};
 
 /// The KD baseline.
 pub struct Kd;
@@ -23,9 +23,9 @@ impl Objective for KdObjective {
         &["kl"]
     }
 
-    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss {
         let kl = kd_kl(student_logits, targets, self.tau);
-        (kl.clone(), vec![kl])
+        BatchLoss::new(kl.clone(), vec![kl])
     }
 }
 

@@ -7,7 +7,7 @@ use mekd_runtime::protocol::ResponseMode;
 use super::Baseline;
 use crate::methods::losses::logit_mse;
 use crate::methods::mekd::DistillConfig;
-use crate::methods::student::Objective;
+use crate::methods::student::{BatchLoss, Objective};
 
 /// The ML baseline.
 pub struct Ml;
@@ -19,9 +19,9 @@ impl Objective for MlObjective {
         &["mse"]
     }
 
-    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss {
         let mse = logit_mse(student_logits, targets);
-        (mse.clone(), vec![mse])
+        BatchLoss::new(mse.clone(), vec![mse])
     }
 }
 

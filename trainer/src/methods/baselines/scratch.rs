@@ -6,7 +6,7 @@ use burn::tensor::activation::log_softmax;
 
 use super::Baseline;
 use crate::methods::mekd::DistillConfig;
-use crate::methods::student::Objective;
+use crate::methods::student::{BatchLoss, Objective};
 
 /// The from-scratch reference.
 pub struct Scratch;
@@ -24,9 +24,9 @@ impl Objective for CrossEntropy {
         &["ce"]
     }
 
-    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> (Tensor<1>, Vec<Tensor<1>>) {
+    fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss {
         let ce = soft_cross_entropy(student_logits, targets);
-        (ce.clone(), vec![ce])
+        BatchLoss::new(ce.clone(), vec![ce])
     }
 }
 

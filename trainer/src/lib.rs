@@ -17,4 +17,5 @@ pub mod progress;
 pub mod report;
 pub mod rundir;
 pub mod schedule;
+pub mod self_test;
 pub mod teacher;

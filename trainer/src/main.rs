@@ -116,6 +116,17 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Check that a training backend computes distillation's numbers right: the generator, the
+    /// MEKD loss and its gradients (hand VJP and autodiff), the GAN's BCE gradient, compared
+    /// with the CPU reference backend (flex). Exits with an error on any mismatch.
+    SelfTest {
+        /// Backend under test: flex, ndarray, or wgpu[:N].
+        #[arg(long, default_value_t = DeviceKind::Flex)]
+        device: DeviceKind,
+        /// Print every value, not only the comparison.
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Compare tract (the board's engine) with ONNX Runtime on the same ONNX files and inputs.
     BenchEngines {
         /// ONNX classifiers to time.
@@ -463,6 +474,30 @@ fn run(cli: Cli) -> Result<()> {
             let summary = run_demo(&out, &config)?;
             print!("{}", mekd_trainer::demo::table(&summary));
             println!("report: {}", out.join("report.md").display());
+            Ok(())
+        }
+        Command::SelfTest { device, verbose } => {
+            let checks = mekd_trainer::self_test::self_test(device)?;
+            println!("{:<40} {:>12} {:>12}  result", "check (vs flex)", "max |diff|", "tolerance");
+            for c in &checks {
+                let verdict = if c.pass { "ok" } else { "MISMATCH" };
+                println!("{:<40} {:>12.3e} {:>12.3e}  {verdict}", c.name, c.max_abs_diff, c.tolerance);
+                if verbose || !c.pass {
+                    let shown =
+                        |v: &[f32]| format!("{:?}{}", &v[..v.len().min(12)], if v.len() > 12 { " ..." } else { "" });
+                    println!(
+                        "    flex: {}
+    {device}: {}",
+                        shown(&c.reference),
+                        shown(&c.got)
+                    );
+                }
+            }
+            let failed = checks.iter().filter(|c| !c.pass).count();
+            if failed > 0 {
+                bail!("{failed} of {} checks differ between {device} and flex", checks.len());
+            }
+            println!("all {} checks agree with flex", checks.len());
             Ok(())
         }
         Command::BenchTrain { device, warmup, steps, http, ort_library, out } => {

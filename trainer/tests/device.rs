@@ -1,5 +1,6 @@
-//! `--device wgpu` on a machine without a usable GPU adapter (CI): a clear message at once, no
-//! panic, no hang. Without the `wgpu` feature the message says how to rebuild.
+//! Devices: `--device wgpu` on a machine without a usable GPU adapter (CI) is a clear message at
+//! once, no panic, no hang (without the `wgpu` feature the message says how to rebuild); and
+//! `mekd self-test` compares a backend's numbers with flex.
 
 use std::process::Command;
 
@@ -23,4 +24,18 @@ fn wgpu_without_an_adapter_is_a_clear_error() {
     }
     let bad = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["bench-train", "--device", "tpu"]).output().unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected flex, ndarray, wgpu or wgpu:N"));
+}
+
+#[test]
+fn self_test_compares_another_backend_with_flex() {
+    // ndarray is an independent CPU implementation of every op involved.
+    let out = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["self-test", "--device", "ndarray"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for check in
+        ["generator images", "mekd L1: d/d logits, hand VJP", "mekd L2: d/d logits, autodiff", "x - x.detach()"]
+    {
+        assert!(stdout.lines().any(|l| l.starts_with(check) && l.ends_with("ok")), "{check}:\n{stdout}");
+    }
+    assert!(stdout.contains("all 9 checks agree with flex"), "{stdout}");
 }

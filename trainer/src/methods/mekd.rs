@@ -95,19 +95,26 @@ impl Default for DistillConfig {
 /// is computed by [`Generator::latent_grad`] (the generator's vector-Jacobian product by hand,
 /// ~10x cheaper than autodiff's convolution input gradients on burn-wgpu) and enters the
 /// differentiated loss as `<s / tau_g, g>`, whose gradient is `g`; the reported values are the
-/// real ones.
+/// real ones. The generator's side is kept apart from the student's autodiff graph: the logits
+/// cross to it, and `g` comes back, as host data (`[batch, classes]` values each way). Mixing
+/// the two graphs' tensors directly computed wrong values on burn-wgpu
+/// (`results/mnist-resnet32-resnet8-h200/README.md`).
 pub fn mekd_loss(
     generator: &Generator,
     student_logits: Tensor<2>,
     targets: Tensor<2>,
     config: &DistillConfig,
 ) -> BatchLoss {
-    let g_t = generator.forward_traced(targets.clone().div_scalar(config.tau_g)).images().clone();
+    let training = student_logits.device();
+    let plain = training.clone().without_autodiff();
+    let to_plain = |t: Tensor<2>| Tensor::<2>::from_data(t.into_data(), &plain);
     let latent = student_logits.clone().div_scalar(config.tau_g);
-    let trace = generator.forward_traced(latent.clone());
+    let g_t = generator.forward_traced(to_plain(targets.clone().div_scalar(config.tau_g))).images().clone();
+    let trace = generator.forward_traced(to_plain(latent.clone().detach()));
     let image = image_alignment(trace.images().clone(), g_t.clone(), config.distance);
     let images_grad = image_alignment_grad(trace.images().clone(), g_t, config.distance);
-    let image_by_gradient = (latent * generator.latent_grad(&trace, images_grad)).sum();
+    let latent_grad = Tensor::<2>::from_data(generator.latent_grad(&trace, images_grad).into_data(), &training);
+    let image_by_gradient = (latent * latent_grad).sum();
     let kl = kd_kl(student_logits, targets, config.tau);
     let kl_value = kl.clone().detach().without_autodiff();
     BatchLoss {

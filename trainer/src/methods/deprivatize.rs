@@ -71,6 +71,11 @@ pub struct GanEpoch {
     pub im_loss: f64,
     /// Teacher queries so far.
     pub queries: u64,
+    /// How many of the epoch's queried synthetic images the teacher put in each class (its top
+    /// answer): a generator that collapses onto a few classes shows here first. Empty when the
+    /// epoch asked nothing.
+    #[serde(default)]
+    pub teacher_labels: Vec<u64>,
 }
 
 /// Images in [-1, 1] as the `u8` pixels a black-box API takes (what the teacher really sees).
@@ -94,6 +99,8 @@ pub struct Gan {
     im_every: usize,
     steps_done: usize,
     queries_done: u64,
+    /// Per class: synthetic images the teacher labelled so, since the last `take_label_counts`.
+    label_counts: Vec<u64>,
 }
 
 impl Gan {
@@ -124,6 +131,7 @@ impl Gan {
             im_every: 1,
             steps_done: 0,
             queries_done: 0,
+            label_counts: vec![0; classes],
         })
     }
 
@@ -133,6 +141,12 @@ impl Gan {
         if let Some(cap) = self.config.im_queries {
             self.im_every = if cap == 0 { usize::MAX } else { images.div_ceil(cap).max(1) as usize };
         }
+    }
+
+    /// The teacher's top answers counted per class since the last call (empty if none).
+    pub fn take_label_counts(&mut self) -> Vec<u64> {
+        let counts = std::mem::replace(&mut self.label_counts, vec![0; self.classes]);
+        if counts.iter().all(|&n| n == 0) { Vec::new() } else { counts }
     }
 
     /// One discriminator step on `real` images and one generator step with fresh noise, asking
@@ -160,6 +174,9 @@ impl Gan {
             let responses = teacher.query(&to_pixels(fake.clone().detach()))?;
             self.queries_done += b as u64;
             let (targets, labels) = (responses.targets(classes), responses.labels(classes));
+            for &label in &labels {
+                self.label_counts[label] += 1;
+            }
             im_weights(&targets, &labels, classes, self.hard, self.config.im_weight)
         } else {
             // Over the query cap: the IM term is left out of this step.
@@ -207,7 +224,14 @@ pub fn deprivatize(
         }
         let [d_loss, g_loss, im_loss] =
             sums.map_or([0.0; 3], |sums| sums.map(|t| t.into_scalar::<f32>() as f64 / steps.max(1) as f64));
-        let row = GanEpoch { epoch: epoch + 1, d_loss, g_loss, im_loss, queries: teacher.usage().queries };
+        let row = GanEpoch {
+            epoch: epoch + 1,
+            d_loss,
+            g_loss,
+            im_loss,
+            queries: teacher.usage().queries,
+            teacher_labels: gan.take_label_counts(),
+        };
         on_epoch(&row, &gan.generator, teacher.usage()).map_err(MethodError::Callback)?;
     }
     Ok(gan.generator)

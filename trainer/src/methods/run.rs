@@ -352,8 +352,14 @@ fn deprivatization_stage(
             row.d_loss, row.g_loss, row.im_loss, row.queries
         ));
         bar.suspend(|| {
+            let classes = if row.teacher_labels.is_empty() {
+                String::new()
+            } else {
+                let seen = row.teacher_labels.iter().filter(|&&n| n > 0).count();
+                format!(", teacher labels {seen}/{} classes {:?}", row.teacher_labels.len(), row.teacher_labels)
+            };
             eprintln!(
-                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}",
+                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}{classes}",
                 row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries
             )
         });

@@ -94,7 +94,7 @@ pub enum TeacherError {
 }
 
 /// The one door to the teacher.
-pub trait Teacher {
+pub trait Teacher: Send {
     /// Input shape, classes, response mode, normalisation.
     fn info(&self) -> &TeacherInfo;
     /// Answers for `images` (`u8`, CHW, back to back, the teacher's input shape).

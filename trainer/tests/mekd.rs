@@ -114,8 +114,19 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let run = RunDir::create(&runs.path().join("fresh")).unwrap();
     let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
     let objective = MekdObjective { generator: &generator, config: &fresh };
-    train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
+    let (_, first) =
+        train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 48);
+    // The teacher answers the next batch on a thread during each step: still deterministic.
+    let run = RunDir::create(&runs.path().join("fresh-again")).unwrap();
+    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let (_, again) =
+        train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
+    assert_eq!(teacher.usage().queries - start, 96);
+    let values = |rows: &[mekd_trainer::methods::student::StudentEpoch]| {
+        rows.iter().map(|r| (r.loss, r.test_acc, r.terms.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(values(&first), values(&again));
     // Distillation left the generator untouched.
     let after: Vec<f32> = generator.forward(z).into_data().try_to_vec().unwrap();
     assert_eq!(before, after);

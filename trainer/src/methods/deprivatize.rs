@@ -241,3 +241,24 @@ pub fn deprivatize(
 pub fn freeze(generator: &Generator) -> Generator {
     generator.valid().no_grad()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_frozen_generator_is_a_pure_function_even_of_autodiff_inputs() {
+        let train = Device::flex().autodiff();
+        train.seed(2);
+        let generator = GeneratorConfig::new(10, 1).with_width(8).init(&train).unwrap();
+        let frozen = freeze(&generator);
+        let z = Tensor::<2>::random([4, 10], Distribution::Normal(0.0, 1.0), &train);
+        let first: Vec<f32> = frozen.forward(z.clone()).into_data().try_to_vec().unwrap();
+        let other = Tensor::<2>::random([64, 10], Distribution::Normal(0.0, 3.0), &train);
+        let _ = frozen.forward(other);
+        let again: Vec<f32> = frozen.forward(z.clone()).into_data().try_to_vec().unwrap();
+        assert_eq!(first, again, "a frozen generator's output may not depend on earlier batches");
+        let single: Vec<f32> = frozen.forward(z.slice([0..1, 0..10])).into_data().try_to_vec().unwrap();
+        assert_eq!(&first[..1024], &single[..], "nor on the rest of its batch (inference BatchNorm)");
+    }
+}

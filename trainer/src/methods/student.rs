@@ -198,10 +198,16 @@ pub fn fresh_batch(
     device: &Device,
 ) -> Result<(Vec<u8>, Vec<f32>), MethodError> {
     let classes = teacher.info().num_classes;
-    let z = Tensor::<2>::random([batch, classes], Distribution::Normal(0.0, 1.0), device);
-    let pixels = to_pixels(generator.forward(z));
+    let pixels = synthetic_pixels(generator, classes, batch, device);
     let targets = teacher.query(&pixels)?.targets(classes);
     Ok((pixels, targets))
+}
+
+/// A synthetic batch from the frozen generator (fresh noise from the device's generator), as
+/// `u8` pixels.
+fn synthetic_pixels(generator: &Generator, classes: usize, batch: usize, device: &Device) -> Vec<u8> {
+    let z = Tensor::<2>::random([batch, classes], Distribution::Normal(0.0, 1.0), device);
+    to_pixels(generator.forward(z))
 }
 
 /// One SGD step of a `spec` student on `pixels` (`u8`, as the teacher saw them) and `targets`;
@@ -287,18 +293,37 @@ pub fn train_student(
         };
         // Sums stay on the device: no host round trip per step beyond the teacher's.
         let mut sums: Option<(Tensor<1>, Vec<Tensor<1>>)> = None;
+        // Fresh mode: the teacher answers the next batch on a thread while the student steps on
+        // this one (a remote teacher's latency then hides behind the step). Deterministic: this
+        // thread draws all the noise, in a fixed order; the teacher's thread draws none.
+        let mut prefetched: Option<(Vec<u8>, Vec<f32>)> = None;
         for step in 0..config.steps_per_epoch {
-            let (pixels, targets) = match transfer {
-                Transfer::Pool(pool) => {
+            let (pixels, targets) = match (transfer, prefetched.take()) {
+                (Transfer::Pool(pool), _) => {
                     let n = order.len();
                     let first = (step * config.batch) % n;
                     let picks: Vec<usize> = (0..config.batch.min(n)).map(|i| order[(first + i) % n]).collect();
                     pool.batch(&picks)
                 }
-                Transfer::Fresh(generator) => fresh_batch(generator, teacher, config.batch, device)?,
+                (Transfer::Fresh(_), Some(batch)) => batch,
+                (Transfer::Fresh(generator), None) => fresh_batch(generator, teacher, config.batch, device)?,
             };
             let (loss, terms);
-            (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr);
+            match transfer {
+                Transfer::Fresh(generator) if step + 1 < config.steps_per_epoch => {
+                    let classes = teacher.info().num_classes;
+                    let next = synthetic_pixels(generator, classes, config.batch, device);
+                    let answer;
+                    (student, loss, terms, answer) = std::thread::scope(|scope| {
+                        let query = scope.spawn(|| teacher.query(&next));
+                        let (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr);
+                        let answer = query.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        (student, loss, terms, answer)
+                    });
+                    prefetched = Some((next, answer?.targets(classes)));
+                }
+                _ => (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr),
+            }
             let terms: Vec<Tensor<1>> = terms.into_iter().map(|t| t.detach()).collect();
             sums = Some(match sums {
                 None => (loss.detach(), terms),

@@ -24,7 +24,7 @@ use crate::device::DeviceKind;
 use crate::methods::deprivatize::{Gan, GanConfig, freeze};
 use crate::methods::losses::ImWeight;
 use crate::methods::mekd::{DistillConfig, MekdObjective};
-use crate::methods::student::{StudentStep, fresh_batch};
+use crate::methods::student::{StudentStep, fresh_batch, synthetic_pixels};
 use crate::schedule::reference_sgd;
 
 /// Timings of one kind of step.
@@ -275,6 +275,22 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         let server = crate::teacher::server::start(&serve).context("starting the loopback teacher (ONNX Runtime)")?;
         let mut http = HttpTeacher::connect(&server.url(), "bench-key", None)?;
         rows.push(mekd_step(&mut http, "mekd step, http teacher (loopback)")?);
+        // As `mekd distill` runs it: the next batch's answers come on a thread during the step
+        // (`teacher_ms` is then the query's own time, spent beside the step).
+        let mut student = student_spec.init(&device)?;
+        let mut optim = reference_sgd(0.9, 5e-4);
+        let mut batch = fresh_batch(&generator, &mut http, 128, &device)?;
+        rows.push(time_steps("mekd step, http teacher, overlapped", config, 128, || {
+            let mut timed = Timed { inner: &mut http, spent: Duration::ZERO };
+            let next = synthetic_pixels(&generator, 10, 128, &device);
+            let (pixels, targets) = std::mem::take(&mut batch);
+            let (next_student, loss, _, answer) =
+                stepper.run_while_querying(student.clone(), &mut optim, (&pixels, targets), 0.1, &mut timed, &next);
+            student = next_student;
+            batch = (next, answer?.targets(10));
+            loss.into_scalar::<f32>();
+            Ok(timed.spent)
+        })?);
         server.shutdown()?;
     }
     Ok(rows)

@@ -20,7 +20,7 @@ use super::MethodError;
 use super::deprivatize::to_pixels;
 use super::mekd::DistillConfig;
 use crate::batches::epoch_order;
-use crate::blackbox::{Teacher, Usage};
+use crate::blackbox::{Responses, Teacher, TeacherError, Usage};
 use crate::rundir::RunDir;
 use crate::schedule::{multi_step, reference_sgd};
 use crate::teacher::train::accuracy;
@@ -205,7 +205,7 @@ pub fn fresh_batch(
 
 /// A synthetic batch from the frozen generator (fresh noise from the device's generator), as
 /// `u8` pixels.
-fn synthetic_pixels(generator: &Generator, classes: usize, batch: usize, device: &Device) -> Vec<u8> {
+pub fn synthetic_pixels(generator: &Generator, classes: usize, batch: usize, device: &Device) -> Vec<u8> {
     let z = Tensor::<2>::random([batch, classes], Distribution::Normal(0.0, 1.0), device);
     to_pixels(generator.forward(z))
 }
@@ -243,6 +243,27 @@ impl StudentStep<'_> {
         let grads = GradientsParams::from_grads(loss.differentiable.backward(), &student);
         let student = optim.step(lr, student, grads);
         (student, loss.total, loss.terms)
+    }
+}
+
+impl StudentStep<'_> {
+    /// [`StudentStep::run`] on `batch` while `teacher` answers `next` on another thread: what
+    /// fresh-mode distillation does, so a remote teacher's latency hides behind the step.
+    pub fn run_while_querying(
+        &self,
+        student: Classifier,
+        optim: &mut ModuleOptimizer,
+        batch: (&[u8], Vec<f32>),
+        lr: f64,
+        teacher: &mut dyn Teacher,
+        next: &[u8],
+    ) -> (Classifier, Tensor<1>, Vec<Tensor<1>>, Result<Responses, TeacherError>) {
+        std::thread::scope(|scope| {
+            let query = scope.spawn(|| teacher.query(next));
+            let (student, loss, terms) = self.run(student, optim, batch.0, batch.1, lr);
+            let answer = query.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (student, loss, terms, answer)
+        })
     }
 }
 
@@ -314,12 +335,8 @@ pub fn train_student(
                     let classes = teacher.info().num_classes;
                     let next = synthetic_pixels(generator, classes, config.batch, device);
                     let answer;
-                    (student, loss, terms, answer) = std::thread::scope(|scope| {
-                        let query = scope.spawn(|| teacher.query(&next));
-                        let (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr);
-                        let answer = query.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                        (student, loss, terms, answer)
-                    });
+                    (student, loss, terms, answer) =
+                        stepper.run_while_querying(student, &mut optim, (&pixels, targets), lr, teacher, &next);
                     prefetched = Some((next, answer?.targets(classes)));
                 }
                 _ => (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr),

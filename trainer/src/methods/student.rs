@@ -244,9 +244,7 @@ impl StudentStep<'_> {
         let student = optim.step(lr, student, grads);
         (student, loss.total, loss.terms)
     }
-}
 
-impl StudentStep<'_> {
     /// [`StudentStep::run`] on `batch` while `teacher` answers `next` on another thread: what
     /// fresh-mode distillation does, so a remote teacher's latency hides behind the step.
     pub fn run_while_querying(

@@ -141,11 +141,12 @@ impl Generator {
     /// images of `trace` is `images_grad`: the vector-Jacobian product of the frozen generator
     /// (inference BatchNorm), by hand.
     ///
-    /// Why by hand: autodiff computes a convolution's input gradient with the backends'
-    /// data-gradient kernels, which on burn-wgpu ran ~10x slower than the forward convolution
-    /// and dominated MEKD's step. For the generator's 3x3, stride 1, padding 1 convolutions the
-    /// input gradient *is* a forward convolution, with the kernel transposed (in/out channels)
-    /// and flipped; nearest 2x upsampling's is a 2x2 sum; BatchNorm's a per-channel scale.
+    /// Why by hand: MEKD differentiates through the frozen generator at every step, and this
+    /// needs no autodiff graph and no data-gradient kernels: for the generator's 3x3, stride 1,
+    /// padding 1 convolutions the input gradient *is* a forward convolution, with the kernel
+    /// transposed (in/out channels) and flipped; nearest 2x upsampling's is a 2x2 sum;
+    /// BatchNorm's a per-channel scale. (On burn-wgpu the MEKD loss with its gradient takes
+    /// 4 ms at batch 128, `BENCHMARKS.md`.)
     /// Agrees with autodiff through [`Generator::forward`] (test `latent_grad_matches_autodiff`).
     pub fn latent_grad(&self, trace: &GeneratorTrace, images_grad: Tensor<4>) -> Tensor<2> {
         let [batch, _, _, _] = images_grad.dims();

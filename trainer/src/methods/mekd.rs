@@ -92,12 +92,12 @@ impl Default for DistillConfig {
 /// Gradients flow through the frozen generator into the student only.
 ///
 /// The generator runs without autodiff: the image term's gradient with respect to `s / tau_g`
-/// is computed by [`Generator::latent_grad`] (the generator's vector-Jacobian product by hand,
-/// ~10x cheaper than autodiff's convolution input gradients on burn-wgpu) and enters the
-/// differentiated loss as `<s / tau_g, g>`, whose gradient is `g`; the reported values are the
-/// real ones. The generator's side is kept apart from the student's autodiff graph: the logits
-/// cross to it, and `g` comes back, as host data (`[batch, classes]` values each way). Mixing
-/// the two graphs' tensors directly computed wrong values on burn-wgpu
+/// is computed by [`Generator::latent_grad`] (the generator's vector-Jacobian product by hand:
+/// no autodiff graph through the generator) and enters the differentiated loss as
+/// `<s / tau_g, g>`, whose gradient is `g`; the reported values are the real ones. The
+/// generator's side is kept apart from the student's autodiff graph: the logits cross to it,
+/// and `g` comes back, as host data (`[batch, classes]` values each way). Tensors of the two
+/// graphs mixed directly are the suspect in wrong values seen on burn-wgpu
 /// (`results/mnist-resnet32-resnet8-h200/README.md`).
 pub fn mekd_loss(
     generator: &Generator,

@@ -4,7 +4,9 @@
 # Vulkan loader packages in .gl/ (see the device tool README). Verbs: phaseA (teacher + bench +
 # launch), phaseB SECONDS (wait, collect to $OUT), phaseC SECONDS (unpack a teacher, launch, wait);
 # full SECONDS (the issue's schedule with the committed teacher: launch, wait, collect), then
-# phaseB SECONDS in a call chained right after it (the machine stays warm for 30 s only).
+# phaseB SECONDS in a call chained right after it (the machine stays warm for 30 s only);
+# verify SECONDS (self-test and step benchmark on GPU 0, then the MEKD runs of `full` on GPUs
+# 1-3 if the self-test passed; wait, collect).
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -57,6 +59,22 @@ full() {  # the issue's schedule: GAN 40 epochs, 30 x 500 steps, decay at 10 and
   bench 0 bench
   distill mekd-hard-10k 0 $F --response hard $B
   distill kd-soft-10k 0 $F --method kd --response soft --budget 10000 --max-queries 10000
+  phaseB $1
+}
+verify() {
+  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 --verbose 2>&1 | tee $OUT/self-test.txt
+  local ok=${PIPESTATUS[0]}
+  if [ "$ok" = 0 ]; then
+    F="--gan-epochs 40 --steps 500"
+    TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
+    distill mekd-soft 1 $F --response soft --im-weight class-index
+    distill mekd-hard 2 $F --response hard --im-weight class-index
+    B="--im-weight class-index --gan-queries 4000 --budget 6000 --max-queries 10000"
+    distill mekd-soft-10k 3 $F --response soft $B
+    distill mekd-hard-10k 3 $F --response hard $B
+    echo launched
+  fi
+  bench 0 bench
   phaseB $1
 }
 phaseA() {

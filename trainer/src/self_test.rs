@@ -5,19 +5,22 @@
 //!
 //! Checked: the generator's images, the MEKD loss (value, its terms, and its gradient with
 //! respect to the student's logits, through the hand-written generator VJP and through plain
-//! autodiff), the GAN's BCE gradient at saturated logits, and that `x - x.detach()` is exactly
-//! zero (an identity that a correct backend always keeps).
+//! autodiff), the GAN's BCE gradient at saturated logits, that `x - x.detach()` is exactly
+//! zero (an identity that a correct backend always keeps), and one whole MEKD step of a small
+//! student (its loss, and its logits after the step).
 
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::Serialize;
 
-use mekd_models::{Generator, GeneratorConfig};
+use mekd_models::{Architecture, Classifier, ClassifierSpec, Generator, GeneratorConfig};
 
 use crate::device::DeviceKind;
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
-use crate::methods::mekd::{DistillConfig, mekd_loss};
+use crate::methods::mekd::{DistillConfig, MekdObjective, mekd_loss};
+use crate::methods::student::StudentStep;
+use crate::schedule::reference_sgd;
 
 /// One compared quantity.
 #[derive(Clone, Debug, Serialize)]
@@ -106,7 +109,36 @@ fn probe(generator: &Generator, plain: &Device, device: &Device) -> Vec<(String,
     let logits = tensor(&s).require_grad();
     let linear = (logits * tensor(&t).without_autodiff()).sum();
     out.push(("x - x.detach() (must be 0)".to_string(), values(linear.clone() - linear.detach())));
+
+    // A whole MEKD student step, as `mekd distill` runs it: a student network's logits (not a
+    // leaf) through the loss, backward into its weights, one SGD step.
+    let spec = ClassifierSpec { architecture: Architecture::LeNet5Half, in_channels: 1, num_classes: CLASSES };
+    let student = reference_student(&spec).to_device(device);
+    let pixels: Vec<u8> = (0..BATCH * 32 * 32).map(|i| ((i * 37 + i / 1024 * 11) % 256) as u8).collect();
+    let config = DistillConfig::default();
+    let objective = MekdObjective { generator: &generator, config: &config };
+    let step = StudentStep { spec: &spec, objective: &objective, device };
+    let mut optim = reference_sgd(config.momentum, config.weight_decay);
+    let (student, loss, terms) = step.run(student, &mut optim, &pixels, t.clone(), 0.1);
+    let mut reported = values(loss);
+    reported.extend(terms.into_iter().flat_map(values));
+    out.push(("student step: loss, image, kl".to_string(), reported));
+    let x = Tensor::<4>::from_data(
+        TensorData::new(pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect(), [BATCH, 1, 32, 32]),
+        device,
+    );
+    out.push(("student step: logits after it".to_string(), values(student.valid().forward(x.without_autodiff()))));
     out
+}
+
+/// A LeNet-5-half with seeded weights, built on flex so every device gets the same ones (a
+/// forward pass materialises burn's lazily initialised parameters here, before they move).
+fn reference_student(spec: &ClassifierSpec) -> Classifier {
+    let device = Device::flex().autodiff();
+    device.seed(23);
+    let student = spec.init(&device).expect("LeNet-5-half builds");
+    let _ = student.forward(Tensor::<4>::zeros([1, 1, 32, 32], &device));
+    student
 }
 
 /// Run the probes on flex and on `device`, and compare them.

@@ -37,5 +37,5 @@ fn self_test_compares_another_backend_with_flex() {
     {
         assert!(stdout.lines().any(|l| l.starts_with(check) && l.ends_with("ok")), "{check}:\n{stdout}");
     }
-    assert!(stdout.contains("all 9 checks agree with flex"), "{stdout}");
+    assert!(stdout.contains("all 11 checks agree with flex"), "{stdout}");
 }

@@ -47,13 +47,16 @@ launch_short() {
   distill mekd-soft-10k 3 $S --response soft --gan-queries 4000 --budget 6000 --max-queries 10000
   distill mekd-hard-10k 3 $S --response hard --budget 10000 --max-queries 10000
 }
-full() {  # the schedule: GAN 40 epochs, 30 x 500 steps, decay at 10 and 20
-  F="--gan-epochs 40 --steps 500"
+F="--gan-epochs 40 --steps 500"  # the schedule: GAN 40 epochs, 30 x 500 steps
+B="--im-weight class-index --gan-queries 4000 --budget 6000 --max-queries 10000"  # 10k budget
+launch_mekd_full() {  # MEKD soft and hard on GPUs 1 and 2, the soft 10k run on GPU 3
   TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
   distill mekd-soft 1 $F --response soft --im-weight class-index
   distill mekd-hard 2 $F --response hard --im-weight class-index
-  B="--im-weight class-index --gan-queries 4000 --budget 6000 --max-queries 10000"
   distill mekd-soft-10k 3 $F --response soft $B
+}
+full() {  # everything of results/mnist-resnet32-resnet8-h200
+  launch_mekd_full
   distill kd-soft 3 $F --method kd --response soft
   distill kd-hard 3 $F --method kd --response hard
   bench 0 bench
@@ -65,12 +68,7 @@ verify() {
   CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 --verbose 2>&1 | tee $OUT/self-test.txt
   local ok=${PIPESTATUS[0]}
   if [ "$ok" = 0 ]; then
-    F="--gan-epochs 40 --steps 500"
-    TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
-    distill mekd-soft 1 $F --response soft --im-weight class-index
-    distill mekd-hard 2 $F --response hard --im-weight class-index
-    B="--im-weight class-index --gan-queries 4000 --budget 6000 --max-queries 10000"
-    distill mekd-soft-10k 3 $F --response soft $B
+    launch_mekd_full
     distill mekd-hard-10k 3 $F --response hard $B
     echo launched
   fi

@@ -5,9 +5,9 @@
 //!
 //! Checked: the generator's images, the MEKD loss (value, its terms, and its gradient with
 //! respect to the student's logits, through the hand-written generator VJP and through plain
-//! autodiff), the GAN's BCE gradient at saturated logits, that `x - x.detach()` is exactly
-//! zero (an identity that a correct backend always keeps), and one whole MEKD step of a small
-//! student (its loss, and its logits after the step).
+//! autodiff), the GAN's BCE gradient at saturated logits, a tracked tensor times a plain one
+//! (the value of `x - x.detach()`, which a correct backend keeps at exactly zero, and the
+//! gradient), and one whole MEKD step of a small student (its loss, and its logits after it).
 
 use anyhow::Result;
 use burn::module::Module;
@@ -106,9 +106,14 @@ fn probe(generator: &Generator, plain: &Device, device: &Device) -> Vec<(String,
     let grads = bce_with_logits(saturated.clone(), 0.0).backward();
     out.push(("bce logits gradient".to_string(), saturated.grad(&grads).map(values).unwrap_or_default()));
 
+    // A tracked tensor times a plain one created for the product (its last use on the plain
+    // side): the pattern of the first hand-VJP loss, which gave wrong values on burn-wgpu.
     let logits = tensor(&s).require_grad();
-    let linear = (logits * tensor(&t).without_autodiff()).sum();
-    out.push(("x - x.detach() (must be 0)".to_string(), values(linear.clone() - linear.detach())));
+    let plain_factor = Tensor::<2>::from_data(TensorData::new(t.clone(), [BATCH, CLASSES]), plain);
+    let linear = (logits.clone() * plain_factor).sum();
+    out.push(("mixed graph: x - x.detach() (must be 0)".to_string(), values(linear.clone() - linear.clone().detach())));
+    let grads = linear.backward();
+    out.push(("mixed graph: d/dx <x, plain>".to_string(), logits.grad(&grads).map(values).unwrap_or_default()));
 
     // A whole MEKD student step, as `mekd distill` runs it: a student network's logits (not a
     // leaf) through the loss, backward into its weights, one SGD step.

@@ -96,9 +96,9 @@ impl Default for DistillConfig {
 /// no autodiff graph through the generator) and enters the differentiated loss as
 /// `<s / tau_g, g>`, whose gradient is `g`; the reported values are the real ones. The
 /// generator's side is kept apart from the student's autodiff graph: the logits cross to it,
-/// and `g` comes back, as host data (`[batch, classes]` values each way). Tensors of the two
-/// graphs mixed directly are the suspect in wrong values seen on burn-wgpu
-/// (`results/mnist-resnet32-resnet8-h200/README.md`).
+/// and `g` and the KL's value come back, as host data (`[batch, classes]` values each way), so
+/// no tensor is shared by the two. Tensors of the two graphs mixed directly are the suspect in
+/// wrong values seen on burn-wgpu (`results/mnist-resnet32-resnet8-h200/README.md`).
 pub fn mekd_loss(
     generator: &Generator,
     student_logits: Tensor<2>,
@@ -116,7 +116,7 @@ pub fn mekd_loss(
     let latent_grad = Tensor::<2>::from_data(generator.latent_grad(&trace, images_grad).into_data(), &training);
     let image_by_gradient = (latent * latent_grad).sum();
     let kl = kd_kl(student_logits, targets, config.tau);
-    let kl_value = kl.clone().detach().without_autodiff();
+    let kl_value = Tensor::<1>::from_data(kl.clone().detach().into_data(), &plain);
     BatchLoss {
         differentiable: image_by_gradient.mul_scalar(config.w_f) + kl.mul_scalar(config.w_kl),
         total: image.clone().mul_scalar(config.w_f) + kl_value.clone().mul_scalar(config.w_kl),

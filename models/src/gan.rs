@@ -114,19 +114,17 @@ pub struct Generator {
 impl Generator {
     /// Images in `[-1, 1]`, shape `[batch, channels, 32, 32]`, from latents `[batch, classes]`.
     pub fn forward(&self, z: Tensor<2>) -> Tensor<4> {
-        let [batch, _] = z.dims();
-        let x = self.fc.forward(z).reshape([batch, self.width, self.seed, self.seed]);
-        let x = self.up.forward(self.bn0.forward(x));
-        let x = leaky_relu(self.bn1.forward(self.conv1.forward(x)), LEAKY_SLOPE);
-        let x = self.up.forward(x);
-        let x = leaky_relu(self.bn2.forward(self.conv2.forward(x)), LEAKY_SLOPE);
-        tanh(self.conv3.forward(x))
+        self.forward_parts(z).images
     }
 
     /// The forward pass of a frozen generator (see [`Generator::latent_grad`]), keeping what its
     /// backward pass needs. `z` is taken without autodiff: nothing is recorded.
     pub fn forward_traced(&self, z: Tensor<2>) -> GeneratorTrace {
-        let z = z.without_autodiff();
+        self.forward_parts(z.without_autodiff())
+    }
+
+    /// The layers, with the pre-activations of the two hidden convolution blocks kept.
+    fn forward_parts(&self, z: Tensor<2>) -> GeneratorTrace {
         let [batch, _] = z.dims();
         let x = self.fc.forward(z).reshape([batch, self.width, self.seed, self.seed]);
         let x = self.up.forward(self.bn0.forward(x));

@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use mekd_models::{Architecture, Classifier, ClassifierSpec, Generator, GeneratorConfig};
 
+use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+
 use crate::device::DeviceKind;
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
 use crate::methods::mekd::{DistillConfig, MekdObjective, mekd_loss};
@@ -128,10 +130,8 @@ fn probe(generator: &Generator, plain: &Device, device: &Device) -> Vec<(String,
     let mut reported = values(loss);
     reported.extend(terms.into_iter().flat_map(values));
     out.push(("student step: loss, image, kl".to_string(), reported));
-    let x = Tensor::<4>::from_data(
-        TensorData::new(pixels.iter().map(|&p| p as f32 / 127.5 - 1.0).collect(), [BATCH, 1, 32, 32]),
-        device,
-    );
+    let input = to_model_input(&pixels, spec.image_shape(), &Normalisation::symmetric(1));
+    let x = Tensor::<4>::from_data(TensorData::new(input, [BATCH, 1, 32, 32]), device);
     out.push(("student step: logits after it".to_string(), values(student.valid().forward(x.without_autodiff()))));
     out
 }

@@ -6,16 +6,19 @@
 # full SECONDS (the issue's schedule with the committed teacher: launch, wait, collect), then
 # phaseB SECONDS in a call chained right after it (the machine stays warm for 30 s only);
 # verify SECONDS (self-test and step benchmark on GPU 0, then the MEKD runs of `full` on GPUs
-# 1-3 if the self-test passed; wait, collect).
+# 1-3 if the self-test passed; wait, collect); single SECONDS (the same on a one-GPU machine, MEKD
+# soft and hard only), then resumeB SECONDS in each chained call: it also returns unfinished runs
+# whole, so that a later machine can continue them with `distill ... --resume`.
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
 export ORT_DYLIB_PATH=/tmp/libonnxruntime.so
 M=/tmp/mekd
 setup() {
-  if [ ! -x $M ]; then
+  # /tmp can outlive a lease: unpack again whenever the carried binary changed.
+  if [ ! -x $M ] || [ "$(cat $M.sum 2>/dev/null)" != "$(cksum < .device/mekd.xz)" ]; then
     for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
-    xz -dc .device/mekd.xz > $M; chmod +x $M
+    xz -dc .device/mekd.xz > $M; chmod +x $M; cksum < .device/mekd.xz > $M.sum
     xz -dc .device/libonnxruntime.so.xz > /tmp/libonnxruntime.so
   fi
   if ! ldconfig -p | grep -q libvulkan; then echo "no libvulkan"; fi
@@ -75,6 +78,24 @@ verify() {
   bench 0 bench
   phaseB $1
 }
+single() {  # one GPU: self-test, step benchmark, then MEKD soft + hard side by side; wait, collect
+  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 --verbose 2>&1 | tee $OUT/self-test.txt
+  local ok=${PIPESTATUS[0]}
+  bench 0 bench
+  if [ "$ok" = 0 ]; then
+    TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
+    distill mekd-soft 0 $F --response soft --im-weight class-index
+    distill mekd-hard 0 $F --response hard --im-weight class-index
+    echo launched
+  fi
+  resumeB $1
+}
+resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume
+  phaseB $1
+  for d in $(ls -d runs/gpu/*/ 2>/dev/null); do n=$(basename $d)
+    [ -f $d/summary.json ] || tar czf $OUT/$n.resume.tar.gz --exclude=samples -C runs/gpu $n $n.log
+  done
+}
 phaseA() {
   teacher 0
   CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
@@ -123,7 +144,7 @@ wait_all() {  # seconds
 }
 collect() {
   mkdir -p /tmp/res
-  for d in runs/gpu/*/; do n=$(basename $d); mkdir -p /tmp/res/$n
+  for d in $(ls -d runs/gpu/*/ 2>/dev/null); do n=$(basename $d); mkdir -p /tmp/res/$n
     (cd $d && cp -r $(ls | grep -v -e checkpoints -e transfer.pool -e samples) /tmp/res/$n/ 2>/dev/null)
     [ -d $d/samples ] && mkdir -p /tmp/res/$n/samples && cp $(ls -v $d/samples/*.png | tail -1) /tmp/res/$n/samples/
   done

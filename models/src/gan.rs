@@ -182,6 +182,15 @@ impl GeneratorTrace {
     pub fn images(&self) -> &Tensor<4> {
         &self.images
     }
+
+    /// The trace of the batch rows `rows` alone (as if only their latents had been passed).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> GeneratorTrace {
+        GeneratorTrace {
+            pre1: self.pre1.clone().slice(rows.clone()),
+            pre2: self.pre2.clone().slice(rows.clone()),
+            images: self.images.clone().slice(rows),
+        }
+    }
 }
 
 /// Input gradient of a 3x3, stride 1, padding 1 convolution: the same convolution of the output

@@ -113,10 +113,17 @@ fn latent_grad_matches_autodiff() {
     let trace = frozen.forward_traced(z);
     let same: Vec<f32> = (trace.images().clone() - images.inner()).abs().max().into_data().try_to_vec().unwrap();
     assert!(same[0] < 1e-6, "traced images differ by {}", same[0]);
-    let got: Vec<f32> = frozen.latent_grad(&trace, cotangent).into_data().try_to_vec().unwrap();
+    let got: Vec<f32> = frozen.latent_grad(&trace, cotangent.clone()).into_data().try_to_vec().unwrap();
     let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 1e-3, "a gradient worth comparing: {expected:?}");
     for (e, g) in expected.iter().zip(&got) {
         assert!((e - g).abs() <= 1e-4 * scale, "{expected:?}\nvs\n{got:?}");
+    }
+
+    // The trace of some rows of a batch serves as the trace of those rows alone.
+    let rows: Vec<f32> = frozen.latent_grad(&trace.rows(1..4), cotangent.slice(1..4)).into_data().try_to_vec().unwrap();
+    assert_eq!(rows.len(), 30);
+    for (e, g) in expected[10..40].iter().zip(&rows) {
+        assert!((e - g).abs() <= 1e-4 * scale, "{expected:?}\nvs rows 1..4\n{rows:?}");
     }
 }

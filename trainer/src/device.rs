@@ -1,5 +1,7 @@
-//! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, or `wgpu[:N]`
-//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`).
+//! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, `wgpu[:N]`
+//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`), or
+//! `wgpu:cpu` (the same burn-wgpu code on a software Vulkan driver such as Mesa's lavapipe:
+//! slow, but it runs the GPU path, fusion included, on a machine without a GPU).
 //! burn's CUDA backend is left out on purpose: cubecl-cuda 0.11 depends on cubecl-llvm, whose
 //! build script downloads LLVM (tracel-llvm-bundler), and builds here must fetch nothing.
 
@@ -18,6 +20,8 @@ pub enum DeviceKind {
     Ndarray,
     /// The discrete GPU with this index, through burn-wgpu (Vulkan, Metal or DX12).
     Wgpu(usize),
+    /// burn-wgpu on a CPU adapter (a software Vulkan driver, e.g. Mesa's lavapipe).
+    WgpuCpu,
 }
 
 /// A device that cannot be used, and why.
@@ -28,18 +32,19 @@ pub enum DeviceError {
     NotCompiled(&'static str),
     /// No GPU adapter answered (no GPU, no driver, or no Vulkan loader).
     #[error(
-        "no usable GPU for `--device wgpu:{index}`: {reason}\n\
+        "no usable GPU for `--device {device}`: {reason}\n\
          (burn-wgpu needs a discrete GPU with a Vulkan, Metal or DX12 driver; on Linux the Vulkan \
-         loader libvulkan.so.1 and the vendor's ICD. Use `--device flex` to train on the CPU.)"
+         loader libvulkan.so.1 and the vendor's ICD; `wgpu:cpu` needs a software Vulkan driver such \
+         as Mesa's lavapipe. Use `--device flex` to train on the CPU.)"
     )]
     NoAdapter {
-        /// The requested discrete GPU.
-        index: usize,
+        /// The requested device.
+        device: DeviceKind,
         /// What wgpu said.
         reason: String,
     },
     /// The device name could not be parsed.
-    #[error("unknown device `{0}`: expected flex, ndarray, wgpu or wgpu:N (N = GPU index)")]
+    #[error("unknown device `{0}`: expected flex, ndarray, wgpu, wgpu:N (N = GPU index) or wgpu:cpu")]
     Unknown(String),
 }
 
@@ -51,6 +56,7 @@ impl FromStr for DeviceKind {
             "flex" | "cpu" => Ok(DeviceKind::Flex),
             "ndarray" => Ok(DeviceKind::Ndarray),
             "wgpu" | "gpu" => Ok(DeviceKind::Wgpu(0)),
+            "wgpu:cpu" => Ok(DeviceKind::WgpuCpu),
             other => other
                 .strip_prefix("wgpu:")
                 .and_then(|n| n.parse().ok())
@@ -66,6 +72,7 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Flex => f.write_str("flex"),
             DeviceKind::Ndarray => f.write_str("ndarray"),
             DeviceKind::Wgpu(index) => write!(f, "wgpu:{index}"),
+            DeviceKind::WgpuCpu => f.write_str("wgpu:cpu"),
         }
     }
 }
@@ -90,7 +97,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Flex => Ok(Device::flex()),
             DeviceKind::Ndarray => ndarray_device(),
-            DeviceKind::Wgpu(index) => gpu::wgpu_device(index),
+            DeviceKind::Wgpu(_) | DeviceKind::WgpuCpu => gpu::wgpu_device(self),
         }
     }
 
@@ -121,22 +128,26 @@ mod gpu {
     use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, try_init_setup};
     use burn::tensor::Device;
 
-    use super::DeviceError;
+    use super::{DeviceError, DeviceKind};
 
     /// Adapters already opened in this process (wgpu registers a device once).
-    static OPENED: Mutex<Option<HashMap<usize, Result<(), String>>>> = Mutex::new(None);
+    static OPENED: Mutex<Option<HashMap<String, Result<(), String>>>> = Mutex::new(None);
 
-    /// Open the `index`-th discrete GPU, or say why it cannot be opened.
-    pub fn wgpu_device(index: usize) -> Result<Device, DeviceError> {
-        let device = WgpuDevice::from(WgpuDeviceKind::DiscreteGpu(index));
+    /// Open the burn-wgpu device `kind` names, or say why it cannot be opened.
+    pub fn wgpu_device(kind: DeviceKind) -> Result<Device, DeviceError> {
+        let device = WgpuDevice::from(match kind {
+            DeviceKind::WgpuCpu => WgpuDeviceKind::Cpu,
+            DeviceKind::Wgpu(index) => WgpuDeviceKind::DiscreteGpu(index),
+            DeviceKind::Flex | DeviceKind::Ndarray => unreachable!("{kind} is not a wgpu device"),
+        });
         let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let outcome = opened.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
+        let outcome = opened.get_or_insert_with(HashMap::new).entry(kind.to_string()).or_insert_with(|| {
             let options = RuntimeOptions::try_default().map_err(|e| e.to_string())?;
             try_init_setup::<AutoGraphicsApi>(&device, options).map(|_| ()).map_err(|e| e.to_string())
         });
         match outcome {
             Ok(()) => Ok(Device::from(device)),
-            Err(reason) => Err(DeviceError::NoAdapter { index, reason: reason.clone() }),
+            Err(reason) => Err(DeviceError::NoAdapter { device: kind, reason: reason.clone() }),
         }
     }
 }
@@ -145,10 +156,10 @@ mod gpu {
 mod gpu {
     use burn::tensor::Device;
 
-    use super::DeviceError;
+    use super::{DeviceError, DeviceKind};
 
     /// This build has no GPU backend.
-    pub fn wgpu_device(_index: usize) -> Result<Device, DeviceError> {
+    pub fn wgpu_device(_kind: DeviceKind) -> Result<Device, DeviceError> {
         Err(DeviceError::NotCompiled("wgpu"))
     }
 }
@@ -159,7 +170,9 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for kind in [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3)] {
+        for kind in
+            [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3), DeviceKind::WgpuCpu]
+        {
             assert_eq!(kind.to_string().parse::<DeviceKind>().unwrap(), kind);
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<DeviceKind>(&json).unwrap(), kind);

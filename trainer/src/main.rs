@@ -65,7 +65,7 @@ enum Command {
         /// Seed for fresh weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Backend to build the model on: flex (CPU), ndarray, or wgpu[:N] (N-th discrete GPU).
+        /// Backend to build the model on: flex (CPU), ndarray, wgpu[:N] (N-th discrete GPU) or wgpu:cpu.
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
     },
@@ -88,7 +88,7 @@ enum Command {
         /// A tiny configuration (one to two minutes; what the end-to-end test runs).
         #[arg(long)]
         tiny: bool,
-        /// Backend: flex (CPU, default), ndarray, or wgpu[:N].
+        /// Backend: flex (CPU, default), ndarray, wgpu[:N] or wgpu:cpu.
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
     },
@@ -97,7 +97,7 @@ enum Command {
     /// ResNet8 student, b128) and, with --http, the same against the teacher served over HTTP on
     /// loopback. Reports warm-up apart from the steady-state median and spread.
     BenchTrain {
-        /// Backend: flex (CPU), ndarray, or wgpu[:N].
+        /// Backend: flex (CPU), ndarray, wgpu[:N] or wgpu:cpu.
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
         /// Unmeasured steps first (autotuning, compilation).
@@ -120,7 +120,7 @@ enum Command {
     /// MEKD loss and its gradients (hand VJP and autodiff), the GAN's BCE gradient, compared
     /// with the CPU reference backend (flex). Exits with an error on any mismatch.
     SelfTest {
-        /// Backend under test: flex, ndarray, or wgpu[:N].
+        /// Backend under test: flex, ndarray, wgpu[:N] or wgpu:cpu.
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
         /// Print every value, not only the comparison.
@@ -292,7 +292,7 @@ struct DistillArgs {
     /// Seed (edge subset, noise, batch order, weights).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend: flex (CPU, default), ndarray, or wgpu[:N] (N-th discrete GPU; feature `wgpu`).
+    /// Backend: flex (CPU, default), ndarray, wgpu[:N] (N-th discrete GPU; feature `wgpu`) or wgpu:cpu (software Vulkan).
     #[arg(long, default_value_t = DeviceKind::Flex)]
     device: DeviceKind,
 }
@@ -416,7 +416,7 @@ struct TrainArgs {
     /// Seed of the weights and the batch order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend: flex (CPU, default), ndarray, or wgpu[:N] (N-th discrete GPU; feature `wgpu`).
+    /// Backend: flex (CPU, default), ndarray, wgpu[:N] (N-th discrete GPU; feature `wgpu`) or wgpu:cpu (software Vulkan).
     #[arg(long, default_value_t = DeviceKind::Flex)]
     device: DeviceKind,
     /// Train on the first N training images only.
@@ -478,10 +478,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::SelfTest { device, verbose } => {
             let checks = mekd_trainer::self_test::self_test(device)?;
-            println!("{:<40} {:>12} {:>12}  result", "check (vs flex)", "max |diff|", "tolerance");
+            println!("{:<40} {:>12} {:>12}  result", "check (vs flex)", "worst |diff|", "its tolerance");
             for c in &checks {
                 let verdict = if c.pass { "ok" } else { "MISMATCH" };
-                println!("{:<40} {:>12.3e} {:>12.3e}  {verdict}", c.name, c.max_abs_diff, c.tolerance);
+                println!("{:<40} {:>12.3e} {:>12.3e}  {verdict}", c.name, c.worst_diff, c.tolerance);
                 if verbose || !c.pass {
                     let shown =
                         |v: &[f32]| format!("{:?}{}", &v[..v.len().min(12)], if v.len() > 12 { " ..." } else { "" });

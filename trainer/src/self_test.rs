@@ -33,9 +33,10 @@ pub struct Check {
     pub reference: Vec<f32>,
     /// Values on the device under test.
     pub got: Vec<f32>,
-    /// Largest absolute difference.
-    pub max_abs_diff: f32,
-    /// Allowed: 1e-3 times the largest reference magnitude (at least 1e-12).
+    /// The absolute difference of the element furthest outside its tolerance.
+    pub worst_diff: f32,
+    /// That element's tolerance: 1e-3 times its reference magnitude plus 1e-5 times the largest
+    /// reference magnitude (so a small term next to a large one is still checked).
     pub tolerance: f32,
     /// Within tolerance.
     pub pass: bool,
@@ -93,8 +94,11 @@ fn probe(generator: &Generator, plain: &Device, device: &Device) -> Vec<(String,
             logits.grad(&grads).map(values).unwrap_or_default(),
         ));
 
+        // Plain autodiff through the generator; the teacher's images arrive as host data (two
+        // generator outputs combined on the device hit a burn-wgpu bug, see `mekd_loss`).
         let logits = tensor(&s).require_grad();
-        let g_t = generator.forward(tensor(&t).div_scalar(config.tau_g)).detach();
+        let g_t = generator.forward(tensor(&t).div_scalar(config.tau_g).without_autodiff()).into_data();
+        let g_t = Tensor::<4>::from_data(g_t, device);
         let g_s = generator.forward(logits.clone().div_scalar(config.tau_g));
         let grads = image_alignment(g_s, g_t, distance).backward();
         out.push((
@@ -156,14 +160,20 @@ pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
         .zip(got)
         .map(|((name, reference), (_, got))| {
             let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let tolerance = (1e-3 * scale).max(1e-12);
-            let max_abs_diff = if reference.len() == got.len() {
-                reference.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+            let allowed = |r: f32| (1e-3 * r.abs() + 1e-5 * scale).max(1e-12);
+            // The element furthest outside (or least inside) its own tolerance.
+            let (worst_diff, tolerance) = if reference.len() == got.len() {
+                reference
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| ((a - b).abs(), allowed(*a)))
+                    .max_by(|x, y| (x.0 / x.1).total_cmp(&(y.0 / y.1)))
+                    .unwrap_or((0.0, 1e-12))
             } else {
-                f32::INFINITY
+                (f32::INFINITY, 0.0)
             };
-            let pass = max_abs_diff <= tolerance;
-            Check { name, reference, got, max_abs_diff, tolerance, pass }
+            let pass = worst_diff <= tolerance;
+            Check { name, reference, got, worst_diff, tolerance, pass }
         })
         .collect())
 }

@@ -23,7 +23,10 @@ fn wgpu_without_an_adapter_is_a_clear_error() {
         assert!(err.contains("rebuild with `--features wgpu`"), "{err}");
     }
     let bad = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["bench-train", "--device", "tpu"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected flex, ndarray, wgpu or wgpu:N"));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("expected flex, ndarray, wgpu, wgpu:N (N = GPU index) or wgpu:cpu")
+    );
 }
 
 #[test]
@@ -38,4 +41,20 @@ fn self_test_compares_another_backend_with_flex() {
         assert!(stdout.lines().any(|l| l.starts_with(check) && l.ends_with("ok")), "{check}:\n{stdout}");
     }
     assert!(stdout.contains("all 12 checks agree with flex"), "{stdout}");
+}
+
+/// burn-wgpu's own code, fusion included, on a software Vulkan driver: the check that found a
+/// burn-wgpu fusion bug (see `mekd_loss`) without a GPU. Runs with `--features wgpu` (not in CI:
+/// that build costs as much again as the rest); needs Mesa's lavapipe.
+#[cfg(feature = "wgpu")]
+#[test]
+fn self_test_passes_on_burn_wgpu_with_a_software_vulkan_driver() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["self-test", "--device", "wgpu:cpu"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("no usable GPU"),
+        "this test needs a software Vulkan driver: `apt-get install -y mesa-vulkan-drivers` (Mesa's lavapipe)\n{stderr}"
+    );
+    assert!(out.status.success() && stdout.contains("all 12 checks agree with flex"), "{stdout}{stderr}");
 }

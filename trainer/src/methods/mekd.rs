@@ -97,8 +97,13 @@ impl Default for DistillConfig {
 /// `<s / tau_g, g>`, whose gradient is `g`; the reported values are the real ones. The
 /// generator's side is kept apart from the student's autodiff graph: the logits cross to it,
 /// and `g` and the KL's value come back, as host data (`[batch, classes]` values each way), so
-/// no tensor is shared by the two. Tensors of the two graphs mixed directly are the suspect in
-/// wrong values seen on burn-wgpu (`results/mnist-resnet32-resnet8-h200/README.md`).
+/// no tensor is shared by the two.
+///
+/// Student and teacher latents go through the generator in one pass, stacked into one batch:
+/// fewer kernel launches, and it avoids a burn-wgpu 0.22 fusion bug that computed
+/// `tanh(conv(x1)) - tanh(conv(x2))` wrongly for two separate passes when the convolution has
+/// one output channel, as the MNIST generator's last layer has (`mekd self-test` finds it;
+/// results/mnist-resnet32-resnet8-h200/README.md).
 pub fn mekd_loss(
     generator: &Generator,
     student_logits: Tensor<2>,
@@ -108,12 +113,16 @@ pub fn mekd_loss(
     let training = student_logits.device();
     let plain = training.clone().without_autodiff();
     let to_plain = |t: Tensor<2>| Tensor::<2>::from_data(t.into_data(), &plain);
+    let [batch, _] = student_logits.dims();
     let latent = student_logits.clone().div_scalar(config.tau_g);
-    let g_t = generator.forward_traced(to_plain(targets.clone().div_scalar(config.tau_g))).images().clone();
-    let trace = generator.forward_traced(to_plain(latent.clone().detach()));
-    let image = image_alignment(trace.images().clone(), g_t.clone(), config.distance);
-    let images_grad = image_alignment_grad(trace.images().clone(), g_t, config.distance);
-    let latent_grad = Tensor::<2>::from_data(generator.latent_grad(&trace, images_grad).into_data(), &training);
+    let latents = Tensor::cat(vec![latent.clone().detach(), targets.clone().div_scalar(config.tau_g)], 0);
+    let trace = generator.forward_traced(to_plain(latents));
+    let g_s = trace.images().clone().slice(0..batch);
+    let g_t = trace.images().clone().slice(batch..2 * batch);
+    let image = image_alignment(g_s.clone(), g_t.clone(), config.distance);
+    let images_grad = image_alignment_grad(g_s, g_t, config.distance);
+    let latent_grad = generator.latent_grad(&trace.rows(0..batch), images_grad);
+    let latent_grad = Tensor::<2>::from_data(latent_grad.into_data(), &training);
     let image_by_gradient = (latent * latent_grad).sum();
     let kl = kd_kl(student_logits, targets, config.tau);
     let kl_value = Tensor::<1>::from_data(kl.clone().detach().into_data(), &plain);

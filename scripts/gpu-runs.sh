@@ -8,7 +8,8 @@
 # verify SECONDS (self-test and step benchmark on GPU 0, then the MEKD runs of `full` on GPUs
 # 1-3 if the self-test passed; wait, collect); single SECONDS (the same on a one-GPU machine, MEKD
 # soft and hard only), then resumeB SECONDS in each chained call: it also returns unfinished runs
-# whole, so that a later machine can continue them with `distill ... --resume`.
+# whole, so that a later machine can continue them with `distill ... --resume`: copy those
+# *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -33,7 +34,7 @@ TEACHER=${TEACHER:-runs/gpu/teacher}
 distill() {  # NAME GPU ARGS...
   local name=$1 gpu=$2; shift 2
   CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run $TEACHER --data .device/mnist \
-    --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" > runs/gpu/$name.log 2>&1 < /dev/null &
+    --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" >> runs/gpu/$name.log 2>&1 < /dev/null &
 }
 bench() {  # GPU NAME
   CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
@@ -83,11 +84,19 @@ single() {  # one GPU: self-test, step benchmark, then MEKD soft + hard side by 
   local ok=${PIPESTATUS[0]}
   bench 0 bench
   if [ "$ok" = 0 ]; then
-    TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
-    distill mekd-soft 0 $F --response soft --im-weight class-index
-    distill mekd-hard 0 $F --response hard --im-weight class-index
+    mekd_pair
     echo launched
   fi
+  resumeB $1
+}
+mekd_pair() {  # MEKD soft and hard side by side on GPU 0 (ARGS: e.g. --resume)
+  TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
+  distill mekd-soft 0 $F --response soft --im-weight class-index "$@"
+  distill mekd-hard 0 $F --response hard --im-weight class-index "$@"
+}
+resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .device/resume/)
+  for f in .device/resume/*.resume.tar.gz; do tar xzf $f -C runs/gpu; done
+  mekd_pair --resume
   resumeB $1
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume

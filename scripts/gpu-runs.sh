@@ -10,6 +10,7 @@
 # soft and hard only), then resumeB SECONDS in each chained call: it also returns unfinished runs
 # whole, so that a later machine can continue them with `distill ... --resume`: copy those
 # *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
+# profile: the step benchmark with cubecl's per-kernel log (cubecl.toml in a scratch folder).
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -98,6 +99,11 @@ resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .
   for f in .device/resume/*.resume.tar.gz; do tar xzf $f -C runs/gpu; done
   mekd_pair --resume
   resumeB $1
+}
+profile() {  # every kernel launch of the step benchmark with its duration (cubecl profiling log)
+  mkdir -p /tmp/prof && printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n' > /tmp/prof/cubecl.toml
+  (cd /tmp/prof && CUBECL_ENVIRONMENT=profile $M bench-train --device wgpu:0 --warmup 20 --steps 10 2>&1 | tail -8)
+  gzip -c /tmp/prof/kernels.log > $OUT/kernels.log.gz
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume
   phaseB $1

@@ -90,10 +90,11 @@ single() {  # one GPU: self-test, step benchmark, then MEKD soft + hard side by 
   fi
   resumeB $1
 }
-mekd_pair() {  # MEKD soft and hard side by side on GPU 0 (ARGS: e.g. --resume)
+mekd_pair() {  # MEKD soft and hard side by side (ARGS: e.g. --resume); PAIR_GPUS="0 1" on a 2-GPU machine
   TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
-  distill mekd-soft 0 $F --response soft --im-weight class-index "$@"
-  distill mekd-hard 0 $F --response hard --im-weight class-index "$@"
+  local gpus=(${PAIR_GPUS:-0 0})
+  distill mekd-soft ${gpus[0]} $F --response soft --im-weight class-index "$@"
+  distill mekd-hard ${gpus[1]} $F --response hard --im-weight class-index "$@"
 }
 resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .device/resume/)
   for f in .device/resume/*.resume.tar.gz; do tar xzf $f -C runs/gpu; done

@@ -105,6 +105,14 @@ impl DeviceKind {
     pub fn training_device(self) -> Result<Device, DeviceError> {
         Ok(self.device()?.autodiff())
     }
+
+    /// A resumed run may continue on another device than it started on (another GPU index, a
+    /// GPU after the CPU): the device is not a setting of the run. Says so when it changes.
+    pub fn announce_resume(self, ran_on: DeviceKind) {
+        if self != ran_on {
+            eprintln!("--resume: the run continues on {self} (it ran on {ran_on} so far)");
+        }
+    }
 }
 
 #[cfg(feature = "ndarray")]

@@ -282,8 +282,9 @@ struct DistillArgs {
     /// (the teacher, --out and --resume still come from the command line).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue the interrupted run in --out (same settings), reusing its checkpoints and
-    /// cached teacher answers.
+    /// Continue the interrupted run in --out with its saved settings (its config.json; other
+    /// setting flags are ignored, --device may move it), reusing its checkpoints and cached
+    /// teacher answers.
     #[arg(long)]
     resume: bool,
     /// Evaluate on the first N test images only.
@@ -292,9 +293,11 @@ struct DistillArgs {
     /// Seed (edge subset, noise, batch order, weights).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Backend: flex (CPU, default), ndarray, wgpu[:N] (N-th discrete GPU; feature `wgpu`) or wgpu:cpu (software Vulkan).
-    #[arg(long, default_value_t = DeviceKind::Flex)]
-    device: DeviceKind,
+    /// Backend: flex (CPU, the default), ndarray, wgpu[:N] (N-th discrete GPU; feature `wgpu`) or
+    /// wgpu:cpu (software Vulkan). With --resume or --config: the saved run's device unless given
+    /// (a resumed run may continue on another device).
+    #[arg(long)]
+    device: Option<DeviceKind>,
 }
 
 #[derive(Subcommand)]
@@ -596,8 +599,21 @@ fn teacher_train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// A run's settings saved as JSON (`config.json`).
+fn read_run_config(path: &std::path::Path) -> Result<RunConfig> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 fn distill_command(args: DistillArgs) -> Result<()> {
-    let device = args.device.device()?;
+    // Settings from a file: --config, or the run's own config.json when resuming.
+    let saved = match (&args.config, args.resume) {
+        (Some(path), _) => Some(read_run_config(path)?),
+        (None, true) => Some(read_run_config(&args.out.join("config.json")).context("--resume")?),
+        (None, false) => None,
+    };
+    let device_kind = args.device.or(saved.as_ref().map(|config| config.device)).unwrap_or_default();
+    let device = device_kind.device()?;
     let (mut teacher, where_): (Box<dyn Teacher>, String) = match (&args.teacher, &args.teacher_onnx, &args.teacher_run)
     {
         (Some(url), _, _) => {
@@ -612,16 +628,12 @@ fn distill_command(args: DistillArgs) -> Result<()> {
         }
         _ => bail!("give a teacher: --teacher URL, --teacher-onnx FILE or --teacher-run DIR"),
     };
-    let config = if let Some(path) = &args.config {
-        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut config: RunConfig =
-            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config.teacher = where_;
+    let config = if let Some(mut config) = saved {
+        if args.config.is_some() {
+            config.teacher = where_;
+        }
+        config.device = device_kind;
         config
-    } else if args.resume {
-        let path = args.out.join("config.json");
-        let text = std::fs::read(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?
     } else {
         RunConfig {
             method: args.method,
@@ -658,7 +670,7 @@ fn distill_command(args: DistillArgs) -> Result<()> {
                 seed: args.seed,
                 ..DistillConfig::default()
             },
-            device: args.device,
+            device: device_kind,
             limit_test: args.limit_test,
             seed: args.seed,
         }

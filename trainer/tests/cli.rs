@@ -180,13 +180,15 @@ fn baselines_resume_and_report() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("query budget exhausted"));
     assert!(!run.join("summary.json").exists());
-    let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume"]);
+    // (On another backend: the device is not a setting of the run.)
+    let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume", "--device", "ndarray"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("deprivatization finished earlier") && err.contains("resuming the student after epoch 2"),
         "{err}"
     );
+    assert!(err.contains("continues on ndarray (it ran on flex so far)"), "{err}");
     let s = summary(&run);
     assert_eq!(s["queries"], 196);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

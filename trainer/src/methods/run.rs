@@ -156,7 +156,8 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
             return run.read_json("summary.json");
         }
         let saved: RunConfig = run.read_json("config.json").context("--resume needs the run's config.json")?;
-        if saved != *config {
+        config.device.announce_resume(saved.device);
+        if (RunConfig { device: config.device, ..saved }) != *config {
             bail!(
                 "--resume: the settings differ from {}; resume with the same flags",
                 run.file("config.json").display()
@@ -167,6 +168,7 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
             teacher.add_prior_usage(prior);
             eprintln!("resuming {}: {} teacher queries already used", dir.display(), prior.queries);
         }
+        run.write_json("config.json", config)?;
     } else {
         if run.file("summary.json").exists() || run.file("config.json").exists() {
             bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());

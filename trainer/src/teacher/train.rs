@@ -144,7 +144,8 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
             bail!("{} already holds a run; pass --resume to continue it or choose another --out", dir.display());
         }
         let saved: TrainConfig = run.read_json("config.json")?;
-        if &saved != config {
+        config.device.announce_resume(saved.device);
+        if (TrainConfig { device: config.device, ..saved.clone() }) != *config {
             bail!(
                 "--resume with a different configuration than {} (saved: {saved:?})",
                 run.file("config.json").display()

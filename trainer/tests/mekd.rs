@@ -53,6 +53,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     assert_eq!(teacher.usage().queries, 256, "one query per synthetic image");
     assert_eq!(epochs.len(), 1);
     assert!(epochs[0].d_loss.is_finite() && epochs[0].g_loss.is_finite() && epochs[0].im_loss > 0.0);
+    assert!(epochs[0].seconds > 0.0, "the epoch's wall time is recorded");
     let labels = &epochs[0].teacher_labels;
     assert_eq!((labels.len(), labels.iter().sum::<u64>()), (10, 256), "every answer counted once: {labels:?}");
 

@@ -76,6 +76,10 @@ pub struct GanEpoch {
     /// epoch asked nothing.
     #[serde(default)]
     pub teacher_labels: Vec<u64>,
+    /// Wall time of the epoch's steps, teacher queries included (its sample grid and checkpoint
+    /// not); 0 in rows written before it was recorded.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Images in [-1, 1] as the `u8` pixels a black-box API takes (what the teacher really sees).
@@ -207,6 +211,7 @@ pub fn deprivatize(
     let mut gan = Gan::new(config, teacher.info().num_classes, edge.shape[0], hard, device)?;
     gan.plan_queries((config.epochs * edge.len()) as u64);
     for epoch in 0..config.epochs {
+        let started = std::time::Instant::now();
         let order = epoch_order(edge.len(), config.seed, epoch);
         // Loss sums stay on the device: the only host round trip of a step is the teacher's.
         let mut sums: Option<[Tensor<1>; 3]> = None;
@@ -231,6 +236,7 @@ pub fn deprivatize(
             im_loss,
             queries: teacher.usage().queries,
             teacher_labels: gan.take_label_counts(),
+            seconds: started.elapsed().as_secs_f64(),
         };
         on_epoch(&row, &gan.generator, teacher.usage()).map_err(MethodError::Callback)?;
     }

@@ -361,8 +361,8 @@ fn deprivatization_stage(
                 format!(", teacher labels {seen}/{} classes {:?}", row.teacher_labels.len(), row.teacher_labels)
             };
             eprintln!(
-                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}{classes}",
-                row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries
+                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}{classes} ({:.1}s)",
+                row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries, row.seconds
             )
         });
         gan_rows.push(row.clone());

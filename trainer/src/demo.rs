@@ -165,6 +165,7 @@ impl DemoConfig {
                 ..DistillConfig::default()
             },
             device: self.device,
+            response: Some(ResponseMode::Soft),
             limit_test: self.limit_test,
             seed: self.seed,
         }

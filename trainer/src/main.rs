@@ -631,6 +631,7 @@ fn distill_command(args: DistillArgs) -> Result<()> {
     let config = if let Some(mut config) = saved {
         if args.config.is_some() {
             config.teacher = where_;
+            config.response = Some(teacher.info().response);
         }
         config.device = device_kind;
         config
@@ -671,6 +672,7 @@ fn distill_command(args: DistillArgs) -> Result<()> {
                 ..DistillConfig::default()
             },
             device: device_kind,
+            response: Some(teacher.info().response),
             limit_test: args.limit_test,
             seed: args.seed,
         }

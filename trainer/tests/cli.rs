@@ -180,6 +180,11 @@ fn baselines_resume_and_report() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("query budget exhausted"));
     assert!(!run.join("summary.json").exists());
+    // A teacher answering differently than the run started with is refused.
+    let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume", "--response", "hard"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was started with a teacher answering soft, this one answers hard"), "{err}");
     // (On another backend: the device is not a setting of the run.)
     let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume", "--device", "ndarray"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

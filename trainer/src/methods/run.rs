@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec, Generator, GeneratorConfig};
 use mekd_runtime::data::edge_subset;
+use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::{Dataset, Split};
 
 use super::Method;
@@ -47,6 +48,10 @@ pub struct RunConfig {
     pub distill: DistillConfig,
     /// Backend.
     pub device: DeviceKind,
+    /// How the teacher answered when the run started (a resumed run must get the same; absent
+    /// in runs written before it was recorded).
+    #[serde(default)]
+    pub response: Option<ResponseMode>,
     /// Evaluate on the first N test images only.
     pub limit_test: Option<usize>,
     /// Seed of the edge subset.
@@ -176,6 +181,15 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
         run.write_json("config.json", config)?;
     }
     let info = teacher.info().clone();
+    if let Some(response) = config.response
+        && response != info.response
+    {
+        bail!(
+            "{} was started with a teacher answering {response}, this one answers {} (a local teacher takes --response {response})",
+            dir.display(),
+            info.response
+        );
+    }
     let [c, h, w] = info.input_shape;
     if h != w {
         bail!("the teacher's input {h}x{w} is not square");

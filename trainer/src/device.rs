@@ -11,7 +11,7 @@ use std::str::FromStr;
 use burn::tensor::Device;
 
 /// The burn backends this build can train on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum DeviceKind {
     /// burn's pure-Rust CPU backend (im2col + gemm, SIMD, threads). The default.
     #[default]
@@ -139,7 +139,7 @@ mod gpu {
     use super::{DeviceError, DeviceKind};
 
     /// Adapters already opened in this process (wgpu registers a device once).
-    static OPENED: Mutex<Option<HashMap<String, Result<(), String>>>> = Mutex::new(None);
+    static OPENED: Mutex<Option<HashMap<DeviceKind, Result<(), String>>>> = Mutex::new(None);
 
     /// Open the burn-wgpu device `kind` names, or say why it cannot be opened.
     pub fn wgpu_device(kind: DeviceKind) -> Result<Device, DeviceError> {
@@ -149,7 +149,7 @@ mod gpu {
             DeviceKind::Flex | DeviceKind::Ndarray => unreachable!("{kind} is not a wgpu device"),
         });
         let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let outcome = opened.get_or_insert_with(HashMap::new).entry(kind.to_string()).or_insert_with(|| {
+        let outcome = opened.get_or_insert_with(HashMap::new).entry(kind).or_insert_with(|| {
             let options = RuntimeOptions::try_default().map_err(|e| e.to_string())?;
             try_init_setup::<AutoGraphicsApi>(&device, options).map(|_| ()).map_err(|e| e.to_string())
         });

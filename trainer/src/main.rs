@@ -19,6 +19,7 @@ use mekd_trainer::methods::mekd::{DistillConfig, QueryMode};
 use mekd_trainer::methods::run::{RunConfig, run_method};
 use mekd_trainer::report;
 use mekd_trainer::rundir::RunDir;
+use mekd_trainer::rundir::read_json_file;
 use mekd_trainer::schedule::default_milestones;
 use mekd_trainer::teacher::server::{ServeConfig, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
@@ -599,17 +600,11 @@ fn teacher_train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// A run's settings saved as JSON (`config.json`).
-fn read_run_config(path: &std::path::Path) -> Result<RunConfig> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
 fn distill_command(args: DistillArgs) -> Result<()> {
     // Settings from a file: --config, or the run's own config.json when resuming.
-    let saved = match (&args.config, args.resume) {
-        (Some(path), _) => Some(read_run_config(path)?),
-        (None, true) => Some(read_run_config(&args.out.join("config.json")).context("--resume")?),
+    let saved: Option<RunConfig> = match (&args.config, args.resume) {
+        (Some(path), _) => Some(read_json_file(path)?),
+        (None, true) => Some(read_json_file(&args.out.join("config.json")).context("--resume")?),
         (None, false) => None,
     };
     let device_kind = args.device.or(saved.as_ref().map(|config| config.device)).unwrap_or_default();

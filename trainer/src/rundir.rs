@@ -36,6 +36,12 @@ pub struct RunDir {
     root: PathBuf,
 }
 
+/// A JSON file read and parsed, with its path in the error.
+pub fn read_json_file<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 /// What `checkpoints/latest.json` records.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Latest {
@@ -70,9 +76,7 @@ impl RunDir {
 
     /// Read JSON from `name`.
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
-        let path = self.file(name);
-        let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
+        read_json_file(&self.file(name))
     }
 
     /// Rewrite the JSON-lines file `name` with exactly `rows` (atomically), so a resumed run

@@ -173,12 +173,8 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
             teacher.add_prior_usage(prior);
             eprintln!("resuming {}: {} teacher queries already used", dir.display(), prior.queries);
         }
-        run.write_json("config.json", config)?;
-    } else {
-        if run.file("summary.json").exists() || run.file("config.json").exists() {
-            bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
-        }
-        run.write_json("config.json", config)?;
+    } else if run.file("summary.json").exists() || run.file("config.json").exists() {
+        bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
     }
     let info = teacher.info().clone();
     if let Some(response) = config.response
@@ -190,6 +186,8 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
             info.response
         );
     }
+    // Written (again, on resume) only once the teacher fits: a resumed run records its device.
+    run.write_json("config.json", config)?;
     let [c, h, w] = info.input_shape;
     if h != w {
         bail!("the teacher's input {h}x{w} is not square");

@@ -10,7 +10,7 @@
 # soft and hard only), then resumeB SECONDS in each chained call: it also returns unfinished runs
 # whole, so that a later machine can continue them with `distill ... --resume`: copy those
 # *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
-# profile: the step benchmark with cubecl's per-kernel log (cubecl.toml in a scratch folder).
+# profile: the step benchmark, then with cubecl's per-kernel and autotune logs, then tuned extensively.
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -101,10 +101,16 @@ resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .
   mekd_pair --resume
   resumeB $1
 }
-profile() {  # every kernel launch of the step benchmark with its duration (cubecl profiling log)
-  mkdir -p /tmp/prof && printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n' > /tmp/prof/cubecl.toml
-  (cd /tmp/prof && CUBECL_ENVIRONMENT=profile $M bench-train --device wgpu:0 --warmup 20 --steps 10 2>&1 | tail -8)
-  gzip -c /tmp/prof/kernels.log > $OUT/kernels.log.gz
+profile() {  # why a step costs what it does: the step benchmark as `bench` tunes it (repo root, the
+  # same persistent tuning), then again with cubecl's per-kernel log and autotune log (a cubecl.toml
+  # in the repo root, removed after), then with a fresh, extensive autotune level
+  bench 0 bench
+  printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n[autotune.logger]\nlevel = "full"\nfile = "/tmp/prof/autotune.log"\n' > cubecl.toml
+  mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  rm cubecl.toml
+  for f in kernels autotune; do gzip -c /tmp/prof/$f.log > $OUT/$f.log.gz; done
+  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 20 --steps 50 --out $OUT/bench-extensive.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  tar czf $OUT/tuning.tar.gz target/environment  # the tuning choices, by key (shapes), of both
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume
   phaseB $1

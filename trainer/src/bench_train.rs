@@ -236,6 +236,19 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         generator.forward(noise()).into_data();
         Ok(Duration::ZERO)
     })?);
+    // The MEKD loss's two generator computations alone: the forward pass over student and
+    // teacher latents stacked (256), and the hand VJP over the student's 128 rows.
+    let plain_noise = |n: usize| Tensor::<2>::random([n, 10], burn::tensor::Distribution::Normal(0.0, 1.0), &plain);
+    rows.push(time_steps("  part: generator traced forward (b256)", config, 256, || {
+        generator.forward_traced(plain_noise(256)).images().clone().into_data();
+        Ok(Duration::ZERO)
+    })?);
+    let trace = generator.forward_traced(plain_noise(128));
+    let images_grad = trace.images().clone().sign().div_scalar(128.0 * per_image as f64);
+    rows.push(time_steps("  part: generator latent gradient (b128)", config, 128, || {
+        generator.latent_grad(&trace, images_grad.clone()).into_data();
+        Ok(Duration::ZERO)
+    })?);
     let logits = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 3.0), &device);
     rows.push(time_steps("  part: mekd loss + its gradient (b128)", config, 128, || {
         let s = logits().require_grad();

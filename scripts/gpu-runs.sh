@@ -16,12 +16,13 @@ set -u
 cd "$(dirname "$0")/.."  # repository root
 export ORT_DYLIB_PATH=/tmp/libonnxruntime.so
 M=/tmp/mekd
+D=${D:-.device}  # the carried folder with mekd.xz and libonnxruntime.so.xz (D=.device-vk: the `vulkan` build)
 setup() {
   # /tmp can outlive a lease: unpack again whenever the carried binary changed.
-  if [ ! -x $M ] || [ "$(cat $M.sum 2>/dev/null)" != "$(cksum < .device/mekd.xz)" ]; then
+  if [ ! -x $M ] || [ "$(cat $M.sum 2>/dev/null)" != "$(cksum < $D/mekd.xz)" ]; then
     for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
-    xz -dc .device/mekd.xz > $M; chmod +x $M; cksum < .device/mekd.xz > $M.sum
-    xz -dc .device/libonnxruntime.so.xz > /tmp/libonnxruntime.so
+    xz -dc $D/mekd.xz > $M; chmod +x $M; cksum < $D/mekd.xz > $M.sum
+    xz -dc $D/libonnxruntime.so.xz > /tmp/libonnxruntime.so
   fi
   if ! ldconfig -p | grep -q libvulkan; then echo "no libvulkan"; fi
   [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json

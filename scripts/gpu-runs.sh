@@ -104,7 +104,9 @@ resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .
 }
 profile() {  # why a step costs what it does: the step benchmark as `bench` tunes it (repo root, the
   # same persistent tuning), then again with cubecl's per-kernel log and autotune log (a cubecl.toml
-  # in the repo root, removed after), then with a fresh, extensive autotune level
+  # in the repo root, removed after), then with a fresh, extensive autotune level; the self-test
+  # first (a new build, e.g. D=.device-vk, must compute the right numbers before its times count)
+  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 2>&1 | tee $OUT/self-test.txt | tail -3
   bench 0 bench
   printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n[autotune.logger]\nlevel = "full"\nfile = "/tmp/prof/autotune.log"\n' > cubecl.toml
   mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'

@@ -75,7 +75,7 @@ impl DemoConfig {
             teacher_epochs: 5,
             budget: 50_000,
             edge_fraction: 0.1,
-            gan_epochs: 40,
+            gan_epochs: 52,
             generator_width: 16,
             gan_queries: 8_000,
             mekd_pool: 40_000,

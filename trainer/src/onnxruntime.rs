@@ -2,7 +2,8 @@
 //! ceremony, and running an image classifier with it.
 //!
 //! The library comes from the PyPI `onnxruntime` wheel (version [`PINNED_VERSION`]);
-//! `scripts/fetch-onnxruntime.sh` puts it in `.cache/onnxruntime/`.
+//! `scripts/fetch-onnxruntime.sh` puts it in `.cache/onnxruntime/`; in a checkout of this
+//! repository, mekd runs that script itself when it finds no library (PyPI only, once).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -54,7 +55,8 @@ fn library_in(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Find the library: `explicit`, else `$ORT_DYLIB_PATH`, else `.cache/onnxruntime/` in the
-/// current directory or any parent, else the Python `onnxruntime` package.
+/// current directory or any parent, else the Python `onnxruntime` package, else (in a checkout
+/// of this repository) what `scripts/fetch-onnxruntime.sh` fetches from PyPI.
 pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtError> {
     let mut looked = Vec::new();
     if let Some(path) = explicit {
@@ -91,7 +93,58 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf, OrtError> {
         }
     }
     looked.push("the python3 `onnxruntime` package".into());
+    // Last, in a checkout of this repository: fetch the pinned wheel from PyPI, once.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-onnxruntime.sh");
+    if script.is_file() {
+        eprintln!(
+            "ONNX Runtime not found: fetching the pinned onnxruntime=={PINNED_VERSION} wheel from PyPI into \
+             .cache/onnxruntime/ (once; {})",
+            script.display()
+        );
+        match fetch_with_script(&script) {
+            Ok(lib) => return Ok(lib),
+            Err(reason) => looked.push(format!("{} ({reason})", script.display())),
+        }
+    }
     Err(OrtError::NotFound { looked: looked.join("; ") })
+}
+
+/// Run a fetch script that prints the library's path as its last line of output.
+fn fetch_with_script(script: &Path) -> Result<PathBuf, String> {
+    let out = std::process::Command::new("bash").arg(script).output().map_err(|e| format!("cannot run it: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        return Err(format!("failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" / ")));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lib = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    if lib.is_file() { Ok(lib) } else { Err(format!("it printed `{}`, which is not a file", lib.display())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("fetch.sh");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_fetch_script_gives_the_path_it_prints_or_says_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libonnxruntime.so.1");
+        std::fs::write(&lib, b"not really").unwrap();
+        let ok = script(dir.path(), &format!("echo downloading >&2\necho {}\n", lib.display()));
+        assert_eq!(fetch_with_script(&ok).unwrap(), lib);
+        let failing = script(dir.path(), "echo 'pip: no network' >&2\nexit 3\n");
+        let err = fetch_with_script(&failing).unwrap_err();
+        assert!(err.contains("pip: no network") && err.contains('3'), "{err}");
+        let wrong = script(dir.path(), "echo /nonexistent/libonnxruntime.so\n");
+        assert!(fetch_with_script(&wrong).unwrap_err().contains("not a file"));
+    }
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();

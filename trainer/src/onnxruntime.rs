@@ -122,31 +122,6 @@ fn fetch_with_script(script: &Path) -> Result<PathBuf, String> {
     if lib.is_file() { Ok(lib) } else { Err(format!("it printed `{}`, which is not a file", lib.display())) }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn script(dir: &Path, body: &str) -> PathBuf {
-        let path = dir.join("fetch.sh");
-        std::fs::write(&path, body).unwrap();
-        path
-    }
-
-    #[test]
-    fn a_fetch_script_gives_the_path_it_prints_or_says_why_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let lib = dir.path().join("libonnxruntime.so.1");
-        std::fs::write(&lib, b"not really").unwrap();
-        let ok = script(dir.path(), &format!("echo downloading >&2\necho {}\n", lib.display()));
-        assert_eq!(fetch_with_script(&ok).unwrap(), lib);
-        let failing = script(dir.path(), "echo 'pip: no network' >&2\nexit 3\n");
-        let err = fetch_with_script(&failing).unwrap_err();
-        assert!(err.contains("pip: no network") && err.contains('3'), "{err}");
-        let wrong = script(dir.path(), "echo /nonexistent/libonnxruntime.so\n");
-        assert!(fetch_with_script(&wrong).unwrap_err().contains("not a file"));
-    }
-}
-
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
 /// Load ONNX Runtime once per process (later calls reuse the first library).
@@ -201,5 +176,30 @@ impl OrtClassifier {
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input]).map_err(run_error)?;
         let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(run_error)?;
         Ok(logits.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("fetch.sh");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_fetch_script_gives_the_path_it_prints_or_says_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libonnxruntime.so.1");
+        std::fs::write(&lib, b"not really").unwrap();
+        let ok = script(dir.path(), &format!("echo downloading >&2\necho {}\n", lib.display()));
+        assert_eq!(fetch_with_script(&ok).unwrap(), lib);
+        let failing = script(dir.path(), "echo 'pip: no network' >&2\nexit 3\n");
+        let err = fetch_with_script(&failing).unwrap_err();
+        assert!(err.contains("pip: no network") && err.contains('3'), "{err}");
+        let wrong = script(dir.path(), "echo /nonexistent/libonnxruntime.so\n");
+        assert!(fetch_with_script(&wrong).unwrap_err().contains("not a file"));
     }
 }

@@ -112,7 +112,7 @@ profile() {  # why a step costs what it does: the step benchmark as `bench` tune
   mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
   rm cubecl.toml
   for f in kernels autotune; do gzip -c /tmp/prof/$f.log > $OUT/$f.log.gz; done
-  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 20 --steps 50 --out $OUT/bench-extensive.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 10 --steps 20 --out $OUT/bench-extensive.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
   tar czf $OUT/tuning.tar.gz target/environment  # the tuning choices, by key (shapes), of both
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume

@@ -231,19 +231,20 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     rows.push(mekd_step(&mut teacher, "mekd step (resnet32 -> resnet8, b128)")?);
 
     // Where the MEKD step's time goes: its parts alone.
-    let noise = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let noise = |n: usize, device: &burn::tensor::Device| {
+        Tensor::<2>::random([n, 10], burn::tensor::Distribution::Normal(0.0, 1.0), device)
+    };
     rows.push(time_steps("  part: generator forward (b128)", config, 128, || {
-        generator.forward(noise()).into_data();
+        generator.forward(noise(128, &device)).into_data();
         Ok(Duration::ZERO)
     })?);
     // The MEKD loss's two generator computations alone: the forward pass over student and
     // teacher latents stacked (256), and the hand VJP over the student's 128 rows.
-    let plain_noise = |n: usize| Tensor::<2>::random([n, 10], burn::tensor::Distribution::Normal(0.0, 1.0), &plain);
     rows.push(time_steps("  part: generator traced forward (b256)", config, 256, || {
-        generator.forward_traced(plain_noise(256)).images().clone().into_data();
+        generator.forward_traced(noise(256, &plain)).images().clone().into_data();
         Ok(Duration::ZERO)
     })?);
-    let trace = generator.forward_traced(plain_noise(128));
+    let trace = generator.forward_traced(noise(128, &plain));
     let images_grad = trace.images().clone().sign().div_scalar(128.0 * per_image as f64);
     rows.push(time_steps("  part: generator latent gradient (b128)", config, 128, || {
         generator.latent_grad(&trace, images_grad.clone()).into_data();
@@ -256,7 +257,7 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         s.grad(&loss.differentiable.backward()).context("no gradient for the logits")?.into_data();
         Ok(Duration::ZERO)
     })?);
-    let synthetic = crate::methods::deprivatize::to_pixels(generator.forward(noise()));
+    let synthetic = crate::methods::deprivatize::to_pixels(generator.forward(noise(128, &device)));
     rows.push(time_steps("  part: teacher forward (resnet32, b128)", config, 128, || {
         teacher.query(&synthetic)?;
         Ok(Duration::ZERO)

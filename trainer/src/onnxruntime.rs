@@ -114,8 +114,8 @@ fn fetch_with_script(script: &Path) -> Result<PathBuf, String> {
     let out = std::process::Command::new("bash").arg(script).output().map_err(|e| format!("cannot run it: {e}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(format!("failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" / ")));
+        let lines: Vec<&str> = stderr.lines().collect();
+        return Err(format!("failed ({}): {}", out.status, lines[lines.len().saturating_sub(3)..].join(" / ")));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lib = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());

@@ -15,7 +15,7 @@
 set -u
 cd "$(dirname "$0")/.."  # repository root
 export ORT_DYLIB_PATH=/tmp/libonnxruntime.so
-M=/tmp/mekd
+M=${M:-/tmp/mekd}  # M=/tmp/mekd-vk keeps a second build apart from a running one
 D=${D:-.device}  # the carried folder with mekd.xz and libonnxruntime.so.xz (D=.device-vk: the `vulkan` build)
 setup() {
   # /tmp can outlive a lease: unpack again whenever the carried binary changed.

@@ -11,6 +11,7 @@
 # whole, so that a later machine can continue them with `distill ... --resume`: copy those
 # *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
 # profile: the step benchmark, then with cubecl's per-kernel and autotune logs, then tuned extensively.
+# probe: the self-test, then the step benchmark twice on one tuning cache.
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
@@ -38,8 +39,11 @@ distill() {  # NAME GPU ARGS...
   CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run $TEACHER --data .device/mnist \
     --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" >> runs/gpu/$name.log 2>&1 < /dev/null &
 }
+json_off() {  # bench-train's stderr rows (the "  part:" ones too) without its JSON on stdout
+  grep -v '^\s*[][{}"]'
+}
 bench() {  # GPU NAME
-  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | json_off
 }
 chain() {  # run distill specs one after another in the background: "name gpu args;name gpu args"
   setsid nohup bash -c "$1" > /dev/null 2>&1 < /dev/null &
@@ -109,11 +113,18 @@ profile() {  # why a step costs what it does: the step benchmark as `bench` tune
   CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 2>&1 | tee $OUT/self-test.txt | tail -3
   bench 0 bench
   printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n[autotune.logger]\nlevel = "full"\nfile = "/tmp/prof/autotune.log"\n' > cubecl.toml
-  mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | json_off
   rm cubecl.toml
   for f in kernels autotune; do gzip -c /tmp/prof/$f.log > $OUT/$f.log.gz; done
-  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 10 --steps 20 --out $OUT/bench-extensive.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 10 --steps 20 --out $OUT/bench-extensive.json 2>&1 | json_off
   tar czf $OUT/tuning.tar.gz target/environment  # the tuning choices, by key (shapes), of both
+}
+probe() {  # the self-test (with its full-size generator check on a GPU), then the step benchmark
+  # twice on one tuning cache (the second warm), to compare the loss's parts in isolation
+  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 2>&1 | tee $OUT/self-test.txt
+  for n in 1 2; do
+    CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 20 --steps 50 --out $OUT/bench-$n.json 2>&1 | json_off
+  done
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume
   phaseB $1
@@ -123,7 +134,7 @@ resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoin
 }
 phaseA() {
   teacher 0
-  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | grep -v '^ \|^\[\|^\]\|^  \|^{\|^}'
+  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | json_off
   while [ ! -f runs/gpu/teacher/summary.json ] && [ $SECONDS -lt 560 ]; do sleep 3; done
   tail -3 runs/gpu/teacher.log
   if [ -f runs/gpu/teacher/summary.json ]; then

@@ -244,6 +244,13 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         generator.forward_traced(noise(256, &plain)).images().clone().into_data();
         Ok(Duration::ZERO)
     })?);
+    // The same with the latents uploaded from the host, as the loss gets them.
+    let host_latents: Vec<f32> = noise(256, &plain).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    rows.push(time_steps("  part: generator traced forward (b256), host latents", config, 256, || {
+        let latents = Tensor::<2>::from_data(TensorData::new(host_latents.clone(), [256, 10]), &plain);
+        generator.forward_traced(latents).images().clone().into_data();
+        Ok(Duration::ZERO)
+    })?);
     let trace = generator.forward_traced(noise(128, &plain));
     let images_grad = trace.images().clone().sign().div_scalar(128.0 * per_image as f64);
     rows.push(time_steps("  part: generator latent gradient (b128)", config, 128, || {

@@ -8,6 +8,9 @@
 //! autodiff), the GAN's BCE gradient at saturated logits, a tracked tensor times a plain one
 //! (the value of `x - x.detach()`, which a correct backend keeps at exactly zero, and the
 //! gradient), and one whole MEKD step of a small student (its loss, and its logits after it).
+//! On a GPU (`wgpu:N`) also the reference-width generator over the MEKD loss's 256 latents:
+//! kernels are chosen by size (autotuning), so the small probes alone leave the real ones
+//! unchecked.
 
 use anyhow::Result;
 use burn::module::Module;
@@ -44,6 +47,10 @@ pub struct Check {
 
 const BATCH: usize = 8;
 const CLASSES: usize = 10;
+/// The full-size probe: the reference generator width over the MEKD loss's stacked batch
+/// (student and teacher latents of a batch of 128).
+const FULL_WIDTH: usize = 128;
+const FULL_BATCH: usize = 256;
 
 /// Deterministic inputs: logits of a student and a teacher.
 fn inputs() -> (Vec<f32>, Vec<f32>) {
@@ -54,12 +61,12 @@ fn inputs() -> (Vec<f32>, Vec<f32>) {
     (draw(3.0), draw(8.0))
 }
 
-/// A small frozen generator with non-trivial BatchNorm statistics, built on flex (seeded) so
-/// every device gets the same weights.
-fn reference_generator() -> Result<Generator> {
+/// A frozen generator of `width` with non-trivial BatchNorm statistics, built on flex (seeded)
+/// so every device gets the same weights.
+fn reference_generator(width: usize) -> Result<Generator> {
     let train = Device::flex().autodiff();
     train.seed(17);
-    let generator = GeneratorConfig::new(CLASSES, 1).with_width(16).init(&train)?;
+    let generator = GeneratorConfig::new(CLASSES, 1).with_width(width).init(&train)?;
     for _ in 0..2 {
         let _ = generator.forward(Tensor::<2>::random([32, CLASSES], Distribution::Normal(0.0, 2.0), &train));
     }
@@ -70,14 +77,23 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec().expect("f32 values")
 }
 
-/// Every probed quantity on `device` (`plain` without autodiff), in a fixed order.
-fn probe(generator: &Generator, plain: &Device, device: &Device) -> Vec<(String, Vec<f32>)> {
+/// Every probed quantity on `device` (`plain` without autodiff), in a fixed order; `full`: the
+/// full-size generator probe too.
+fn probe(generator: &Generator, full: Option<&Generator>, plain: &Device, device: &Device) -> Vec<(String, Vec<f32>)> {
     let generator = generator.clone().to_device(plain);
     let (s, t) = inputs();
     let tensor = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [BATCH, CLASSES]), device);
     let mut out = Vec::new();
     let images = generator.forward(tensor(&t).without_autodiff());
     out.push(("generator images".to_string(), values(images)));
+    if let Some(full) = full {
+        let mut rng = mekd_runtime::rng::SplitMix64::new(13);
+        let latents: Vec<f32> =
+            (0..FULL_BATCH * CLASSES).map(|_| (rng.below(20_001) as f32 / 10_000.0 - 1.0) * 2.0).collect();
+        let latents = Tensor::<2>::from_data(TensorData::new(latents, [FULL_BATCH, CLASSES]), plain);
+        let images = full.clone().to_device(plain).forward_traced(latents).images().clone();
+        out.push((format!("generator images, width {FULL_WIDTH}, b{FULL_BATCH}"), values(images)));
+    }
 
     for distance in [ImageDistance::L1, ImageDistance::L2] {
         // The image term alone carries the gradient (the KL's would hide an error in it); the
@@ -152,9 +168,11 @@ fn reference_student(spec: &ClassifierSpec) -> Classifier {
 
 /// Run the probes on flex and on `device`, and compare them.
 pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
-    let generator = reference_generator()?;
-    let reference = probe(&generator, &Device::flex(), &Device::flex().autodiff());
-    let got = probe(&generator, &device.device()?, &device.training_device()?);
+    let generator = reference_generator(16)?;
+    // The full-size probe costs seconds on a CPU backend: GPUs only.
+    let full = matches!(device, DeviceKind::Wgpu(_)).then(|| reference_generator(FULL_WIDTH)).transpose()?;
+    let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff());
+    let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?);
     Ok(reference
         .into_iter()
         .zip(got)

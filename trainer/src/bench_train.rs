@@ -244,20 +244,30 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         generator.forward_traced(noise(256, &plain)).images().clone().into_data();
         Ok(Duration::ZERO)
     })?);
-    // The same with the latents uploaded from the host, as the loss gets them.
-    let host_latents: Vec<f32> = noise(256, &plain).into_data().try_to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    rows.push(time_steps("  part: generator traced forward (b256), host latents", config, 256, || {
-        let latents = Tensor::<2>::from_data(TensorData::new(host_latents.clone(), [256, 10]), &plain);
-        generator.forward_traced(latents).images().clone().into_data();
-        Ok(Duration::ZERO)
-    })?);
     let trace = generator.forward_traced(noise(128, &plain));
     let images_grad = trace.images().clone().sign().div_scalar(128.0 * per_image as f64);
     rows.push(time_steps("  part: generator latent gradient (b128)", config, 128, || {
         generator.latent_grad(&trace, images_grad.clone()).into_data();
         Ok(Duration::ZERO)
     })?);
+    // The loss's generator work as the loss does it (latents from the host, new every step;
+    // the student's rows sliced out of the trace), without its autodiff side: compared with
+    // the loss below, it shows what the loss adds to the generator passes.
+    let mut rng = SplitMix64::new(3);
+    rows.push(time_steps("  part: loss's generator work (fwd b256 + VJP b128)", config, 128, || {
+        let z: Vec<f32> = (0..256 * 10).map(|_| rng.below(20_001) as f32 / 5_000.0 - 2.0).collect();
+        let trace = generator.forward_traced(Tensor::<2>::from_data(TensorData::new(z, [256, 10]), &plain));
+        let g_s = trace.images().clone().slice(0..128);
+        let g_t = trace.images().clone().slice(128..256);
+        let images_grad = crate::methods::losses::image_alignment_grad(g_s, g_t, distill.distance);
+        generator.latent_grad(&trace.rows(0..128), images_grad).into_data();
+        Ok(Duration::ZERO)
+    })?);
     let logits = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 3.0), &device);
+    rows.push(time_steps("  part: mekd loss, value only (b128)", config, 128, || {
+        crate::methods::mekd::mekd_loss(&generator, logits().require_grad(), logits(), &distill).total.into_data();
+        Ok(Duration::ZERO)
+    })?);
     rows.push(time_steps("  part: mekd loss + its gradient (b128)", config, 128, || {
         let s = logits().require_grad();
         let loss = crate::methods::mekd::mekd_loss(&generator, s.clone(), logits(), &distill);

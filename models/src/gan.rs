@@ -143,8 +143,8 @@ impl Generator {
     /// needs no autodiff graph and no data-gradient kernels: for the generator's 3x3, stride 1,
     /// padding 1 convolutions the input gradient *is* a forward convolution, with the kernel
     /// transposed (in/out channels) and flipped; nearest 2x upsampling's is a 2x2 sum;
-    /// BatchNorm's a per-channel scale. (Its cost is that of the convolutions: on burn-wgpu
-    /// 0.22 they run as direct convolutions, `BENCHMARKS.md`.)
+    /// BatchNorm's a per-channel scale. (Its cost is that of the convolutions; on burn-wgpu
+    /// 0.22 they run as direct convolutions: `BENCHMARKS.md`.)
     /// Agrees with autodiff through [`Generator::forward`] (test `latent_grad_matches_autodiff`).
     pub fn latent_grad(&self, trace: &GeneratorTrace, images_grad: Tensor<4>) -> Tensor<2> {
         let [batch, _, _, _] = images_grad.dims();

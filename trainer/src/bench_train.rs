@@ -108,6 +108,14 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// Run `step` `warmup + steps` times; each call returns the time it waited for the teacher.
 /// The step must end with a host read (so its time is complete).
+/// Wait for `t` on the host. burn 0.22's `into_data` is lazy (the bytes are fetched when first
+/// read, and a GPU backend returns at once), so a timed step must read them, or it times only
+/// the launches and leaves the work to whatever syncs next.
+fn read_back<const D: usize>(t: Tensor<D>) -> Result<()> {
+    t.into_data().as_slice::<f32>().map_err(|e| anyhow::anyhow!("reading a result back: {e:?}"))?;
+    Ok(())
+}
+
 fn time_steps(
     name: &str,
     config: &BenchTrainConfig,
@@ -235,19 +243,19 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         Tensor::<2>::random([n, 10], burn::tensor::Distribution::Normal(0.0, 1.0), device)
     };
     rows.push(time_steps("  part: generator forward (b128)", config, 128, || {
-        generator.forward(noise(128, &device)).into_data();
+        read_back(generator.forward(noise(128, &device)))?;
         Ok(Duration::ZERO)
     })?);
     // The MEKD loss's two generator computations alone: the forward pass over student and
     // teacher latents stacked (256), and the hand VJP over the student's 128 rows.
     rows.push(time_steps("  part: generator traced forward (b256)", config, 256, || {
-        generator.forward_traced(noise(256, &plain)).images().clone().into_data();
+        read_back(generator.forward_traced(noise(256, &plain)).images().clone())?;
         Ok(Duration::ZERO)
     })?);
     let trace = generator.forward_traced(noise(128, &plain));
     let images_grad = trace.images().clone().sign().div_scalar(128.0 * per_image as f64);
     rows.push(time_steps("  part: generator latent gradient (b128)", config, 128, || {
-        generator.latent_grad(&trace, images_grad.clone()).into_data();
+        read_back(generator.latent_grad(&trace, images_grad.clone()))?;
         Ok(Duration::ZERO)
     })?);
     // The loss's generator work as the loss does it (latents from the host, new every step;
@@ -260,18 +268,18 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         let g_s = trace.images().clone().slice(0..128);
         let g_t = trace.images().clone().slice(128..256);
         let images_grad = crate::methods::losses::image_alignment_grad(g_s, g_t, distill.distance);
-        generator.latent_grad(&trace.rows(0..128), images_grad).into_data();
+        read_back(generator.latent_grad(&trace.rows(0..128), images_grad))?;
         Ok(Duration::ZERO)
     })?);
     let logits = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 3.0), &device);
     rows.push(time_steps("  part: mekd loss, value only (b128)", config, 128, || {
-        crate::methods::mekd::mekd_loss(&generator, logits().require_grad(), logits(), &distill).total.into_data();
+        read_back(crate::methods::mekd::mekd_loss(&generator, logits().require_grad(), logits(), &distill).total)?;
         Ok(Duration::ZERO)
     })?);
     rows.push(time_steps("  part: mekd loss + its gradient (b128)", config, 128, || {
         let s = logits().require_grad();
         let loss = crate::methods::mekd::mekd_loss(&generator, s.clone(), logits(), &distill);
-        s.grad(&loss.differentiable.backward()).context("no gradient for the logits")?.into_data();
+        read_back(s.grad(&loss.differentiable.backward()).context("no gradient for the logits")?)?;
         Ok(Duration::ZERO)
     })?);
     let synthetic = crate::methods::deprivatize::to_pixels(generator.forward(noise(128, &device)));

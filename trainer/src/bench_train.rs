@@ -106,8 +106,6 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
-/// Run `step` `warmup + steps` times; each call returns the time it waited for the teacher.
-/// The step must end with a host read (so its time is complete).
 /// Wait for `t` on the host. burn 0.22's `into_data` is lazy (the bytes are fetched when first
 /// read, and a GPU backend returns at once), so a timed step must read them, or it times only
 /// the launches and leaves the work to whatever syncs next.
@@ -116,6 +114,9 @@ fn read_back<const D: usize>(t: Tensor<D>) -> Result<()> {
     Ok(())
 }
 
+/// Run `step` `warmup + steps` times; each call returns the time it waited for the teacher.
+/// The step must end with a host read of its result's values (`read_back`, `into_scalar`), so
+/// that its time is complete.
 fn time_steps(
     name: &str,
     config: &BenchTrainConfig,

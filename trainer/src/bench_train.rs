@@ -259,17 +259,15 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         read_back(generator.latent_grad(&trace, images_grad.clone()))?;
         Ok(Duration::ZERO)
     })?);
-    // The loss's generator work as the loss does it (latents from the host, new every step;
-    // the student's rows sliced out of the trace), without its autodiff side: compared with
-    // the loss below, it shows what the loss adds to the generator passes.
+    // The loss's generator work, by the loss's own function (latents from the host, new every
+    // step), without its autodiff side: compared with the loss below, it shows what the loss
+    // adds to the generator passes.
     let mut rng = SplitMix64::new(3);
     rows.push(time_steps("  part: loss's generator work (fwd b256 + VJP b128)", config, 128, || {
         let z: Vec<f32> = (0..256 * 10).map(|_| rng.below(20_001) as f32 / 5_000.0 - 2.0).collect();
-        let trace = generator.forward_traced(Tensor::<2>::from_data(TensorData::new(z, [256, 10]), &plain));
-        let g_s = trace.images().clone().slice(0..128);
-        let g_t = trace.images().clone().slice(128..256);
-        let images_grad = crate::methods::losses::image_alignment_grad(g_s, g_t, distill.distance);
-        read_back(generator.latent_grad(&trace.rows(0..128), images_grad))?;
+        let latents = Tensor::<2>::from_data(TensorData::new(z, [256, 10]), &plain);
+        let (_, latent_grad) = crate::methods::mekd::image_term(&generator, latents, distill.distance);
+        read_back(latent_grad)?;
         Ok(Duration::ZERO)
     })?);
     let logits = || Tensor::<2>::random([128, 10], burn::tensor::Distribution::Normal(0.0, 3.0), &device);

@@ -113,15 +113,9 @@ pub fn mekd_loss(
     let training = student_logits.device();
     let plain = training.clone().without_autodiff();
     let to_plain = |t: Tensor<2>| Tensor::<2>::from_data(t.into_data(), &plain);
-    let [batch, _] = student_logits.dims();
     let latent = student_logits.clone().div_scalar(config.tau_g);
     let latents = Tensor::cat(vec![latent.clone().detach(), targets.clone().div_scalar(config.tau_g)], 0);
-    let trace = generator.forward_traced(to_plain(latents));
-    let g_s = trace.images().clone().slice(0..batch);
-    let g_t = trace.images().clone().slice(batch..2 * batch);
-    let image = image_alignment(g_s.clone(), g_t.clone(), config.distance);
-    let images_grad = image_alignment_grad(g_s, g_t, config.distance);
-    let latent_grad = generator.latent_grad(&trace.rows(0..batch), images_grad);
+    let (image, latent_grad) = image_term(generator, to_plain(latents), config.distance);
     let latent_grad = Tensor::<2>::from_data(latent_grad.into_data(), &training);
     let image_by_gradient = (latent * latent_grad).sum();
     let kl = kd_kl(student_logits, targets, config.tau);
@@ -131,6 +125,21 @@ pub fn mekd_loss(
         total: image.clone().mul_scalar(config.w_f) + kl_value.clone().mul_scalar(config.w_kl),
         terms: vec![image, kl_value],
     }
+}
+
+/// The image term's generator side, without autodiff: `latents` (the student's rows, then as
+/// many of the teacher's, on a plain device) go through the frozen generator in one pass;
+/// returns the distance of the two halves' images and its gradient with respect to the
+/// student's latents (the hand VJP of the student's rows).
+pub fn image_term(generator: &Generator, latents: Tensor<2>, distance: ImageDistance) -> (Tensor<1>, Tensor<2>) {
+    let [rows, _] = latents.dims();
+    let batch = rows / 2;
+    let trace = generator.forward_traced(latents);
+    let g_s = trace.images().clone().slice(0..batch);
+    let g_t = trace.images().clone().slice(batch..rows);
+    let image = image_alignment(g_s.clone(), g_t.clone(), distance);
+    let images_grad = image_alignment_grad(g_s, g_t, distance);
+    (image, generator.latent_grad(&trace.rows(0..batch), images_grad))
 }
 
 /// MEKD's objective: logits aligned through the frozen generator, plus the temperature KL.

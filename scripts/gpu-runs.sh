@@ -74,10 +74,15 @@ full() {  # everything of results/mnist-resnet32-resnet8-h200
   distill kd-soft-10k 0 $F --method kd --response soft --budget 10000 --max-queries 10000
   phaseB $1
 }
+self_test() {  # [--verbose]: the GPU's numbers against flex, printed and kept in $OUT/self-test.txt;
+  # the exit status is the self-test's
+  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 "$@" > $OUT/self-test.txt 2>&1
+  local ok=$?
+  cat $OUT/self-test.txt
+  return $ok
+}
 verify() {
-  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 --verbose 2>&1 | tee $OUT/self-test.txt
-  local ok=${PIPESTATUS[0]}
-  if [ "$ok" = 0 ]; then
+  if self_test --verbose; then
     launch_mekd_full
     distill mekd-hard-10k 3 $F --response hard $B
     echo launched
@@ -86,8 +91,8 @@ verify() {
   phaseB $1
 }
 single() {  # one GPU: self-test, step benchmark, then MEKD soft + hard side by side; wait, collect
-  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 --verbose 2>&1 | tee $OUT/self-test.txt
-  local ok=${PIPESTATUS[0]}
+  self_test --verbose
+  local ok=$?
   bench 0 bench
   if [ "$ok" = 0 ]; then
     mekd_pair
@@ -110,7 +115,7 @@ profile() {  # why a step costs what it does: the step benchmark as `bench` tune
   # same persistent tuning), then again with cubecl's per-kernel log and autotune log (a cubecl.toml
   # in the repo root, removed after), then with a fresh, extensive autotune level; the self-test
   # first (a new build, e.g. D=.device-vk, must compute the right numbers before its times count)
-  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 2>&1 | tee $OUT/self-test.txt | tail -3
+  self_test | tail -3
   bench 0 bench
   printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n[autotune.logger]\nlevel = "full"\nfile = "/tmp/prof/autotune.log"\n' > cubecl.toml
   mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | json_off
@@ -121,7 +126,7 @@ profile() {  # why a step costs what it does: the step benchmark as `bench` tune
 }
 probe() {  # the self-test (with its full-size generator check on a GPU), then the step benchmark
   # twice on one tuning cache (the second warm), to compare the loss's parts in isolation
-  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 2>&1 | tee $OUT/self-test.txt
+  self_test
   for n in 1 2; do
     CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 20 --steps 50 --out $OUT/bench-$n.json 2>&1 | json_off
   done

@@ -20,6 +20,7 @@ use serde::Serialize;
 use mekd_models::{Architecture, Classifier, ClassifierSpec, Generator, GeneratorConfig};
 
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_runtime::rng::SplitMix64;
 
 use crate::device::DeviceKind;
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
@@ -52,13 +53,15 @@ const CLASSES: usize = 10;
 const FULL_WIDTH: usize = 128;
 const FULL_BATCH: usize = 256;
 
+/// `n` deterministic values, uniform on a grid in `[-scale, scale]`.
+fn draw(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.below(20_001) as f32 / 10_000.0 - 1.0) * scale).collect()
+}
+
 /// Deterministic inputs: logits of a student and a teacher.
 fn inputs() -> (Vec<f32>, Vec<f32>) {
-    let mut rng = mekd_runtime::rng::SplitMix64::new(11);
-    let mut draw = |scale: f32| -> Vec<f32> {
-        (0..BATCH * CLASSES).map(|_| (rng.below(20_001) as f32 / 10_000.0 - 1.0) * scale).collect()
-    };
-    (draw(3.0), draw(8.0))
+    let mut rng = SplitMix64::new(11);
+    (draw(&mut rng, BATCH * CLASSES, 3.0), draw(&mut rng, BATCH * CLASSES, 8.0))
 }
 
 /// A frozen generator of `width` with non-trivial BatchNorm statistics, built on flex (seeded)
@@ -87,9 +90,7 @@ fn probe(generator: &Generator, full: Option<&Generator>, plain: &Device, device
     let images = generator.forward(tensor(&t).without_autodiff());
     out.push(("generator images".to_string(), values(images)));
     if let Some(full) = full {
-        let mut rng = mekd_runtime::rng::SplitMix64::new(13);
-        let latents: Vec<f32> =
-            (0..FULL_BATCH * CLASSES).map(|_| (rng.below(20_001) as f32 / 10_000.0 - 1.0) * 2.0).collect();
+        let latents = draw(&mut SplitMix64::new(13), FULL_BATCH * CLASSES, 2.0);
         let latents = Tensor::<2>::from_data(TensorData::new(latents, [FULL_BATCH, CLASSES]), plain);
         let images = full.clone().to_device(plain).forward_traced(latents).images().clone();
         out.push((format!("generator images, width {FULL_WIDTH}, b{FULL_BATCH}"), values(images)));

@@ -79,6 +79,27 @@ pub struct QueryResponse {
     pub remaining: Option<u64>,
 }
 
+impl QueryResponse {
+    /// Bytes of this answer's body on the wire (compact JSON, as the server writes it). The one
+    /// rule for `bytes_down` of every teacher kind: a local teacher counts the body the HTTP API
+    /// would have carried for the same answer to an unlimited key.
+    pub fn wire_len(&self) -> u64 {
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        serde_json::to_writer(&mut count, self).expect("an answer always serialises");
+        count.0
+    }
+}
+
 /// `GET /v1/usage` answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Usage {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::engine::{argmax_rows, inspect};
-use mekd_runtime::protocol::{ResponseMode, TeacherInfo};
+use mekd_runtime::protocol::{QueryResponse, ResponseMode, TeacherInfo};
 use mekd_runtime::teacher_client::{ClientError, HttpClient};
 
 use crate::onnxruntime::OrtClassifier;
@@ -130,15 +130,22 @@ impl Meter {
     }
 
     /// Turn a local model's logits into the answer the server would give in `info.response`
-    /// mode, counting the bytes the HTTP API would carry (u8 images up; f32 logits or u32
-    /// labels down).
+    /// mode, counting the bytes the HTTP API would carry for it: the u8 images up, the JSON
+    /// answer down ([`QueryResponse::wire_len`]).
     fn answer_locally(&mut self, logits: Vec<f32>, info: &TeacherInfo, n: u64, image_bytes: usize) -> Responses {
+        let count = n as usize;
         let (responses, down) = match info.response {
             ResponseMode::Soft => {
-                let bytes = 4 * logits.len() as u64;
-                (Responses::Soft(logits), bytes)
+                let body = QueryResponse { count, logits: Some(logits), labels: None, remaining: None };
+                let down = body.wire_len();
+                (Responses::Soft(body.logits.unwrap_or_default()), down)
             }
-            ResponseMode::Hard => (Responses::Hard(argmax_rows(&logits, info.num_classes)), 4 * n),
+            ResponseMode::Hard => {
+                let labels = Some(argmax_rows(&logits, info.num_classes));
+                let body = QueryResponse { count, logits: None, labels, remaining: None };
+                let down = body.wire_len();
+                (Responses::Hard(body.labels.unwrap_or_default()), down)
+            }
         };
         self.record(n, image_bytes as u64, down);
         responses

@@ -27,6 +27,7 @@ use crate::methods::deprivatize::GanConfig;
 use crate::methods::losses::ImWeight;
 use crate::methods::mekd::{DistillConfig, QueryMode};
 use crate::methods::run::{RunConfig, RunSummary, run_method};
+use crate::numerics::CpuNumerics;
 use crate::report;
 use crate::rundir::RunDir;
 use crate::teacher::server::{ServeConfig, start};
@@ -211,6 +212,9 @@ pub struct DemoSummary {
     pub wall_s: f64,
     /// The settings.
     pub config: DemoConfig,
+    /// What fixed the rounding of the CPU training on this machine (`crate::numerics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<CpuNumerics>,
 }
 
 /// The server's own counts (they must equal the clients').
@@ -339,6 +343,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
         server_queries: ServerCounts { mekd: count(KEYS[0]), kd: count(KEYS[1]) },
         wall_s: started.elapsed().as_secs_f64(),
         config: config.clone(),
+        numerics: (config.device == DeviceKind::Flex).then(CpuNumerics::detect),
     };
     run.write_json("summary.json", &summary)?;
     Ok(summary)
@@ -372,5 +377,9 @@ pub fn table(summary: &DemoSummary) -> String {
         "budget {} queries per method; the server counted {} (MEKD) and {} (KD); {:.0} s\n",
         summary.budget, summary.server_queries.mekd, summary.server_queries.kd, summary.wall_s
     ));
+    if let Some(numerics) = &summary.numerics {
+        // The README's numbers come from one machine: say what fixes the rounding on this one.
+        out.push_str(&format!("CPU numerics (results match another machine's only where these do): {numerics}\n"));
+    }
     out
 }

@@ -12,6 +12,7 @@ pub mod device;
 pub mod engines;
 pub mod export;
 pub mod methods;
+pub mod numerics;
 pub mod onnxruntime;
 pub mod progress;
 pub mod report;

@@ -20,7 +20,7 @@ use mekd_trainer::methods::run::{RunConfig, run_method};
 use mekd_trainer::report;
 use mekd_trainer::rundir::{RunDir, read_json_file};
 use mekd_trainer::schedule::default_milestones;
-use mekd_trainer::teacher::server::{ServeConfig, serve};
+use mekd_trainer::teacher::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, ServeConfig, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 /// Black-box knowledge distillation (MEKD) from a cloud teacher to an edge student.
@@ -88,6 +88,10 @@ enum Command {
         /// A tiny configuration (one to two minutes; what the end-to-end test runs).
         #[arg(long)]
         tiny: bool,
+        /// Seed of every stage (weights, edge subset, batches, latents). Another seed is another
+        /// sample of the demo's result: README and BENCHMARKS give the spread over seeds.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Backend: flex (CPU, default), ndarray, wgpu[:N] or wgpu:cpu.
         #[arg(long, default_value_t = DeviceKind::Flex)]
         device: DeviceKind,
@@ -373,6 +377,13 @@ struct ServeArgs {
     /// HTTP worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Most open connections; connections over the cap are closed at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers, and then its body (slower clients
+    /// are disconnected: 408 for a slow body).
+    #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs())]
+    read_timeout: u64,
     /// Path of libonnxruntime.so [default: $ORT_DYLIB_PATH, .cache/onnxruntime/, python onnxruntime].
     #[arg(long)]
     ort_lib: Option<PathBuf>,
@@ -468,9 +479,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Teacher { command: TeacherCommand::Train(args) } => teacher_train(args),
         Command::Distill(args) => distill_command(*args),
         Command::Report { dirs, json, per_run, out } => report_command(&dirs, json, per_run, out.as_deref()),
-        Command::Demo { out, data, budget, tiny, device } => {
+        Command::Demo { out, data, budget, tiny, seed, device } => {
             let mut config = if tiny { DemoConfig::tiny(data) } else { DemoConfig::new(data) };
             config.device = device;
+            config.seed = seed;
             if let Some(budget) = budget {
                 config = config.with_budget(budget);
             }
@@ -545,6 +557,8 @@ fn run(cli: Cli) -> Result<()> {
             config.max_batch = args.max_batch;
             config.model_batch = args.model_batch;
             config.threads = args.threads;
+            config.max_connections = args.max_connections;
+            config.read_timeout = std::time::Duration::from_secs(args.read_timeout);
             config.ort_library = args.ort_lib;
             serve(&config)
         }

@@ -227,3 +227,76 @@ fn serves_a_model_from_another_producer() {
     let agreement = Agreement::of(&expected, &logits, 10);
     assert!(agreement.ok(), "{agreement:?}");
 }
+
+/// Send `head` (request line and headers, no body) and read the answer, if any: `(status, body)`.
+fn raw_head(addr: SocketAddr, head: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
+/// Regression: a declared body of 99,999,999,999 bytes (none sent) used to abort the whole
+/// process (tiny_http allocated the declared length to read it away), with or without a key.
+#[test]
+fn a_huge_declared_length_is_refused_and_the_server_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, None);
+    let addr = server.addr();
+    for (key, expected) in [("", 401), (&*format!("Authorization: Bearer {KEY}\r\n"), 413)] {
+        let head = format!("POST /v1/query HTTP/1.1\r\nHost: x\r\n{key}Content-Length: 99999999999\r\n\r\n");
+        let (status, body) = raw_head(addr, &head).expect("an answer");
+        assert_eq!(status, expected, "{body}");
+    }
+    healthy(addr);
+    let mut client = HttpTeacher::connect(&server.url(), KEY, None).unwrap();
+    assert!(client.query(&mnist_images(2)).is_ok());
+    server.shutdown().unwrap();
+}
+
+/// Slow clients (headers or body never finished) are cut off after the read timeout, idle
+/// connections past the cap are closed at once, and other clients are answered throughout.
+#[test]
+fn slow_and_surplus_connections_do_not_block_other_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let mut config = ServeConfig::new(model_path, "127.0.0.1:0", ResponseMode::Soft, keys);
+    config.read_timeout = std::time::Duration::from_millis(600);
+    config.max_connections = 4;
+    let server = start(&config).unwrap();
+    let addr = server.addr();
+
+    // A body that never comes: 408 after the timeout.
+    let slow_body = format!("POST /v1/query HTTP/1.1\r\nHost: x\r\nX-Api-Key: {KEY}\r\nContent-Length: 1024\r\n\r\n");
+    let started = std::time::Instant::now();
+    assert_eq!(raw_head(addr, &slow_body).map(|r| r.0), Some(408));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // Headers that never end: the connection is closed, with no request answered.
+    let started = std::time::Instant::now();
+    let answer = raw_head(addr, "GET /v1/health HTTP/1.1\r\nHost: x\r\n");
+    assert!(answer.is_none_or(|(status, _)| status == 408), "{answer:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    // Four idle connections fill the cap; a fifth is closed at once, unanswered.
+    let idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut surplus = TcpStream::connect(addr).unwrap();
+    surplus.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let _ = surplus.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = surplus.read_to_end(&mut got);
+    assert!(got.is_empty(), "a connection over the cap was served: {}", String::from_utf8_lossy(&got));
+    // The idle ones are cut off by the header timeout, and the server answers again.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    healthy(addr);
+    drop(idle);
+    server.shutdown().unwrap();
+}

@@ -64,6 +64,9 @@ fn teacher_learns_exports_and_resumes_after_a_kill() {
     let rows = metrics(&straight);
     assert_eq!(rows.iter().map(|r| r.epoch).collect::<Vec<_>>(), vec![1, 2, 3]);
     let final_acc = rows[2].test_acc;
+    // Measured over seeds 0-9 with `scripts/seed-spread.sh teacher` (this run's settings): 94.48%
+    // +- 0.73 on an AVX2 machine, 94.52% +- 0.67 on an AVX-512 one (min 93.2): the bound sits
+    // six standard deviations under the mean.
     assert!(final_acc > 90.0, "LeNet-5 on 3,000 MNIST images should pass 90% after 3 epochs, got {final_acc}");
     assert!(straight.join("teacher.onnx").is_file());
 
@@ -105,6 +108,13 @@ fn teacher_learns_exports_and_resumes_after_a_kill() {
         assert!(agreement.ok(), "{agreement:?}");
     }
     assert!(doors.iter().all(|t| t.usage().queries == 64 && t.usage().bytes_up == 64 * 1024));
+    // One byte rule for every kind of teacher: bytes down are the JSON body the HTTP API carries
+    // for that answer (written here by hand, not through the crate's rule).
+    for (door, logits) in doors.iter().zip(&answers) {
+        let numbers: Vec<String> = logits.iter().map(|v| serde_json::to_string(v).unwrap()).collect();
+        let body = format!("{{\"count\":64,\"logits\":[{}],\"remaining\":null}}", numbers.join(","));
+        assert_eq!(door.usage().bytes_down, body.len() as u64, "{body}");
+    }
     server.shutdown().unwrap();
 
     // 4. Kill a second run during epoch 2, then resume it.

@@ -50,11 +50,17 @@ fn header(path: &Path, bytes: &[u8], rank: u8) -> Result<Vec<usize>, DataError> 
     let dims: Vec<usize> = (0..rank as usize)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes")) as usize)
         .collect();
-    let body = dims.iter().product::<usize>();
-    if bytes.len() != header_len + body {
+    // A crafted header can claim more bytes than any machine has: multiply checked, and compare
+    // with the file's real size before anything is allocated from the claim.
+    let body = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if body.and_then(|b| b.checked_add(header_len)) != Some(bytes.len()) {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
-            detail: format!("header {dims:?} needs {} bytes of data, file has {}", body, bytes.len() - header_len),
+            detail: format!(
+                "header {dims:?} needs {} bytes of data, file has {}",
+                body.map_or_else(|| "more than this machine can address".to_string(), |b| b.to_string()),
+                bytes.len() - header_len
+            ),
         });
     }
     Ok(dims)
@@ -90,4 +96,35 @@ pub(super) fn load(images: &Path, labels: &Path) -> Result<Dataset, DataError> {
         classes: (0..IDX_CLASSES).map(|c| c.to_string()).collect(),
         source: images.display().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(magic: u32, dims: &[u32], body: usize) -> Vec<u8> {
+        let mut bytes = magic.to_be_bytes().to_vec();
+        for d in dims {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.resize(bytes.len() + body, 0);
+        bytes
+    }
+
+    /// Three dimensions of 0xFFFFFFFF overflow a 64-bit product: a clear error, no panic (the
+    /// dev profile used to panic with "attempt to multiply with overflow").
+    #[test]
+    fn a_header_claiming_more_than_2_pow_64_bytes_is_refused() {
+        let bytes = file(0x0803, &[u32::MAX; 3], 10);
+        let err = header(Path::new("x"), &bytes, 3).unwrap_err().to_string();
+        assert!(err.contains("more than this machine can address") && err.contains("file has 10"), "{err}");
+    }
+
+    #[test]
+    fn a_header_claiming_more_than_the_file_holds_is_refused() {
+        let bytes = file(0x0803, &[2, 28, 28], 28 * 28);
+        let err = header(Path::new("x"), &bytes, 3).unwrap_err().to_string();
+        assert!(err.contains("needs 1568 bytes") && err.contains("file has 784"), "{err}");
+        assert_eq!(header(Path::new("x"), &file(0x0803, &[1, 28, 28], 784), 3).unwrap(), vec![1, 28, 28]);
+    }
 }

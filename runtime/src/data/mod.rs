@@ -173,15 +173,47 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
     gunzip_if_needed(path, raw)
 }
 
+/// The most bytes one gzip member of a dataset may unpack to (4 GiB: CIFAR-100's archive
+/// unpacks to 180 MB, MNIST's to 47 MB). A gzip bomb stops here instead of exhausting memory.
+pub const MAX_UNPACKED_BYTES: u64 = 4 << 30;
+
 /// Un-gzip `raw` if it is gzip data; otherwise return it unchanged.
 pub(crate) fn gunzip_if_needed(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, DataError> {
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&raw[..]), &mut out)
-            .map_err(|e| DataError::io(path, e))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    gunzip_limited(path, raw, MAX_UNPACKED_BYTES)
+}
+
+fn gunzip_limited(path: &Path, raw: Vec<u8>, limit: u64) -> Result<Vec<u8>, DataError> {
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit as usize));
+    let decoder = flate2::read::MultiGzDecoder::new(&raw[..]);
+    std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit + 1), &mut out)
+        .map_err(|e| DataError::io(path, e))?;
+    if out.len() as u64 > limit {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("the gzip data unpacks to more than {limit} bytes (the readers' limit)"),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod gzip_tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn gzip_data_past_the_limit_is_refused_without_unpacking_it_all() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 1 << 20]).unwrap();
+        let packed = gz.finish().unwrap();
+        let err = gunzip_limited(Path::new("bomb.gz"), packed.clone(), 1000).unwrap_err().to_string();
+        assert!(err.contains("more than 1000 bytes"), "{err}");
+        assert_eq!(gunzip_limited(Path::new("ok.gz"), packed, 1 << 20).unwrap().len(), 1 << 20);
+        assert_eq!(gunzip_limited(Path::new("raw"), vec![1, 2, 3], 1).unwrap(), vec![1, 2, 3], "not gzip: unchanged");
     }
 }
 

@@ -93,7 +93,10 @@ pub enum ImWeight {
     /// The paper: the teacher's response strength, `max_c softmax(T(x))_c` for soft answers and
     /// 1 for hard ones.
     MaxResponse,
-    /// The reference code's form: the argmax class index (class 0 gets no push).
+    /// The reference code's form, exactly: DCGAN.py multiplies the argmax class indices
+    /// (shape `(b,)`) by `log(D(G(z)) + 1e-5)` (shape `(b, 1)`); broadcasting makes a `(b, b)`
+    /// matrix whose mean is `mean(class index) x mean(-log D)`. So every image of a batch is
+    /// weighted by the batch's mean class index, not by its own.
     ClassIndex,
 }
 
@@ -109,7 +112,10 @@ pub fn information_maximisation(d_fake: Tensor<2>, weights: Tensor<1>) -> Tensor
 /// (soft) or one-hot rows (hard); `labels` the argmax per row.
 pub fn im_weights(targets: &[f32], labels: &[usize], classes: usize, hard: bool, form: ImWeight) -> Vec<f32> {
     match form {
-        ImWeight::ClassIndex => labels.iter().map(|&l| l as f32).collect(),
+        ImWeight::ClassIndex => {
+            let mean = labels.iter().map(|&l| l as f64).sum::<f64>() / labels.len().max(1) as f64;
+            vec![mean as f32; labels.len()]
+        }
         ImWeight::MaxResponse if hard => vec![1.0; labels.len()],
         ImWeight::MaxResponse => targets
             .chunks_exact(classes)
@@ -205,6 +211,30 @@ mod tests {
         assert!((scalar(nckd) - 0.110_944).abs() < 2e-5);
     }
 
+    /// The reference's broadcast, computed the way PyTorch does it: `output` `(b,)` times
+    /// `log(D + 1e-5)` `(b, 1)` is the `(b, b)` matrix `M[j][i] = y_i * log(D_j + 1e-5)`, and
+    /// the loss is `-mean(M)`. Batch: labels [7, 0, 2], D = [0.9, 0.2, 0.5]:
+    /// mean(y) = 3, mean(-log(D + 1e-5)) = (0.105349 + 1.609388 + 0.693127) / 3 = 0.802621,
+    /// so the loss is 2.407864 (weighting each image by its own index would give 0.707900).
+    #[test]
+    fn class_index_is_the_reference_broadcast() {
+        let labels = [7usize, 0, 2];
+        let d = [0.9f64, 0.2, 0.5];
+        let mut matrix = 0.0;
+        for dj in d {
+            for &yi in &labels {
+                matrix += yi as f64 * (dj + 1e-5).ln();
+            }
+        }
+        let reference = -matrix / 9.0;
+        assert!((reference - 2.407_864).abs() < 1e-5, "{reference}");
+        let weights = im_weights(&[0.0; 30], &labels, 10, false, ImWeight::ClassIndex);
+        let dev = Device::flex();
+        let d_fake = Tensor::<2>::from_data(TensorData::new(d.map(|v| v as f32).to_vec(), [3, 1]), &dev);
+        let im = scalar(information_maximisation(d_fake, Tensor::<1>::from_data(TensorData::new(weights, [3]), &dev)));
+        assert!((im - reference).abs() < 1e-5, "{im} vs the reference's {reference}");
+    }
+
     #[test]
     fn im_term_in_both_forms() {
         // Soft logits [ln 3, 0] -> max softmax 0.75; class index form uses the argmax (0).
@@ -213,7 +243,7 @@ mod tests {
         let paper = im_weights(&targets, &labels, 2, false, ImWeight::MaxResponse);
         assert!((paper[0] - 0.75).abs() < 1e-6 && (paper[1] - 0.731_058_6).abs() < 1e-6);
         assert_eq!(im_weights(&targets, &labels, 2, true, ImWeight::MaxResponse), vec![1.0, 1.0]);
-        assert_eq!(im_weights(&targets, &labels, 2, false, ImWeight::ClassIndex), vec![0.0, 1.0]);
+        assert_eq!(im_weights(&targets, &labels, 2, false, ImWeight::ClassIndex), vec![0.5, 0.5]);
         // L_IM = mean(-y * ln(D + 1e-5)) with D = [0.5, 0.25], y = [0.75, 1]:
         // (0.75 * 0.693127 + 1 * 1.386254) / 2 = 0.953050.
         let dev = Device::flex();

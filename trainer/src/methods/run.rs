@@ -26,6 +26,7 @@ use super::student::{Objective, Pool, StudentJob, Transfer, train_student};
 use crate::blackbox::{Teacher, Usage};
 use crate::device::DeviceKind;
 use crate::export::export_verified;
+use crate::numerics::CpuNumerics;
 use crate::progress;
 use crate::rundir::RunDir;
 
@@ -95,6 +96,11 @@ pub struct RunSummary {
     pub seconds: f64,
     /// The exported student.
     pub onnx: PathBuf,
+    /// What fixed the rounding of a CPU (flex) run on this machine; absent for other backends
+    /// and in runs written before it was recorded. Two flex runs of one configuration agree bit
+    /// for bit only where this agrees (`crate::numerics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<CpuNumerics>,
 }
 
 /// A grid of up to 64 images (8 per row) as PNG bytes.
@@ -309,6 +315,7 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
         student_params: mekd_models::params::trainable_params(&student),
         seconds: started.elapsed().as_secs_f64(),
         onnx,
+        numerics: (config.device == DeviceKind::Flex).then(CpuNumerics::detect),
     };
     run.write_json("summary.json", &summary)?;
     Ok(summary)

@@ -58,6 +58,18 @@ impl Accounts {
     pub fn open(keys_file: &Path, budget: Option<u64>, usage_file: &Path) -> Result<Self, AccountsError> {
         let file_error = |path: &Path, reason: String| AccountsError::File { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(keys_file).map_err(|e| file_error(keys_file, e.to_string()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(keys_file).map(|m| m.permissions().mode()).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                eprintln!(
+                    "warning: the keys file {} can be read by other users (mode {:o}); `chmod 600` it",
+                    keys_file.display(),
+                    mode & 0o777
+                );
+            }
+        }
         let mut keys = BTreeMap::new();
         for (number, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -107,10 +119,29 @@ impl Accounts {
         }
     }
 
+    /// The known key equal to `given`, compared in constant time: every known key is compared
+    /// byte by byte to the end, so the time taken does not tell an attacker how many leading
+    /// bytes of a guess were right (only the keys' lengths, which are not secret, shape it).
+    fn known(&self, given: Option<&str>) -> Option<&str> {
+        let given = given?.as_bytes();
+        let mut found = None;
+        for key in self.keys.keys() {
+            let known = key.as_bytes();
+            let mut diff = (known.len() != given.len()) as u8;
+            for i in 0..known.len() {
+                diff |= known[i] ^ given.get(i).copied().unwrap_or(0);
+            }
+            if std::hint::black_box(diff) == 0 {
+                found = Some(key.as_str());
+            }
+        }
+        found
+    }
+
     /// Check `key` and, if `n` queries fit in its budget, count them (persisting the new count).
     /// Returns the queries left afterwards.
     pub fn reserve(&self, key: Option<&str>, n: u64) -> Result<Option<u64>, Refusal> {
-        let key = key.filter(|k| self.keys.contains_key(*k)).ok_or(Refusal::Unauthorized)?;
+        let key = self.known(key).ok_or(Refusal::Unauthorized)?;
         let mut used = self.used.lock().expect("accounts lock");
         let count = used.get(key).copied().unwrap_or(0);
         let budget = self.budget_of(key);
@@ -139,7 +170,7 @@ impl Accounts {
 
     /// `(used, budget, remaining)` of a valid key.
     pub fn usage(&self, key: Option<&str>) -> Result<(u64, Option<u64>, Option<u64>), Refusal> {
-        let key = key.filter(|k| self.keys.contains_key(*k)).ok_or(Refusal::Unauthorized)?;
+        let key = self.known(key).ok_or(Refusal::Unauthorized)?;
         let used = self.used.lock().expect("accounts lock").get(key).copied().unwrap_or(0);
         let budget = self.budget_of(key);
         Ok((used, budget, budget.map(|b| b.saturating_sub(used))))
@@ -147,7 +178,7 @@ impl Accounts {
 
     /// Whether `key` is valid.
     pub fn is_valid(&self, key: Option<&str>) -> bool {
-        key.is_some_and(|k| self.keys.contains_key(k))
+        self.known(key).is_some()
     }
 
     /// Write the counts durably (fsync), e.g. at shutdown.
@@ -180,6 +211,10 @@ mod tests {
         assert_eq!(accounts.reserve(Some("alpha"), 4), Ok(Some(6)));
         assert_eq!(accounts.reserve(Some("alpha"), 7), Err(Refusal::BudgetExhausted { remaining: 6 }));
         assert_eq!(accounts.reserve(Some("gamma"), 1), Err(Refusal::Unauthorized));
+        for near in ["alph", "alphaa", "Alpha", "", "alpha\0"] {
+            assert_eq!(accounts.reserve(Some(near), 1), Err(Refusal::Unauthorized), "{near:?}");
+        }
+        assert!(accounts.is_valid(Some("beta")) && !accounts.is_valid(Some("bet")));
         assert_eq!(accounts.reserve(None, 1), Err(Refusal::Unauthorized));
         accounts.refund("alpha", 1);
         assert_eq!(accounts.usage(Some("alpha")), Ok((3, Some(10), Some(7))));

@@ -2,17 +2,22 @@
 //! per-key query budget, size limits and a response mode fixed by the operator. The wire
 //! protocol is documented in `mekd_runtime::protocol` and the README.
 
-use std::io::Read;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tiny_http::{Header, Method, Request, Response};
+use tokio::sync::{Semaphore, watch};
 
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::engine::{argmax_rows, inspect};
@@ -21,6 +26,15 @@ use mekd_runtime::protocol::{self, ErrorBody, QueryResponse, ResponseMode, Teach
 use super::accounts::{Accounts, Refusal};
 use super::batcher::Batcher;
 use crate::onnxruntime::OrtClassifier;
+
+/// Default of [`ServeConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of [`ServeConfig::read_timeout`].
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (request line and headers) the server reads.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long shutdown waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How to serve a teacher.
 #[derive(Clone, Debug)]
@@ -45,6 +59,12 @@ pub struct ServeConfig {
     pub model_batch: usize,
     /// HTTP worker threads.
     pub threads: usize,
+    /// Most open connections; a connection over the cap is closed at once, so a flood of idle
+    /// or slow clients cannot take every slot of a server that answers the others.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and then its body; a slower
+    /// client's connection is closed (slow-loris clients hold no slot for long).
+    pub read_timeout: Duration,
     /// The ONNX Runtime library, if not found automatically.
     pub ort_library: Option<PathBuf>,
 }
@@ -63,25 +83,28 @@ impl ServeConfig {
             max_batch: 1024,
             model_batch: 256,
             threads: 8,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            read_timeout: DEFAULT_READ_TIMEOUT,
             ort_library: None,
         }
     }
 }
 
-/// State shared by the HTTP workers.
+/// State shared by the HTTP handlers.
 struct Shared {
     info: TeacherInfo,
     norm: Normalisation,
     accounts: Accounts,
     batcher: Batcher,
     image_bytes: usize,
+    read_timeout: Duration,
 }
 
 /// A server running in background threads; [`RunningServer::shutdown`] stops it cleanly.
 pub struct RunningServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+    http: Option<JoinHandle<()>>,
     batcher: Option<JoinHandle<()>>,
     shared: Option<Arc<Shared>>,
 }
@@ -103,9 +126,9 @@ impl RunningServer {
     }
 
     fn stop_and_join(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+        let _ = self.stop.send(true);
+        if let Some(http) = self.http.take() {
+            let _ = http.join();
         }
         let shared = self.shared.take();
         let flushed = shared.as_ref().map(|s| s.accounts.flush());
@@ -128,8 +151,11 @@ impl Drop for RunningServer {
 
 /// Load the model and the keys, bind, and start serving in background threads.
 pub fn start(config: &ServeConfig) -> Result<RunningServer> {
-    if config.max_batch == 0 || config.model_batch == 0 || config.threads == 0 {
-        bail!("max batch, model batch and threads must be at least 1");
+    if config.max_batch == 0 || config.model_batch == 0 || config.threads == 0 || config.max_connections == 0 {
+        bail!("max batch, model batch, threads and max connections must be at least 1");
+    }
+    if config.read_timeout.is_zero() {
+        bail!("the read timeout must be longer than zero");
     }
     let (model_info, _) = inspect(&config.model)?;
     let [c, h, w] = model_info.input_shape;
@@ -165,36 +191,73 @@ pub fn start(config: &ServeConfig) -> Result<RunningServer> {
         std: norm.std.clone(),
         max_batch: config.max_batch,
     };
-    let shared = Arc::new(Shared { info, norm, accounts, batcher, image_bytes: c * h * w });
+    let shared =
+        Arc::new(Shared { info, norm, accounts, batcher, image_bytes: c * h * w, read_timeout: config.read_timeout });
     let listener =
         std::net::TcpListener::bind(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
-    // Accepted sockets inherit TCP_NODELAY from the listener (Linux): without it, a response
-    // written in several segments waits ~40 ms for the client's delayed ACK (Nagle).
-    socket2::SockRef::from(&listener).set_tcp_nodelay(true).context("setting TCP_NODELAY")?;
-    let server = Arc::new(
-        tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| anyhow::anyhow!("cannot serve on {}: {e}", config.listen))?,
-    );
-    let addr = server.server_addr().to_ip().ok_or_else(|| anyhow::anyhow!("{} is not an IP address", config.listen))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let workers = (0..config.threads)
-        .map(|i| {
-            let (server, shared, stop) = (server.clone(), shared.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name(format!("teacher-http-{i}"))
-                .spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        if let Ok(Some(request)) = server.recv_timeout(Duration::from_millis(100)) {
-                            handle(&shared, request);
-                        }
-                    }
-                })
-                .expect("spawn an HTTP worker")
-        })
-        .collect();
-    Ok(RunningServer { addr, stop, workers, batcher: Some(batcher_thread), shared: Some(shared) })
+    listener.set_nonblocking(true).context("setting the listener non-blocking")?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
+        .thread_name("teacher-http")
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let (stop, stopped) = watch::channel(false);
+    let limits = Arc::new(Semaphore::new(config.max_connections));
+    let accept_shared = shared.clone();
+    let http = std::thread::Builder::new()
+        .name("teacher-accept".into())
+        .spawn(move || runtime.block_on(accept_loop(listener, accept_shared, limits, stopped)))
+        .context("starting the HTTP thread")?;
+    Ok(RunningServer { addr, stop, http: Some(http), batcher: Some(batcher_thread), shared: Some(shared) })
 }
 
+/// Accept connections until `stop` turns true, then wait (up to [`SHUTDOWN_GRACE`]) for the
+/// requests in flight; each connection holds one permit of `limits`.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    limits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Accept errors (a peer that reset, too many open files) concern one connection.
+        let Ok((stream, _)) = accepted else { continue };
+        let Ok(permit) = limits.clone().try_acquire_owned() else { continue }; // over the cap: closed
+        // Without TCP_NODELAY a response written in several segments waits ~40 ms for the
+        // client's delayed ACK (Nagle).
+        let _ = stream.set_nodelay(true);
+        let (shared, mut stop) = (shared.clone(), stop.clone());
+        connections.spawn(async move {
+            let _permit = permit;
+            let header_timeout = shared.read_timeout;
+            let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.changed() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+}
 /// Serve until SIGINT or SIGTERM, then shut down gracefully.
 pub fn serve(config: &ServeConfig) -> Result<()> {
     let server = start(config)?;
@@ -216,69 +279,87 @@ pub fn serve(config: &ServeConfig) -> Result<()> {
 }
 
 /// The API key of a request: `Authorization: Bearer KEY` or `X-Api-Key: KEY`.
-fn api_key(request: &Request) -> Option<String> {
-    request.headers().iter().find_map(|h| {
-        let value = h.value.as_str().trim();
-        if h.field.equiv("Authorization") {
-            value.strip_prefix("Bearer ").map(|k| k.trim().to_string())
-        } else if h.field.equiv("X-Api-Key") {
-            Some(value.to_string())
-        } else {
-            None
-        }
-    })
+fn api_key(headers: &HeaderMap) -> Option<String> {
+    let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()?.trim().strip_prefix("Bearer "));
+    if let Some(key) = bearer {
+        return Some(key.trim().to_string());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string())
 }
 
-fn json<T: Serialize>(status: u16, body: &T) -> Response<std::io::Cursor<Vec<u8>>> {
+type Answer = Response<Full<Bytes>>;
+
+fn json<T: Serialize>(status: u16, body: &T) -> Answer {
     let bytes = serde_json::to_vec(body).expect("serialisable");
-    Response::from_data(bytes)
-        .with_status_code(status)
-        .with_header(Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("valid header"))
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = StatusCode::from_u16(status).expect("a valid status");
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
-fn error(status: u16, message: impl Into<String>, remaining: Option<u64>) -> Response<std::io::Cursor<Vec<u8>>> {
+fn error(status: u16, message: impl Into<String>, remaining: Option<u64>) -> Answer {
     json(status, &ErrorBody { error: message.into(), remaining })
 }
 
-fn handle(shared: &Shared, mut request: Request) {
-    let key = api_key(&request);
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let response = match (request.method(), path.as_str()) {
-        (Method::Get, protocol::HEALTH) => json(200, &serde_json::json!({"status": "ok"})),
-        (Method::Get, protocol::INFO) if shared.accounts.is_valid(key.as_deref()) => json(200, &shared.info),
-        (Method::Get, protocol::USAGE) => match shared.accounts.usage(key.as_deref()) {
-            Ok((used, budget, remaining)) => json(200, &Usage { used, budget, remaining }),
-            Err(_) => unauthorized(),
-        },
-        (Method::Get, protocol::INFO) => unauthorized(),
-        (Method::Post, protocol::QUERY) => query(shared, key.as_deref(), &mut request),
-        (_, protocol::HEALTH | protocol::INFO | protocol::USAGE | protocol::QUERY) => {
-            error(405, format!("{} does not accept {}", path, request.method()), None)
-        }
-        _ => error(404, format!("no endpoint {path}; see {} and {}", protocol::INFO, protocol::QUERY), None),
-    };
-    let _ = request.respond(response);
+/// An error after which the connection is closed: the request's body was not read (too large,
+/// too slow, or broken), so the bytes that follow on the connection are not a request.
+fn closing(mut response: Answer) -> Answer {
+    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
-fn unauthorized() -> Response<std::io::Cursor<Vec<u8>>> {
+fn unauthorized() -> Answer {
     error(401, "missing or invalid API key (send `Authorization: Bearer KEY`)", None)
 }
 
-fn query(shared: &Shared, key: Option<&str>, request: &mut Request) -> Response<std::io::Cursor<Vec<u8>>> {
+async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answer, Infallible> {
+    let key = api_key(request.headers());
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    let response = match (&method, path.as_str()) {
+        (&Method::GET, protocol::HEALTH) => json(200, &serde_json::json!({"status": "ok"})),
+        (&Method::GET, protocol::INFO) if shared.accounts.is_valid(key.as_deref()) => json(200, &shared.info),
+        (&Method::GET, protocol::USAGE) => match shared.accounts.usage(key.as_deref()) {
+            Ok((used, budget, remaining)) => json(200, &Usage { used, budget, remaining }),
+            Err(_) => unauthorized(),
+        },
+        (&Method::GET, protocol::INFO) => unauthorized(),
+        (&Method::POST, protocol::QUERY) => query(shared, key, request).await,
+        (_, protocol::HEALTH | protocol::INFO | protocol::USAGE | protocol::QUERY) => {
+            error(405, format!("{path} does not accept {method}"), None)
+        }
+        _ => error(404, format!("no endpoint {path}; see {} and {}", protocol::INFO, protocol::QUERY), None),
+    };
+    Ok(response)
+}
+
+async fn query(shared: Arc<Shared>, key: Option<String>, request: Request<Incoming>) -> Answer {
     let Some(key) = key.filter(|k| shared.accounts.is_valid(Some(k))) else {
-        return unauthorized();
+        return closing(unauthorized());
     };
     let max_body = shared.info.max_batch * shared.image_bytes;
-    if request.body_length().is_some_and(|n| n > max_body) {
-        return error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
+    let too_large = || error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
+    // A declared length over the limit is refused before a byte of the body is read (and
+    // nothing is allocated from the claim).
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return closing(too_large());
     }
-    let mut body = Vec::new();
-    if let Err(e) = request.as_reader().take(max_body as u64 + 1).read_to_end(&mut body) {
-        return error(400, format!("cannot read the body: {e}"), None);
-    }
-    if body.len() > max_body {
-        return error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
-    }
+    let read = tokio::time::timeout(shared.read_timeout, Limited::new(request.into_body(), max_body).collect()).await;
+    let body = match read {
+        Err(_) => return closing(error(408, format!("the body took longer than {:?}", shared.read_timeout), None)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return closing(too_large()),
+        Ok(Err(e)) => return closing(error(400, format!("cannot read the body: {e}"), None)),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    // The accounts and the model block: off the connection threads.
+    tokio::task::spawn_blocking(move || answer(&shared, &key, &body))
+        .await
+        .unwrap_or_else(|e| error(500, format!("the request's worker failed: {e}"), None))
+}
+
+/// Charge `key` for the images in `body` and answer them.
+fn answer(shared: &Shared, key: &str, body: &[u8]) -> Answer {
     let [c, h, w] = shared.info.input_shape;
     if body.is_empty() || !body.len().is_multiple_of(shared.image_bytes) {
         return error(
@@ -303,7 +384,7 @@ fn query(shared: &Shared, key: Option<&str>, request: &mut Request) -> Response<
         }
         Err(Refusal::Unauthorized) => return unauthorized(),
     };
-    let input = to_model_input(&body, shared.info.input_shape, &shared.norm);
+    let input = to_model_input(body, shared.info.input_shape, &shared.norm);
     match shared.batcher.infer(input, count) {
         Ok(logits) => {
             let answer = match shared.info.response {

@@ -199,6 +199,21 @@ fn gunzip_limited(path: &Path, raw: Vec<u8>, limit: u64) -> Result<Vec<u8>, Data
     Ok(out)
 }
 
+/// The files in `dir`, sorted by name.
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        files.push(entry.map_err(|e| DataError::io(dir, e))?.path());
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The file name of `path` as text.
+pub(crate) fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod gzip_tests {
     use std::io::Write;
@@ -215,19 +230,4 @@ mod gzip_tests {
         assert_eq!(gunzip_limited(Path::new("ok.gz"), packed, 1 << 20).unwrap().len(), 1 << 20);
         assert_eq!(gunzip_limited(Path::new("raw"), vec![1, 2, 3], 1).unwrap(), vec![1, 2, 3], "not gzip: unchanged");
     }
-}
-
-/// The files in `dir`, sorted by name.
-pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
-        files.push(entry.map_err(|e| DataError::io(dir, e))?.path());
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// The file name of `path` as text.
-pub(crate) fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }

@@ -128,8 +128,8 @@ impl Accounts {
         for key in self.keys.keys() {
             let known = key.as_bytes();
             let mut diff = (known.len() != given.len()) as u8;
-            for i in 0..known.len() {
-                diff |= known[i] ^ given.get(i).copied().unwrap_or(0);
+            for (i, byte) in known.iter().enumerate() {
+                diff |= byte ^ given.get(i).copied().unwrap_or(0);
             }
             if std::hint::black_box(diff) == 0 {
                 found = Some(key.as_str());

@@ -338,7 +338,8 @@ async fn query(shared: Arc<Shared>, key: Option<String>, request: Request<Incomi
         return closing(unauthorized());
     };
     let max_body = shared.info.max_batch * shared.image_bytes;
-    let too_large = || error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
+    let too_large =
+        || error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
     // A declared length over the limit is refused before a byte of the body is read (and
     // nothing is allocated from the claim).
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());

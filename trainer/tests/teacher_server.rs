@@ -31,10 +31,14 @@ fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bod
     stream.write_all(body).unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    parse_answer(&response).expect("an HTTP answer")
+}
+
+/// `(status, body)` of a raw HTTP answer; `None` when nothing (or no status line) came back.
+fn parse_answer(response: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(response);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
 fn healthy(addr: SocketAddr) {
@@ -235,9 +239,7 @@ fn raw_head(addr: SocketAddr, head: &str) -> Option<(u16, String)> {
     stream.write_all(head.as_bytes()).unwrap();
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    parse_answer(&response)
 }
 
 /// Regression: a declared body of 99,999,999,999 bytes (none sent) used to abort the whole

@@ -186,7 +186,7 @@ fn gunzip_limited(path: &Path, raw: Vec<u8>, limit: u64) -> Result<Vec<u8>, Data
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
-    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(limit as usize));
+    let mut out = Vec::with_capacity(raw.len().saturating_mul(4).min(usize::try_from(limit).unwrap_or(usize::MAX)));
     let decoder = flate2::read::MultiGzDecoder::new(&raw[..]);
     std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit + 1), &mut out)
         .map_err(|e| DataError::io(path, e))?;

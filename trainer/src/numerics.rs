@@ -20,7 +20,8 @@
 //!
 //! Forcing one rounding on every machine would mean forking both crates (a fixed lane count in
 //! flex's reductions, a fixed `kc` in gemm) and giving up AVX-512; the project records the
-//! fingerprint with each demo instead, so two results can be compared knowingly.
+//! fingerprint with each distillation run and each demo instead, so two results can be compared
+//! knowingly.
 
 use serde::{Deserialize, Serialize};
 

@@ -56,7 +56,8 @@ pub struct DemoConfig {
     pub mekd_pool: usize,
     /// Student epochs (both methods).
     pub epochs: usize,
-    /// Student steps per epoch.
+    /// MEKD's student steps per epoch (KD makes one pass over its transfer set per epoch, the
+    /// reference's schedule).
     pub steps: usize,
     /// Student batch.
     pub batch: usize,
@@ -154,7 +155,7 @@ impl DemoConfig {
             },
             distill: DistillConfig {
                 epochs: self.epochs,
-                steps_per_epoch: self.steps,
+                steps_per_epoch: (method == Method::Mekd).then_some(self.steps),
                 batch: self.batch,
                 // One decay, three quarters in: short runs need the high rate longest.
                 milestones: vec![(self.epochs * 3).div_ceil(4)],

@@ -23,7 +23,8 @@ pub struct RunRecord {
     pub epochs: Vec<StudentEpoch>,
 }
 
-/// One row of the table: the runs of one method, response mode, pair and budget, over seeds.
+/// One row of the table: the runs of one method, response mode, pair, budget and schedule, over
+/// seeds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ReportRow {
     /// `mekd`, `kd`, `ml`, `dkd`, `kn` or `scratch`.
@@ -38,6 +39,8 @@ pub struct ReportRow {
     pub student: String,
     /// Student-stage budget, if any.
     pub budget: Option<usize>,
+    /// Student steps per epoch (absent for runs that did not record it).
+    pub steps_per_epoch: Option<usize>,
     /// Mean final-epoch test accuracy (percent).
     pub final_acc: f64,
     /// Sample standard deviation of the final accuracy over seeds (0 for one seed).
@@ -54,6 +57,8 @@ pub struct ReportRow {
     pub bytes_down: u64,
     /// The seeds aggregated.
     pub seeds: Vec<u64>,
+    /// The number of runs aggregated (the sample size of the means and deviations).
+    pub n: usize,
     /// The run directories aggregated.
     pub runs: Vec<PathBuf>,
 }
@@ -113,7 +118,7 @@ fn find_runs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-type GroupKey = (String, String, String, String, String, Option<usize>);
+type GroupKey = (String, String, String, String, String, Option<usize>, Option<usize>);
 
 fn key(summary: &RunSummary) -> GroupKey {
     (
@@ -123,6 +128,7 @@ fn key(summary: &RunSummary) -> GroupKey {
         summary.teacher.clone(),
         summary.student.clone(),
         summary.budget,
+        summary.steps_per_epoch,
     )
 }
 
@@ -137,7 +143,7 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Group the runs by method, response, dataset, teacher, student and budget; one row each, in
+/// Group the runs by method, response, dataset, teacher, student, budget and steps per epoch; one row each, in
 /// a stable order (method order of the paper's tables, then response, then budget).
 pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
     let mut groups: BTreeMap<GroupKey, Vec<&RunRecord>> = BTreeMap::new();
@@ -146,7 +152,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
     }
     let mut rows: Vec<ReportRow> = groups
         .into_iter()
-        .map(|((method, response, dataset, teacher, student, budget), members)| {
+        .map(|((method, response, dataset, teacher, student, budget, steps_per_epoch), members)| {
             let finals: Vec<f64> = members.iter().map(|r| r.summary.final_acc).collect();
             let bests: Vec<f64> = members.iter().map(|r| r.summary.best_acc).collect();
             let (final_acc, final_acc_std) = mean_std(&finals);
@@ -160,6 +166,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
                 teacher,
                 student,
                 budget,
+                steps_per_epoch,
                 final_acc,
                 final_acc_std,
                 best_acc,
@@ -168,6 +175,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
                 bytes_up: total(|s| s.bytes_up),
                 bytes_down: total(|s| s.bytes_down),
                 seeds: members.iter().map(|r| r.summary.seed).collect(),
+                n: members.len(),
                 runs: members.iter().map(|r| r.dir.clone()).collect(),
             }
         })
@@ -195,18 +203,19 @@ fn with_spread(mean: f64, std: f64, n: usize) -> String {
 /// The table as markdown.
 pub fn markdown(rows: &[ReportRow]) -> String {
     let mut out = String::from(
-        "| method | response | student | budget | final acc % | best acc % | queries | MB up | MB down | seeds |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | response | student | budget | steps/epoch | final acc % | best acc % | queries | MB up | MB down | n | seeds |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let n = r.seeds.len();
+        let n = r.n;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {n} | {} |",
             r.method,
             r.response,
             r.student,
             r.budget.map_or("-".to_string(), |b| b.to_string()),
+            r.steps_per_epoch.map_or("-".to_string(), |s| s.to_string()),
             with_spread(r.final_acc, r.final_acc_std, n),
             with_spread(r.best_acc, r.best_acc_std, n),
             r.queries,

@@ -94,8 +94,10 @@ fn distill_command_writes_a_complete_run_directory() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("give a teacher"));
 }
 
-/// A tiny distill invocation: 1% of the slice as edge images, 100 test images.
+/// A tiny distill invocation: 1% of the slice as edge images, 100 test images; MEKD runs 2
+/// steps per epoch, the baselines their reference schedule (one pass) unless `extra` says.
 fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let baseline = extra.windows(2).any(|w| w[0] == "--method" && w[1] != "mekd");
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
     let mut args = vec![
         "distill",
@@ -111,8 +113,6 @@ fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::pr
         "8",
         "--discriminator-width",
         "4",
-        "--steps",
-        "2",
         "--batch",
         "16",
         "--limit-test",
@@ -120,6 +120,9 @@ fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::pr
         "--out",
         out.to_str().unwrap(),
     ];
+    if !baseline && !extra.contains(&"--steps") {
+        args.extend_from_slice(&["--steps", "2"]);
+    }
     args.extend_from_slice(extra);
     mekd(&args)
 }
@@ -137,24 +140,31 @@ fn baselines_resume_and_report() {
     let teacher = teacher.to_str().unwrap();
 
     // Baselines query each transfer image once (KD: all 100 edge images; KN: 20%; a budget caps
-    // KD at 30); scratch never asks the teacher.
-    for (method, extra, queries, transfer) in [
-        ("kd", vec![], 100, 100),
-        ("kd", vec!["--budget", "30"], 30, 30),
-        ("kn", vec![], 20, 20),
-        ("dkd", vec![], 100, 100),
-        ("ml", vec![], 100, 100),
-        ("scratch", vec![], 0, 100),
+    // KD at 30); scratch never asks the teacher. An epoch is one pass over the transfer set at
+    // batch 16 (the reference's schedule), unless --steps says otherwise.
+    for (method, extra, queries, transfer, steps) in [
+        ("kd", vec![], 100, 100, 7),
+        ("kd", vec!["--budget", "30"], 30, 30, 2),
+        ("kd", vec!["--budget", "30", "--steps", "3"], 30, 30, 3),
+        ("kn", vec![], 20, 20, 2),
+        ("dkd", vec![], 100, 100, 7),
+        ("ml", vec![], 100, 100, 7),
+        ("scratch", vec![], 0, 100, 7),
     ] {
-        let run = dir.path().join(format!("{method}-{queries}"));
+        let run = dir.path().join(format!("{method}-{queries}-{steps}"));
         let mut args = vec!["--method", method, "--epochs", "2"];
-        args.extend(extra);
+        args.extend(extra.iter().copied());
         let out = tiny_distill(teacher, &run, &args);
         assert!(out.status.success(), "{method}: {}", String::from_utf8_lossy(&out.stderr));
         let s = summary(&run);
         assert_eq!(s["method"], method);
         assert_eq!(s["queries"], queries, "{method}");
         assert_eq!(s["transfer_images"], transfer, "{method}");
+        assert_eq!(s["steps_per_epoch"], steps, "{method} {extra:?}");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+        let explicit = extra.contains(&"--steps").then_some(steps);
+        assert_eq!(config["distill"]["steps_per_epoch"], serde_json::json!(explicit), "{method} {extra:?}");
         assert!(s["final_acc"].as_f64().unwrap() >= 0.0 && run.join("student.onnx").is_file());
         assert!(!run.join("gan.jsonl").exists(), "baselines train no generator");
     }
@@ -216,7 +226,7 @@ fn baselines_resume_and_report() {
     let out = mekd(&["report", dir.path().to_str().unwrap(), "--json", "--out", report_dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows.len(), 9, "{rows:?}");
+    assert_eq!(rows.len(), 10, "{rows:?}");
     for row in &rows {
         for key in [
             "method",
@@ -230,6 +240,7 @@ fn baselines_resume_and_report() {
             "bytes_up",
             "bytes_down",
             "seeds",
+            "n",
         ] {
             assert!(row.get(key).is_some(), "{key} missing in {row}");
         }
@@ -242,5 +253,5 @@ fn baselines_resume_and_report() {
         assert!(report_dir.join(file).is_file(), "{file}");
     }
     let svg = std::fs::read_to_string(report_dir.join("accuracy.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 9);
+    assert_eq!(svg.matches("<polyline").count(), 10);
 }

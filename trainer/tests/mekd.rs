@@ -10,6 +10,7 @@ use mekd_models::{Architecture, ClassifierSpec};
 use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::{Dataset, Split};
 use mekd_trainer::blackbox::{BurnTeacher, Teacher};
+use mekd_trainer::methods::Method;
 use mekd_trainer::methods::deprivatize::{GanConfig, deprivatize, freeze};
 use mekd_trainer::methods::mekd::{DistillConfig, MekdObjective, QueryMode, mekd_loss};
 use mekd_trainer::methods::student::{Pool, StudentJob, Transfer, train_student};
@@ -82,7 +83,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let test = Dataset::load(&data, Split::Test).unwrap().take(200).prepare(1, 32).unwrap();
     let budgeted = DistillConfig {
         epochs: 2,
-        steps_per_epoch: 5,
+        steps_per_epoch: Some(5),
         batch: 32,
         milestones: vec![1],
         queries: QueryMode::Budget(96),
@@ -98,7 +99,14 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let objective = MekdObjective { generator: &generator, config: &budgeted };
     let runs = tempfile::tempdir().unwrap();
     let run = RunDir::create(&runs.path().join("budgeted")).unwrap();
-    let job = StudentJob { spec: &spec, config: &budgeted, test: &test, device: &device, run: &run };
+    let job = StudentJob {
+        spec: &spec,
+        config: &budgeted,
+        epoch_length: budgeted.epoch_length(Method::Mekd),
+        test: &test,
+        device: &device,
+        run: &run,
+    };
     let (_, rows) = train_student(&objective, &Transfer::Pool(pool), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 96, "a pool is queried once, then only the cache");
     assert_eq!(rows.iter().map(|r| (r.epoch, r.lr)).collect::<Vec<_>>(), vec![(1, 0.1), (2, 0.010000000000000002)]);
@@ -106,21 +114,35 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     // Fresh mode: a new batch of queries every step.
     let fresh = DistillConfig {
         epochs: 1,
-        steps_per_epoch: 3,
+        steps_per_epoch: Some(3),
         batch: 16,
         queries: QueryMode::Fresh,
         ..DistillConfig::default()
     };
     let start = teacher.usage().queries;
     let run = RunDir::create(&runs.path().join("fresh")).unwrap();
-    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let job = StudentJob {
+        spec: &spec,
+        config: &fresh,
+        epoch_length: fresh.epoch_length(Method::Mekd),
+        test: &test,
+        device: &device,
+        run: &run,
+    };
     let objective = MekdObjective { generator: &generator, config: &fresh };
     let (_, first) =
         train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 48);
     // The teacher answers the next batch on a thread during each step: still deterministic.
     let run = RunDir::create(&runs.path().join("fresh-again")).unwrap();
-    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let job = StudentJob {
+        spec: &spec,
+        config: &fresh,
+        epoch_length: fresh.epoch_length(Method::Mekd),
+        test: &test,
+        device: &device,
+        run: &run,
+    };
     let (_, again) =
         train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
@@ -134,7 +156,14 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     // A client-side budget turns into a clean error, not a crash.
     let mut limited = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Hard, Some(20)).unwrap();
     let run = RunDir::create(&runs.path().join("limited")).unwrap();
-    let job = StudentJob { spec: &spec, config: &fresh, test: &test, device: &device, run: &run };
+    let job = StudentJob {
+        spec: &spec,
+        config: &fresh,
+        epoch_length: fresh.epoch_length(Method::Mekd),
+        test: &test,
+        device: &device,
+        run: &run,
+    };
     let err = train_student(&objective, &Transfer::Fresh(&generator), &mut limited, &job, |_, _| Ok(())).err().unwrap();
     assert!(err.to_string().contains("query budget exhausted"), "{err}");
 }

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use mekd_models::Generator;
 
+use super::Method;
 use super::losses::{ImageDistance, image_alignment, image_alignment_grad, kd_kl};
-use super::student::{BatchLoss, Objective};
+use super::student::{BatchLoss, EpochLength, Objective};
 
 /// How many teacher queries the student stage may use.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -22,13 +23,18 @@ pub enum QueryMode {
     Budget(usize),
 }
 
+/// Steps per student epoch of MEKD in the reference (the baselines make one pass over their
+/// transfer set instead).
+pub const MEKD_STEPS_PER_EPOCH: usize = 500;
+
 /// Hyperparameters of the student stage of every method (reference defaults).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DistillConfig {
     /// Epochs (240).
     pub epochs: usize,
-    /// Steps per epoch (500).
-    pub steps_per_epoch: usize,
+    /// Steps per epoch; `None` is each method's reference schedule ([`DistillConfig::epoch_length`]):
+    /// MEKD [`MEKD_STEPS_PER_EPOCH`], a baseline one pass over its transfer set.
+    pub steps_per_epoch: Option<usize>,
     /// Batch size (128).
     pub batch: usize,
     /// SGD learning rate (0.1), momentum (0.9), weight decay (5e-4).
@@ -63,11 +69,24 @@ pub struct DistillConfig {
     pub seed: u64,
 }
 
+impl DistillConfig {
+    /// How long one student epoch of `method` is: the explicit step count if one was given,
+    /// else the reference's schedule (MEKD: [`MEKD_STEPS_PER_EPOCH`] steps; the baselines:
+    /// one pass over their transfer set, as KD.py, KN.py, DKD.py and ML.py run).
+    pub fn epoch_length(&self, method: Method) -> EpochLength {
+        match (self.steps_per_epoch, method) {
+            (Some(steps), _) => EpochLength::Steps(steps),
+            (None, Method::Mekd) => EpochLength::Steps(MEKD_STEPS_PER_EPOCH),
+            (None, _) => EpochLength::OnePass,
+        }
+    }
+}
+
 impl Default for DistillConfig {
     fn default() -> Self {
         Self {
             epochs: 240,
-            steps_per_epoch: 500,
+            steps_per_epoch: None,
             batch: 128,
             lr: 0.1,
             momentum: 0.9,

@@ -22,6 +22,9 @@ pub enum MethodError {
     /// A network could not be built.
     #[error(transparent)]
     Model(#[from] mekd_models::ModelError),
+    /// The schedule cannot run on this transfer set.
+    #[error("{0}")]
+    Schedule(&'static str),
     /// The per-epoch work (checkpoints, metrics) failed.
     #[error("{0:#}")]
     Callback(anyhow::Error),

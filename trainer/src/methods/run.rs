@@ -90,6 +90,9 @@ pub struct RunSummary {
     pub edge_images: usize,
     /// Images in the student's transfer set (`None`: fresh synthetic queries every step).
     pub transfer_images: Option<usize>,
+    /// Student steps per epoch as run (absent in runs written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_epoch: Option<usize>,
     /// Student parameters.
     pub student_params: usize,
     /// Wall time of the run (this process; a resumed run counts its last part only).
@@ -129,7 +132,7 @@ impl RunConfig {
     /// Reject settings that cannot run.
     pub fn validate(&self) -> Result<()> {
         let (g, d) = (&self.gan, &self.distill);
-        if d.epochs == 0 || d.steps_per_epoch == 0 || d.batch == 0 {
+        if d.epochs == 0 || d.steps_per_epoch == Some(0) || d.batch == 0 {
             bail!("epochs, steps and batch size must be at least 1");
         }
         if self.method == Method::Mekd && (g.epochs == 0 || g.batch == 0 || g.generator_width == 0) {
@@ -267,7 +270,11 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
         (None, None) => unreachable!("every method but MEKD is a baseline"),
     };
     let bar = progress::bar(config.distill.epochs as u64, &format!("{} student", config.method));
-    let job = StudentJob { spec: &spec, config: &config.distill, test: &test, device: &device, run: &run };
+    let epoch_length = config.distill.epoch_length(config.method);
+    let steps_per_epoch = epoch_length.steps(&transfer, config.distill.batch)?;
+    eprintln!("{}: {} epochs of {steps_per_epoch} steps ({epoch_length})", config.method, config.distill.epochs);
+    let job =
+        StudentJob { spec: &spec, config: &config.distill, epoch_length, test: &test, device: &device, run: &run };
     let (student, rows) = train_student(objective.as_ref(), &transfer, teacher, &job, |row, usage| {
         bar.set_position(row.epoch as u64);
         bar.set_message(format!("loss {:.4} test {:.2}% queries {}", row.loss, row.test_acc, row.queries));
@@ -312,6 +319,7 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
         },
         edge_images: edge.len(),
         transfer_images,
+        steps_per_epoch: Some(steps_per_epoch),
         student_params: mekd_models::params::trainable_params(&student),
         seconds: started.elapsed().as_secs_f64(),
         onnx,

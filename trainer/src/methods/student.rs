@@ -3,6 +3,7 @@
 //! every epoch, and crash-safe checkpoints that a resumed run continues from.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -170,6 +171,38 @@ pub enum Transfer<'a> {
     Pool(Pool),
 }
 
+/// How long one student epoch is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochLength {
+    /// This many batches of the full batch size (a pool is cycled through, wrapping around).
+    Steps(usize),
+    /// One pass over the pool in the epoch's order, the last batch short when the pool is not a
+    /// multiple of the batch (the baselines' reference schedule: a PyTorch `DataLoader` epoch).
+    OnePass,
+}
+
+impl fmt::Display for EpochLength {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EpochLength::Steps(_) => f.write_str("a fixed step count"),
+            EpochLength::OnePass => f.write_str("one pass over the transfer set"),
+        }
+    }
+}
+
+impl EpochLength {
+    /// The number of steps of one epoch on `transfer` with batches of `batch`.
+    pub fn steps(self, transfer: &Transfer, batch: usize) -> Result<usize, MethodError> {
+        match (self, transfer) {
+            (EpochLength::Steps(steps), _) => Ok(steps),
+            (EpochLength::OnePass, Transfer::Pool(pool)) => Ok(pool.len().div_ceil(batch.max(1))),
+            (EpochLength::OnePass, Transfer::Fresh(_)) => {
+                Err(MethodError::Schedule("fresh synthetic queries have no pass to make: give a step count"))
+            }
+        }
+    }
+}
+
 /// One epoch of student training.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudentEpoch {
@@ -271,6 +304,8 @@ pub struct StudentJob<'a> {
     pub spec: &'a ClassifierSpec,
     /// Schedule and seed.
     pub config: &'a DistillConfig,
+    /// How long an epoch is ([`DistillConfig::epoch_length`] for the method).
+    pub epoch_length: EpochLength,
     /// Scored after every epoch.
     pub test: &'a Dataset,
     /// Training device (with autodiff).
@@ -289,7 +324,8 @@ pub fn train_student(
     job: &StudentJob,
     mut on_epoch: impl FnMut(&StudentEpoch, Usage) -> anyhow::Result<()>,
 ) -> Result<(Classifier, Vec<StudentEpoch>), MethodError> {
-    let StudentJob { spec, config, test, device, run } = *job;
+    let StudentJob { spec, config, epoch_length, test, device, run } = *job;
+    let steps_per_epoch = epoch_length.steps(transfer, config.batch)?;
     let stepper = StudentStep { spec, objective, device };
     device.seed(config.seed);
     let mut student = spec.init(device)?;
@@ -316,20 +352,15 @@ pub fn train_student(
         // this one (a remote teacher's latency then hides behind the step). Deterministic: this
         // thread draws all the noise, in a fixed order; the teacher's thread draws none.
         let mut prefetched: Option<(Vec<u8>, Vec<f32>)> = None;
-        for step in 0..config.steps_per_epoch {
+        for step in 0..steps_per_epoch {
             let (pixels, targets) = match (transfer, prefetched.take()) {
-                (Transfer::Pool(pool), _) => {
-                    let n = order.len();
-                    let first = (step * config.batch) % n;
-                    let picks: Vec<usize> = (0..config.batch.min(n)).map(|i| order[(first + i) % n]).collect();
-                    pool.batch(&picks)
-                }
+                (Transfer::Pool(pool), _) => pool.batch(&epoch_picks(&order, step, config.batch, epoch_length)),
                 (Transfer::Fresh(_), Some(batch)) => batch,
                 (Transfer::Fresh(generator), None) => fresh_batch(generator, teacher, config.batch, device)?,
             };
             let (loss, terms);
             match transfer {
-                Transfer::Fresh(generator) if step + 1 < config.steps_per_epoch => {
+                Transfer::Fresh(generator) if step + 1 < steps_per_epoch => {
                     let classes = teacher.info().num_classes;
                     let next = synthetic_pixels(generator, classes, config.batch, device);
                     let answer;
@@ -347,7 +378,7 @@ pub fn train_student(
                 }
             });
         }
-        let steps = config.steps_per_epoch.max(1) as f64;
+        let steps = steps_per_epoch.max(1) as f64;
         let mean = |t: Tensor<1>| t.into_scalar::<f32>() as f64 / steps;
         let (loss, terms) = match sums {
             Some((total, parts)) => (
@@ -372,9 +403,35 @@ pub fn train_student(
     Ok((student.valid(), rows))
 }
 
+/// The pool positions of step `step` of an epoch whose shuffled order is `order`: with
+/// [`EpochLength::Steps`], `batch` positions from `step * batch` on, wrapping around the pool;
+/// with [`EpochLength::OnePass`], the `step`-th slice of `batch` (the last one short).
+fn epoch_picks(order: &[usize], step: usize, batch: usize, length: EpochLength) -> Vec<usize> {
+    let n = order.len();
+    match length {
+        EpochLength::OnePass => order[(step * batch).min(n)..((step + 1) * batch).min(n)].to_vec(),
+        EpochLength::Steps(_) => {
+            let first = (step * batch) % n.max(1);
+            (0..batch.min(n)).map(|i| order[(first + i) % n]).collect()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_pass_covers_the_pool_once_and_steps_wrap_around() {
+        let order: Vec<usize> = (0..10).rev().collect();
+        let pass: Vec<Vec<usize>> =
+            (0..10usize.div_ceil(4)).map(|s| epoch_picks(&order, s, 4, EpochLength::OnePass)).collect();
+        assert_eq!(pass, vec![vec![9, 8, 7, 6], vec![5, 4, 3, 2], vec![1, 0]]);
+        assert_eq!(epoch_picks(&order, 2, 4, EpochLength::Steps(5)), vec![1, 0, 9, 8]);
+        assert_eq!(epoch_picks(&order, 0, 16, EpochLength::Steps(1)), order);
+        let pool = Pool { pixels: vec![0; 10], targets: vec![0.0; 10], shape: [1, 1, 1], classes: 1 };
+        assert_eq!(EpochLength::OnePass.steps(&Transfer::Pool(pool), 4).unwrap(), 3);
+    }
 
     #[test]
     fn pool_round_trips_and_rejects_truncation() {

@@ -17,6 +17,8 @@ shift 2
 MEKD=${MEKD:-target/debug/mekd} THREADS=${THREADS:-2} JOBS=${JOBS:-1} DATA=${DATA:-data/mnist-slice}
 export MEKD THREADS DATA kind out
 mkdir -p "$out"
+source "$(dirname "$0")/lib.sh"
+export -f keep_small
 
 one() {
   local seed=$1 dir="$out/seed-$1"
@@ -31,11 +33,8 @@ one() {
   local started=$(date +%s)
   RAYON_NUM_THREADS=$THREADS "$MEKD" "$@" >"$work.log" 2>&1 || { echo "seed $seed failed: $work.log" >&2; return 1; }
   echo "seed $seed: $(( $(date +%s) - started )) s"
-  # Keep what a reviewer reads; drop checkpoints, pools, models and images.
-  (cd "$work" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.svg' \) \
-    ! -name '*.usage.json' -print0 | tar --null -cf - -T -) | (mkdir -p "$dir" && cd "$dir" && tar -xf -)
+  keep_small "$work" "$dir"
   mv "$work.log" "$dir/log.txt"
-  rm -rf "$work"
 }
 export -f one
 printf '%s\n' "$@" | xargs -P "$JOBS" -I{} bash -c 'one {}'

@@ -182,6 +182,10 @@ fn baselines_resume_and_report() {
     assert_eq!(summary(&run)["response"], "hard");
     let out = tiny_distill(teacher, &dir.path().join("ml-hard"), &["--method", "ml", "--response", "hard"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs a teacher answering soft"));
+    // A diverging student stops with a clear error instead of exporting a broken model.
+    let out = tiny_distill(teacher, &dir.path().join("ml-diverged"), &["--method", "ml", "--lr", "1e30"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("training diverged; try a lower --lr"), "{err}");
 
     // Interrupted by the query cap during student epoch 3 (GAN 100 + 2 x 2 x 16 = 164), then
     // resumed: the generator and the first two epochs are kept, the count continues.

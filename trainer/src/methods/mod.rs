@@ -25,6 +25,19 @@ pub enum MethodError {
     /// The schedule cannot run on this transfer set.
     #[error("{0}")]
     Schedule(&'static str),
+    /// The student's loss stopped being a number: training diverged.
+    #[error(
+        "the student's mean loss was {loss} in epoch {epoch} (learning rate {lr}): training diverged; \
+         try a lower --lr"
+    )]
+    Diverged {
+        /// 1-based epoch.
+        epoch: usize,
+        /// The epoch's mean loss.
+        loss: f64,
+        /// Its learning rate.
+        lr: f64,
+    },
     /// The per-epoch work (checkpoints, metrics) failed.
     #[error("{0:#}")]
     Callback(anyhow::Error),

@@ -387,6 +387,9 @@ pub fn train_student(
             ),
             None => (0.0, BTreeMap::new()),
         };
+        if !loss.is_finite() {
+            return Err(MethodError::Diverged { epoch: epoch + 1, loss, lr });
+        }
         let row = StudentEpoch {
             epoch: epoch + 1,
             lr,

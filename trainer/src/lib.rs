@@ -11,6 +11,7 @@ pub mod demo;
 pub mod device;
 pub mod engines;
 pub mod export;
+pub mod journal;
 pub mod methods;
 pub mod numerics;
 pub mod onnxruntime;

@@ -259,3 +259,110 @@ fn baselines_resume_and_report() {
     let svg = std::fs::read_to_string(report_dir.join("accuracy.svg")).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 10);
 }
+
+/// What a run's result is made of, without wall times: the summary's counts and accuracies, and
+/// every epoch's loss and accuracy.
+fn outcome(run: &std::path::Path) -> (Vec<serde_json::Value>, Vec<String>) {
+    let s = summary(run);
+    let counts = ["queries", "bytes_up", "bytes_down", "final_acc", "best_acc"].map(|k| s[k].clone()).to_vec();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let epochs = metrics
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            format!("{} {} {} {}", row["epoch"], row["loss"], row["test_acc"], row["queries"])
+        })
+        .collect();
+    (counts, epochs)
+}
+
+#[test]
+fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let teacher = teacher.to_str().unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
+    let args = |out: &std::path::Path, mode: &[&'static str], resume: bool| {
+        let mut args: Vec<String> = [
+            "distill",
+            "--teacher-onnx",
+            teacher,
+            "--data",
+            data,
+            "--edge-fraction",
+            "0.01",
+            "--gan-epochs",
+            "2",
+            "--generator-width",
+            "8",
+            "--discriminator-width",
+            "4",
+            "--steps",
+            "3",
+            "--batch",
+            "16",
+            "--epochs",
+            "3",
+            "--limit-test",
+            "100",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(out.to_str().unwrap().into());
+        args.extend(mode.iter().map(|s| s.to_string()));
+        if resume {
+            args.push("--resume".into());
+        }
+        args
+    };
+    // A fixed sequence of kill moments (SplitMix64-like), as fractions of an uninterrupted run.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut fraction = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        (z ^ (z >> 27)) as f64 / u64::MAX as f64
+    };
+    // MEKD with fresh synthetic queries every step, MEKD with a budgeted pool, and KD; each run
+    // killed (SIGKILL) up to three times per trial at those moments, resumed each time, and
+    // finally compared with the uninterrupted run: the same counts, bytes and student, to the
+    // bit. (Without the journal's replay, a resumption buys again and the counts differ.)
+    for mode in [&[][..], &["--budget", "40"][..], &["--method", "kd"][..]] {
+        let reference = dir.path().join(format!("reference{mode:?}"));
+        let started = std::time::Instant::now();
+        let out = mekd(&args(&reference, mode, false).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let duration = started.elapsed();
+        let expected = outcome(&reference);
+        for trial in 0..3 {
+            let run = dir.path().join(format!("trial-{trial}{mode:?}"));
+            let mut kills = 0;
+            loop {
+                let resume = run.join("config.json").exists();
+                let mut child = Command::new(env!("CARGO_BIN_EXE_mekd"))
+                    .args(args(&run, mode, resume))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                if kills < 3 {
+                    std::thread::sleep(duration.mul_f64(fraction()));
+                    if child.try_wait().unwrap().is_none() {
+                        child.kill().unwrap();
+                        child.wait().unwrap();
+                        kills += 1;
+                        continue;
+                    }
+                }
+                assert!(child.wait().unwrap().success(), "{mode:?} trial {trial}: the resumed run failed");
+                break;
+            }
+            eprintln!("{mode:?} trial {trial}: {kills} kills");
+            assert_eq!(outcome(&run), expected, "{mode:?} trial {trial} after {kills} kills");
+        }
+    }
+}

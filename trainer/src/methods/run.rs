@@ -1,11 +1,13 @@
 //! `mekd distill`: one command from the edge subset to a verified student ONNX for any method,
 //! with everything written to one run directory, resumable after an interruption.
 //!
-//! Layout: `config.json`, `usage.json` (queries and bytes so far), for MEKD `gan.jsonl`,
+//! Layout: `config.json`, `queries.journal` (every teacher answer and its cost, durable before
+//! use: [`crate::journal`]), `usage.json` (queries and bytes so far), for MEKD `gan.jsonl`,
 //! `samples/epoch-N.png` and `generator.bpk`; `transfer.pool` (the cached answers of a
 //! budgeted or baseline run), `metrics.jsonl`, `checkpoints/`, `student.onnx`, `summary.json`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -26,6 +28,7 @@ use super::student::{Objective, Pool, StudentJob, Transfer, train_student};
 use crate::blackbox::{Teacher, Usage};
 use crate::device::DeviceKind;
 use crate::export::export_verified;
+use crate::journal::{self, Journal, JournaledTeacher, SharedJournal};
 use crate::numerics::CpuNumerics;
 use crate::progress;
 use crate::rundir::RunDir;
@@ -177,14 +180,29 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
                 run.file("config.json").display()
             );
         }
-        if run.file("usage.json").exists() {
-            let prior: Usage = run.read_json("usage.json")?;
-            teacher.add_prior_usage(prior);
-            eprintln!("resuming {}: {} teacher queries already used", dir.display(), prior.queries);
-        }
     } else if run.file("summary.json").exists() || run.file("config.json").exists() {
         bail!("{} already holds a run; pass --resume to continue it, or choose another --out", dir.display());
     }
+    // Every answer is journaled before it is used; a run from before journals existed carries
+    // its count in usage.json.
+    let journal_path = run.file("queries.journal");
+    let prior = if resume && !journal_path.exists() && run.file("usage.json").exists() {
+        run.read_json("usage.json")?
+    } else {
+        Usage::default()
+    };
+    let journal: SharedJournal = Arc::new(Mutex::new(Journal::open(&journal_path, prior)?));
+    if resume {
+        let journal = journal::lock(&journal);
+        eprintln!(
+            "resuming {}: {} teacher queries already paid for, {} answers stored for replay",
+            dir.display(),
+            journal.total().queries,
+            journal.unreplayed()
+        );
+    }
+    let mut journaled = JournaledTeacher::new(teacher, journal.clone());
+    let teacher: &mut dyn Teacher = &mut journaled;
     let info = teacher.info().clone();
     if let Some(response) = config.response
         && response != info.response
@@ -291,6 +309,8 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
                 row.seconds
             )
         });
+        // The checkpoint covers every request so far: no resumption asks for them again.
+        journal::lock(&journal).rotate()?;
         run.write_json("usage.json", &usage)
     })?;
     bar.finish_and_clear();
@@ -369,7 +389,10 @@ fn deprivatization_stage(
         return Ok(freeze(&generator));
     }
     if resume && !done.is_empty() {
-        eprintln!("deprivatization was interrupted after epoch {}: it restarts (its queries stay counted)", done.len());
+        eprintln!(
+            "deprivatization was interrupted after epoch {}: it restarts, taking the answers it paid for from the journal",
+            done.len()
+        );
     }
     std::fs::create_dir_all(run.file("samples"))?;
     let mut gan_rows = Vec::new();

@@ -21,10 +21,26 @@ pub struct RunRecord {
     pub summary: RunSummary,
     /// `metrics.jsonl`.
     pub epochs: Vec<StudentEpoch>,
+    /// `config.json` with its seeds taken out: runs that differ only by seed share it (`null`
+    /// when the run has no config.json).
+    pub settings: serde_json::Value,
 }
 
-/// One row of the table: the runs of one method, response mode, pair, budget and schedule, over
-/// seeds.
+/// A run's `config.json` without its seeds (the settings its seed siblings share).
+fn settings_without_seeds(mut config: serde_json::Value) -> serde_json::Value {
+    for section in [None, Some("gan"), Some("distill")] {
+        let object = match section {
+            None => config.as_object_mut(),
+            Some(name) => config.get_mut(name).and_then(|v| v.as_object_mut()),
+        };
+        if let Some(object) = object {
+            object.remove("seed");
+        }
+    }
+    config
+}
+
+/// One row of the table: the runs of one configuration (everything but the seed), over seeds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ReportRow {
     /// `mekd`, `kd`, `ml`, `dkd`, `kn` or `scratch`.
@@ -41,6 +57,8 @@ pub struct ReportRow {
     pub budget: Option<usize>,
     /// Student steps per epoch (absent for runs that did not record it).
     pub steps_per_epoch: Option<usize>,
+    /// The student's initial learning rate (absent without config.json).
+    pub lr: Option<f64>,
     /// Mean final-epoch test accuracy (percent).
     pub final_acc: f64,
     /// Sample standard deviation of the final accuracy over seeds (0 for one seed).
@@ -86,7 +104,12 @@ pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
         let summary: RunSummary =
             serde_json::from_value(raw).with_context(|| format!("parsing {}", run.file("summary.json").display()))?;
         let epochs: Vec<StudentEpoch> = run.read_metrics()?;
-        runs.push(RunRecord { dir, summary, epochs });
+        let settings = if run.file("config.json").is_file() {
+            settings_without_seeds(run.read_json("config.json")?)
+        } else {
+            serde_json::Value::Null
+        };
+        runs.push(RunRecord { dir, summary, epochs, settings });
     }
     if runs.is_empty() {
         bail!("no finished run (a directory with summary.json) under {paths:?}");
@@ -118,9 +141,10 @@ fn find_runs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-type GroupKey = (String, String, String, String, String, Option<usize>, Option<usize>);
+type GroupKey = (String, String, String, String, String, Option<usize>, Option<usize>, String);
 
-fn key(summary: &RunSummary) -> GroupKey {
+fn key(run: &RunRecord) -> GroupKey {
+    let summary = &run.summary;
     (
         summary.method.clone(),
         summary.response.clone(),
@@ -129,6 +153,7 @@ fn key(summary: &RunSummary) -> GroupKey {
         summary.student.clone(),
         summary.budget,
         summary.steps_per_epoch,
+        run.settings.to_string(),
     )
 }
 
@@ -143,16 +168,17 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Group the runs by method, response, dataset, teacher, student, budget and steps per epoch; one row each, in
+/// Group the runs by method, response, dataset, teacher, student, budget, steps per epoch and
+/// every other setting but the seed; one row each, in
 /// a stable order (method order of the paper's tables, then response, then budget).
 pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
     let mut groups: BTreeMap<GroupKey, Vec<&RunRecord>> = BTreeMap::new();
     for run in runs {
-        groups.entry(key(&run.summary)).or_default().push(run);
+        groups.entry(key(run)).or_default().push(run);
     }
     let mut rows: Vec<ReportRow> = groups
         .into_iter()
-        .map(|((method, response, dataset, teacher, student, budget, steps_per_epoch), members)| {
+        .map(|((method, response, dataset, teacher, student, budget, steps_per_epoch, _), members)| {
             let finals: Vec<f64> = members.iter().map(|r| r.summary.final_acc).collect();
             let bests: Vec<f64> = members.iter().map(|r| r.summary.best_acc).collect();
             let (final_acc, final_acc_std) = mean_std(&finals);
@@ -167,6 +193,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
                 student,
                 budget,
                 steps_per_epoch,
+                lr: members[0].settings["distill"]["lr"].as_f64(),
                 final_acc,
                 final_acc_std,
                 best_acc,
@@ -203,19 +230,20 @@ fn with_spread(mean: f64, std: f64, n: usize) -> String {
 /// The table as markdown.
 pub fn markdown(rows: &[ReportRow]) -> String {
     let mut out = String::from(
-        "| method | response | student | budget | steps/epoch | final acc % | best acc % | queries | MB up | MB down | n | seeds |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | response | student | budget | steps/epoch | lr | final acc % | best acc % | queries | MB up | MB down | n | seeds |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let n = r.n;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {n} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {n} | {} |",
             r.method,
             r.response,
             r.student,
             r.budget.map_or("-".to_string(), |b| b.to_string()),
             r.steps_per_epoch.map_or("-".to_string(), |s| s.to_string()),
+            r.lr.map_or("-".to_string(), |lr| lr.to_string()),
             with_spread(r.final_acc, r.final_acc_std, n),
             with_spread(r.best_acc, r.best_acc_std, n),
             r.queries,
@@ -317,5 +345,43 @@ mod tests {
         assert!((mean - 99.0).abs() < 1e-12);
         assert!((std - 1.0).abs() < 1e-12);
         assert_eq!(mean_std(&[97.5]), (97.5, 0.0));
+    }
+
+    #[test]
+    fn seeds_share_a_row_and_other_settings_do_not() {
+        let run = |seed: u64, lr: f64, acc: f64| RunRecord {
+            dir: PathBuf::from(format!("run-{seed}-{lr}")),
+            summary: RunSummary {
+                method: "kd".into(),
+                response: "soft".into(),
+                dataset: "d".into(),
+                teacher: "t".into(),
+                student: "lenet5-half".into(),
+                final_acc: acc,
+                best_acc: acc,
+                queries: 10,
+                bytes_up: 1,
+                bytes_down: 1,
+                seed,
+                budget: None,
+                edge_images: 10,
+                transfer_images: Some(10),
+                steps_per_epoch: Some(1),
+                student_params: 1,
+                seconds: 1.0,
+                onnx: PathBuf::new(),
+                numerics: None,
+            },
+            epochs: Vec::new(),
+            settings: settings_without_seeds(serde_json::json!({
+                "seed": seed, "gan": {"seed": seed}, "distill": {"seed": seed, "lr": lr}
+            })),
+        };
+        let rows = aggregate(&[run(0, 0.1, 90.0), run(1, 0.1, 92.0), run(0, 0.05, 80.0)]);
+        assert_eq!(rows.len(), 2);
+        let lr = |r: &ReportRow| (r.lr, r.n, r.final_acc);
+        let mut found: Vec<_> = rows.iter().map(lr).collect();
+        found.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(found, vec![(Some(0.05), 1, 80.0), (Some(0.1), 2, 91.0)]);
     }
 }

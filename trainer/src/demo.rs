@@ -344,7 +344,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
         server_queries: ServerCounts { mekd: count(KEYS[0]), kd: count(KEYS[1]) },
         wall_s: started.elapsed().as_secs_f64(),
         config: config.clone(),
-        numerics: (config.device == DeviceKind::Flex).then(CpuNumerics::detect),
+        numerics: CpuNumerics::for_device(config.device),
     };
     run.write_json("summary.json", &summary)?;
     Ok(summary)

@@ -50,6 +50,12 @@ pub struct CpuNumerics {
 }
 
 impl CpuNumerics {
+    /// The fingerprint of a run on `device`: recorded for the CPU backend (flex), whose rounding
+    /// it fixes; `None` for the others.
+    pub fn for_device(device: crate::device::DeviceKind) -> Option<Self> {
+        (device == crate::device::DeviceKind::Flex).then(Self::detect)
+    }
+
     /// Read the fingerprint of this process (the libraries' own detection, not a guess).
     pub fn detect() -> Self {
         let l1 = gemm_common::cache::CACHE_INFO[0];

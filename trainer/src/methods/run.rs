@@ -343,7 +343,7 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
         student_params: mekd_models::params::trainable_params(&student),
         seconds: started.elapsed().as_secs_f64(),
         onnx,
-        numerics: (config.device == DeviceKind::Flex).then(CpuNumerics::detect),
+        numerics: CpuNumerics::for_device(config.device),
     };
     run.write_json("summary.json", &summary)?;
     Ok(summary)

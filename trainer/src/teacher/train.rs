@@ -133,6 +133,10 @@ pub struct TrainSummary {
     pub export_max_abs_diff: f32,
     /// Classes of the dataset.
     pub classes: Vec<String>,
+    /// What fixed the rounding of a CPU (flex) run on this machine (`crate::numerics`); absent
+    /// for other backends and in runs written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numerics: Option<crate::numerics::CpuNumerics>,
 }
 
 /// Train (or resume) the run in `dir` with `config`.
@@ -235,6 +239,7 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
         onnx,
         export_max_abs_diff: check.agreement.max_abs_diff,
         classes: train_set.classes.clone(),
+        numerics: crate::numerics::CpuNumerics::for_device(config.device),
     };
     run.write_json("summary.json", &summary)?;
     Ok(summary)

@@ -9,6 +9,7 @@ use mekd_runtime::data::decode_image;
 use mekd_runtime::data::preprocess::{Normalisation, convert_image, to_model_input};
 use mekd_runtime::display::Screen;
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
+use mekd_runtime::protocol::API_KEY_ENV;
 use mekd_runtime::{Dataset, Split};
 
 /// The edge side of MEKD: load an ONNX classifier with tract and measure it.
@@ -88,7 +89,7 @@ struct BenchArgs {
     #[arg(long)]
     teacher: Option<String>,
     /// API key for --teacher.
-    #[arg(long, env = "MEKD_API_KEY", hide_env_values = true)]
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
     api_key: Option<String>,
     /// A local ONNX teacher (run with tract) instead of the HTTP API.
     #[arg(long, conflicts_with = "teacher")]
@@ -203,7 +204,8 @@ fn run(cli: Cli) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let teacher = match (&args.teacher, &args.teacher_onnx) {
         (Some(url), None) => {
-            let key = args.api_key.clone().context("--teacher needs --api-key KEY (or MEKD_API_KEY)")?;
+            let key =
+                args.api_key.clone().with_context(|| format!("--teacher needs --api-key KEY (or {API_KEY_ENV})"))?;
             Some(TeacherSource::Http { url: url.clone(), key })
         }
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),

@@ -299,7 +299,7 @@ impl BurnTeacher {
         response: ResponseMode,
         budget: Option<u64>,
     ) -> Result<Self, TeacherError> {
-        let run = crate::rundir::RunDir::create(run_dir)?;
+        let run = crate::rundir::RunDir::open(run_dir)?;
         let config: crate::teacher::train::TrainConfig = run.read_json("config.json")?;
         let summary: crate::teacher::train::TrainSummary = run.read_json("summary.json")?;
         let (_, folder) =

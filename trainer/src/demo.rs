@@ -251,7 +251,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     eprintln!("[1/5] training the cloud teacher (LeNet-5) on {}", config.data.display());
     let teacher_dir = run.file("teacher");
     let teacher: TrainSummary = if teacher_dir.join("summary.json").exists() {
-        RunDir::create(&teacher_dir)?.read_json("summary.json")?
+        RunDir::open(&teacher_dir)?.read_json("summary.json")?
     } else {
         train(&teacher_dir, &config.teacher_config(), teacher_dir.join("config.json").exists())?
     };
@@ -277,7 +277,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
         let dir = run.file(method.name());
         eprintln!("[{step}] distilling a LeNet-5-half student with {method} through the API");
         let summary: RunSummary = if dir.join("summary.json").exists() {
-            RunDir::create(&dir)?.read_json("summary.json")?
+            RunDir::open(&dir)?.read_json("summary.json")?
         } else {
             let mut client = HttpTeacher::connect(&url, key, Some(config.budget))?;
             run_method(&dir, &config.run_config(method), &mut client, dir.join("config.json").exists())?

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec, zoo_entries};
 use mekd_runtime::Normalisation;
-use mekd_runtime::protocol::ResponseMode;
+use mekd_runtime::protocol::{API_KEY_ENV, ResponseMode};
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::demo::{DemoConfig, run_demo};
 use mekd_trainer::device::DeviceKind;
@@ -113,7 +113,7 @@ enum Command {
         /// Also time MEKD against the HTTP teacher on loopback (needs ONNX Runtime).
         #[arg(long)]
         http: bool,
-        /// The ONNX Runtime library (default: ORT_DYLIB_PATH, .cache/onnxruntime, python).
+        /// The ONNX Runtime library [default: $ORT_DYLIB_PATH, .cache/onnxruntime/, python onnxruntime].
         #[arg(long)]
         ort_library: Option<PathBuf>,
         /// Also write the rows as JSON to this file.
@@ -186,7 +186,7 @@ struct DistillArgs {
     #[arg(long, group = "teacher_source")]
     teacher: Option<String>,
     /// API key for --teacher.
-    #[arg(long, env = "MEKD_API_KEY", hide_env_values = true)]
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
     api_key: Option<String>,
     /// A local ONNX teacher (ONNX Runtime, no server).
     #[arg(long, group = "teacher_source")]
@@ -385,9 +385,9 @@ struct ServeArgs {
     /// are disconnected: 408 for a slow body).
     #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs())]
     read_timeout: u64,
-    /// Path of libonnxruntime.so [default: $ORT_DYLIB_PATH, .cache/onnxruntime/, python onnxruntime].
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
+    /// The ONNX Runtime library [default: $ORT_DYLIB_PATH, .cache/onnxruntime/, python onnxruntime].
+    #[arg(long, alias = "ort-lib")]
+    ort_library: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -560,7 +560,7 @@ fn run(cli: Cli) -> Result<()> {
             config.threads = args.threads;
             config.max_connections = args.max_connections;
             config.read_timeout = std::time::Duration::from_secs(args.read_timeout);
-            config.ort_library = args.ort_lib;
+            config.ort_library = args.ort_library;
             serve(&config)
         }
         Command::Teacher { command: TeacherCommand::Bench(args) } => {
@@ -626,7 +626,8 @@ fn distill_command(args: DistillArgs) -> Result<()> {
     let (mut teacher, where_): (Box<dyn Teacher>, String) = match (&args.teacher, &args.teacher_onnx, &args.teacher_run)
     {
         (Some(url), _, _) => {
-            let key = args.api_key.clone().context("--teacher needs --api-key KEY (or MEKD_API_KEY)")?;
+            let key =
+                args.api_key.clone().with_context(|| format!("--teacher needs --api-key KEY (or {API_KEY_ENV})"))?;
             (Box::new(HttpTeacher::connect(url, &key, args.max_queries)?), url.clone())
         }
         (_, Some(path), _) => {

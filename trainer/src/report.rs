@@ -95,7 +95,7 @@ pub fn collect_runs(paths: &[PathBuf]) -> Result<Vec<RunRecord>> {
     dirs.dedup();
     let mut runs = Vec::new();
     for dir in dirs {
-        let run = RunDir::create(&dir)?;
+        let run = RunDir::open(&dir)?;
         let raw: serde_json::Value = run.read_json("summary.json")?;
         if raw.get("method").is_none() {
             eprintln!("skipping {}: not a `mekd distill` run (e.g. a teacher)", dir.display());

@@ -58,6 +58,15 @@ impl RunDir {
         Ok(Self { root: root.to_path_buf() })
     }
 
+    /// An existing run directory (to read it): a path that is not a directory is an error, not
+    /// a new empty folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            anyhow::bail!("{} is not a run directory (no such folder)", root.display());
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
     /// The directory itself.
     pub fn path(&self) -> &Path {
         &self.root

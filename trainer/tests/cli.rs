@@ -199,6 +199,16 @@ fn baselines_resume_and_report() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("was started with a teacher answering soft, this one answers hard"), "{err}");
+    // Other settings are refused on resume (setting flags are ignored then: --config is the way
+    // to bring others).
+    let mut other: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+    other["distill"]["epochs"] = 4.into();
+    let other_path = dir.path().join("other.json");
+    std::fs::write(&other_path, other.to_string()).unwrap();
+    let out = tiny_distill(teacher, &run, &["--resume", "--config", other_path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the settings differ"), "{err}");
     // (On another backend: the device is not a setting of the run.)
     let out = tiny_distill(teacher, &run, &["--epochs", "3", "--resume", "--device", "ndarray"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -212,18 +222,13 @@ fn baselines_resume_and_report() {
     assert_eq!(s["queries"], 196);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 3);
-    // Different settings are refused on resume.
-    let out = mekd(&[
-        "distill",
-        "--teacher-onnx",
-        teacher,
-        "--out",
-        run.to_str().unwrap(),
-        "--resume",
-        "--config",
-        "/nonexistent.json",
-    ]);
-    assert!(!out.status.success());
+    // A mistyped teacher run is an error, and no empty folder appears in its place.
+    let missing = dir.path().join("no-such-teacher");
+    let out =
+        mekd(&["distill", "--teacher-run", missing.to_str().unwrap(), "--out", dir.path().join("y").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is not a run directory"), "{err}");
+    assert!(!missing.exists());
 
     // The report: one row per method/response/budget, JSON keys the issue names.
     let report_dir = dir.path().join("report");

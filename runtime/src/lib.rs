@@ -4,6 +4,7 @@
 //! This crate must stay small and must not depend on burn: it cross-compiles to the boards.
 
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod display;
 pub mod engine;

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource, resolve_norm};
+use mekd_runtime::cli::{ApiKeyArgs, NormArgs};
 use mekd_runtime::data::decode_image;
-use mekd_runtime::data::preprocess::{Normalisation, convert_image, to_model_input};
+use mekd_runtime::data::preprocess::{convert_image, to_model_input};
 use mekd_runtime::display::Screen;
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
-use mekd_runtime::protocol::API_KEY_ENV;
 use mekd_runtime::{Dataset, Split};
 
 /// The edge side of MEKD: load an ONNX classifier with tract and measure it.
@@ -88,9 +88,8 @@ struct BenchArgs {
     /// Teacher HTTP API base URL (e.g. http://127.0.0.1:8080).
     #[arg(long)]
     teacher: Option<String>,
-    /// API key for --teacher.
-    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    key: ApiKeyArgs,
     /// A local ONNX teacher (run with tract) instead of the HTTP API.
     #[arg(long, conflicts_with = "teacher")]
     teacher_onnx: Option<PathBuf>,
@@ -115,24 +114,6 @@ struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// `--mean`/`--std` for models that carry no normalisation metadata.
-#[derive(clap::Args)]
-struct NormArgs {
-    /// Per-channel mean on [0, 1] pixels, for a model without normalisation metadata.
-    #[arg(long, value_delimiter = ',', requires = "std")]
-    mean: Option<Vec<f32>>,
-    /// Per-channel std on [0, 1] pixels, for a model without normalisation metadata.
-    #[arg(long, value_delimiter = ',', requires = "mean")]
-    std: Option<Vec<f32>>,
-}
-
-impl NormArgs {
-    /// The normalisation given on the command line, if any.
-    fn get(self) -> Option<Normalisation> {
-        self.mean.zip(self.std).map(|(mean, std)| Normalisation { mean, std })
-    }
 }
 
 fn main() {
@@ -203,11 +184,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let teacher = match (&args.teacher, &args.teacher_onnx) {
-        (Some(url), None) => {
-            let key =
-                args.api_key.clone().with_context(|| format!("--teacher needs --api-key KEY (or {API_KEY_ENV})"))?;
-            Some(TeacherSource::Http { url: url.clone(), key })
-        }
+        (Some(url), None) => Some(TeacherSource::Http { url: url.clone(), key: args.key.require()? }),
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),
         _ => None,
     };

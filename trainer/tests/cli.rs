@@ -94,12 +94,11 @@ fn distill_command_writes_a_complete_run_directory() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("give a teacher"));
 }
 
-/// A tiny distill invocation: 1% of the slice as edge images, 100 test images; MEKD runs 2
-/// steps per epoch, the baselines their reference schedule (one pass) unless `extra` says.
-fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let baseline = extra.windows(2).any(|w| w[0] == "--method" && w[1] != "mekd");
+/// The settings of a tiny `mekd distill`: 1% of the slice as edge images, a narrow GAN of
+/// `gan_epochs` epochs, batch 16, 100 test images, the local ONNX `teacher`.
+fn tiny_distill_args<'a>(teacher: &'a str, gan_epochs: &'a str) -> Vec<&'a str> {
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
-    let mut args = vec![
+    vec![
         "distill",
         "--teacher-onnx",
         teacher,
@@ -108,7 +107,7 @@ fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::pr
         "--edge-fraction",
         "0.01",
         "--gan-epochs",
-        "1",
+        gan_epochs,
         "--generator-width",
         "8",
         "--discriminator-width",
@@ -117,9 +116,15 @@ fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::pr
         "16",
         "--limit-test",
         "100",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    ]
+}
+
+/// A tiny distill run into `out` (one GAN epoch); MEKD runs 2 steps per epoch, the baselines
+/// their reference schedule (one pass) unless `extra` says otherwise.
+fn tiny_distill(teacher: &str, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let baseline = extra.windows(2).any(|w| w[0] == "--method" && w[1] != "mekd");
+    let mut args = tiny_distill_args(teacher, "1");
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
     if !baseline && !extra.contains(&"--steps") {
         args.extend_from_slice(&["--steps", "2"]);
     }
@@ -296,30 +301,8 @@ fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
     let teacher = teacher.to_str().unwrap();
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/mnist-slice");
     let distill = |extra: &[&str]| -> Vec<String> {
-        let tiny = [
-            "distill",
-            "--teacher-onnx",
-            teacher,
-            "--data",
-            data,
-            "--edge-fraction",
-            "0.01",
-            "--gan-epochs",
-            "2",
-            "--generator-width",
-            "8",
-            "--discriminator-width",
-            "4",
-            "--steps",
-            "3",
-            "--batch",
-            "16",
-            "--epochs",
-            "3",
-            "--limit-test",
-            "100",
-        ];
-        tiny.iter().chain(extra).map(|s| s.to_string()).collect()
+        let tiny = tiny_distill_args(teacher, "2").into_iter().chain(["--steps", "3", "--epochs", "3"]);
+        tiny.chain(extra.iter().copied()).map(String::from).collect()
     };
     let teacher_train: Vec<String> = [
         "teacher",

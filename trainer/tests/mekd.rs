@@ -119,30 +119,24 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         queries: QueryMode::Fresh,
         ..DistillConfig::default()
     };
-    let start = teacher.usage().queries;
-    let run = RunDir::create(&runs.path().join("fresh")).unwrap();
-    let job = StudentJob {
+    let fresh_job = |run| StudentJob {
         spec: &spec,
         config: &fresh,
         epoch_length: fresh.epoch_length(Method::Mekd),
         test: &test,
         device: &device,
-        run: &run,
+        run,
     };
+    let start = teacher.usage().queries;
+    let run = RunDir::create(&runs.path().join("fresh")).unwrap();
+    let job = fresh_job(&run);
     let objective = MekdObjective { generator: &generator, config: &fresh };
     let (_, first) =
         train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 48);
     // The teacher answers the next batch on a thread during each step: still deterministic.
     let run = RunDir::create(&runs.path().join("fresh-again")).unwrap();
-    let job = StudentJob {
-        spec: &spec,
-        config: &fresh,
-        epoch_length: fresh.epoch_length(Method::Mekd),
-        test: &test,
-        device: &device,
-        run: &run,
-    };
+    let job = fresh_job(&run);
     let (_, again) =
         train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
@@ -156,14 +150,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     // A client-side budget turns into a clean error, not a crash.
     let mut limited = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Hard, Some(20)).unwrap();
     let run = RunDir::create(&runs.path().join("limited")).unwrap();
-    let job = StudentJob {
-        spec: &spec,
-        config: &fresh,
-        epoch_length: fresh.epoch_length(Method::Mekd),
-        test: &test,
-        device: &device,
-        run: &run,
-    };
+    let job = fresh_job(&run);
     let err = train_student(&objective, &Transfer::Fresh(&generator), &mut limited, &job, |_, _| Ok(())).err().unwrap();
     assert!(err.to_string().contains("query budget exhausted"), "{err}");
 }

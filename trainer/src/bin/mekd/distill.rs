@@ -1,0 +1,238 @@
+//! `mekd distill`: one student from a black-box teacher, with MEKD or a baseline.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use mekd_runtime::cli::ApiKeyArgs;
+use mekd_runtime::protocol::ResponseMode;
+use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
+use mekd_trainer::device::DeviceKind;
+use mekd_trainer::methods::Method;
+use mekd_trainer::methods::deprivatize::GanConfig;
+use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
+use mekd_trainer::methods::mekd::{DistillConfig, QueryMode};
+use mekd_trainer::methods::run::{RunConfig, run_method};
+use mekd_trainer::rundir::read_json_file;
+use mekd_trainer::schedule::default_milestones;
+
+#[derive(clap::Args)]
+pub struct DistillArgs {
+    /// Method: mekd, or a baseline (kd, ml, dkd, kn, scratch).
+    #[arg(long, value_enum, default_value_t = Method::Mekd)]
+    method: Method,
+    /// Teacher HTTP API base URL (`mekd teacher serve`).
+    #[arg(long, group = "teacher_source")]
+    teacher: Option<String>,
+    #[command(flatten)]
+    key: ApiKeyArgs,
+    /// A local ONNX teacher (ONNX Runtime, no server).
+    #[arg(long, group = "teacher_source")]
+    teacher_onnx: Option<PathBuf>,
+    /// A `mekd teacher train` run directory, run in-process with burn on --device.
+    #[arg(long, group = "teacher_source")]
+    teacher_run: Option<PathBuf>,
+    /// Response mode of a local teacher (the HTTP server fixes its own).
+    #[arg(long, value_enum, default_value_t = ResponseMode::Soft)]
+    response: ResponseMode,
+    /// Client-side cap on teacher queries; reaching it stops the run cleanly.
+    #[arg(long)]
+    max_queries: Option<u64>,
+    /// Dataset: its training split provides the edge images (labels unused), its test split scores.
+    #[arg(long, default_value = "data/mnist-slice")]
+    data: PathBuf,
+    /// Fraction of the training split held by the edge.
+    #[arg(long, default_value_t = 0.1)]
+    edge_fraction: f64,
+    /// Student architecture.
+    #[arg(long, default_value = "lenet5-half")]
+    student: String,
+    /// Run directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Deprivatization epochs (reference 200).
+    #[arg(long, default_value_t = 200)]
+    gan_epochs: usize,
+    /// Deprivatization batch size.
+    #[arg(long, default_value_t = 64)]
+    gan_batch: usize,
+    /// Adam learning rate of both GAN networks (reference 2e-4).
+    #[arg(long, default_value_t = 2e-4)]
+    gan_lr: f64,
+    /// Generator width (reference 128; narrower is much cheaper on CPU).
+    #[arg(long, default_value_t = 128)]
+    generator_width: usize,
+    /// Discriminator width (reference 16).
+    #[arg(long, default_value_t = 16)]
+    discriminator_width: usize,
+    /// IM weight: the paper's `max-response` or the reference code's `class-index`.
+    #[arg(long, value_enum, default_value_t = ImWeight::MaxResponse)]
+    im_weight: ImWeight,
+    /// Weight of the IM term.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Cap on deprivatization's teacher queries: the IM term then runs on every k-th generator
+    /// step only, spread over the run (default: every step asks, as the reference).
+    #[arg(long)]
+    gan_queries: Option<u64>,
+    /// Distillation epochs (reference 240).
+    #[arg(long, default_value_t = 240)]
+    epochs: usize,
+    /// Steps per student epoch [default: the reference's schedule: 500 for MEKD, one pass over
+    /// the transfer set for the baselines (e.g. 47 steps of 128 for 6,000 edge images)].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// 0-based epochs where the rate drops x0.1 [default: 1/3 and 2/3 of --epochs].
+    #[arg(long, value_delimiter = ',')]
+    milestones: Option<Vec<usize>>,
+    /// KL temperature.
+    #[arg(long, default_value_t = 5.0)]
+    tau: f64,
+    /// Temperature of the logits fed to the generator.
+    #[arg(long, default_value_t = 5.0)]
+    tau_g: f64,
+    /// Image-alignment weight.
+    #[arg(long, default_value_t = 1.0)]
+    w_f: f64,
+    /// KL weight.
+    #[arg(long, default_value_t = 1.0)]
+    w_kl: f64,
+    /// Image distance.
+    #[arg(long, value_enum, default_value_t = ImageDistance::L1)]
+    distance: ImageDistance,
+    /// Budgeted mode. MEKD: a fixed pool of this many synthetic images, each queried once
+    /// (default: fresh queries every step, as the reference). Baselines: at most this many edge
+    /// images in the transfer set (default: all). Deprivatization queries come on top; cap the
+    /// whole run with --max-queries.
+    #[arg(long)]
+    budget: Option<usize>,
+    /// DKD: weight of the target-class term.
+    #[arg(long, default_value_t = 1.0)]
+    dkd_alpha: f64,
+    /// DKD: weight of the non-target term.
+    #[arg(long, default_value_t = 8.0)]
+    dkd_beta: f64,
+    /// KN: fraction of the edge images in the one-shot transfer set.
+    #[arg(long, default_value_t = 0.2)]
+    kn_fraction: f64,
+    /// Take every setting from this JSON file (a run's config.json) instead of the flags
+    /// (the teacher, --out and --resume still come from the command line).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the interrupted run in --out with its saved settings (its config.json; other
+    /// setting flags are ignored, --device may move it), reusing its checkpoints and cached
+    /// teacher answers.
+    #[arg(long)]
+    resume: bool,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit_test: Option<usize>,
+    /// Seed (edge subset, noise, batch order, weights).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(
+        long,
+        help = concat!(
+            device_help!(),
+            ". With --resume or --config: the saved run's device unless given (a resumed run may continue on another device)"
+        )
+    )]
+    device: Option<DeviceKind>,
+}
+
+impl DistillArgs {
+    pub fn run(self: Box<Self>) -> Result<()> {
+        let args = *self;
+        // Settings from a file: --config, or the run's own config.json when resuming.
+        let saved: Option<RunConfig> = match (&args.config, args.resume) {
+            (Some(path), _) => Some(read_json_file(path)?),
+            (None, true) => Some(read_json_file(&args.out.join("config.json")).context("--resume")?),
+            (None, false) => None,
+        };
+        let device_kind = args.device.or(saved.as_ref().map(|config| config.device)).unwrap_or_default();
+        let device = device_kind.device()?;
+        let (mut teacher, where_): (Box<dyn Teacher>, String) =
+            match (&args.teacher, &args.teacher_onnx, &args.teacher_run) {
+                (Some(url), _, _) => {
+                    (Box::new(HttpTeacher::connect(url, &args.key.require()?, args.max_queries)?), url.clone())
+                }
+                (_, Some(path), _) => (
+                    Box::new(OnnxTeacher::open(path, args.response, None, args.max_queries)?),
+                    path.display().to_string(),
+                ),
+                (_, _, Some(dir)) => (
+                    Box::new(BurnTeacher::from_run(dir, &device, args.response, args.max_queries)?),
+                    dir.display().to_string(),
+                ),
+                _ => bail!("give a teacher: --teacher URL, --teacher-onnx FILE or --teacher-run DIR"),
+            };
+        let config = if let Some(mut config) = saved {
+            if args.config.is_some() {
+                config.teacher = where_;
+                config.response = Some(teacher.info().response);
+            }
+            config.device = device_kind;
+            config
+        } else {
+            RunConfig {
+                method: args.method,
+                teacher: where_,
+                data: args.data,
+                edge_fraction: args.edge_fraction,
+                student: args.student.parse()?,
+                gan: GanConfig {
+                    epochs: args.gan_epochs,
+                    batch: args.gan_batch,
+                    lr: args.gan_lr,
+                    alpha: args.alpha,
+                    im_weight: args.im_weight,
+                    generator_width: args.generator_width,
+                    discriminator_width: args.discriminator_width,
+                    im_queries: args.gan_queries,
+                    seed: args.seed,
+                },
+                distill: DistillConfig {
+                    epochs: args.epochs,
+                    steps_per_epoch: args.steps,
+                    batch: args.batch,
+                    lr: args.lr,
+                    milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+                    tau: args.tau,
+                    tau_g: args.tau_g,
+                    w_f: args.w_f,
+                    w_kl: args.w_kl,
+                    distance: args.distance,
+                    queries: args.budget.map_or(QueryMode::Fresh, QueryMode::Budget),
+                    dkd_alpha: args.dkd_alpha,
+                    dkd_beta: args.dkd_beta,
+                    kn_fraction: args.kn_fraction,
+                    seed: args.seed,
+                    ..DistillConfig::default()
+                },
+                device: device_kind,
+                response: Some(teacher.info().response),
+                limit_test: args.limit_test,
+                seed: args.seed,
+            }
+        };
+        config.validate()?;
+        let summary = run_method(&args.out, &config, teacher.as_mut(), args.resume)?;
+        println!(
+            "{} student {}: test accuracy {:.2}% (best {:.2}%), {} teacher queries, {} bytes up, {} bytes down; {}",
+            summary.method,
+            summary.student,
+            summary.final_acc,
+            summary.best_acc,
+            summary.queries,
+            summary.bytes_up,
+            summary.bytes_down,
+            summary.onnx.display()
+        );
+        Ok(())
+    }
+}

@@ -18,6 +18,7 @@ use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource};
 use mekd_runtime::display::Screen;
 use mekd_runtime::fsutil::write_atomic;
 use mekd_runtime::protocol::ResponseMode;
+use mekd_runtime::teacher_client::HttpClient;
 use mekd_runtime::{Dataset, Split};
 
 use crate::blackbox::HttpTeacher;
@@ -299,11 +300,13 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     let (mekd_bench, kd_bench) = (bench(mekd)?, bench(kd)?);
     run.write_json("bench-mekd.json", &mekd_bench)?;
     run.write_json("bench-kd.json", &kd_bench)?;
+    // What the server counted for each method's key, asked as any client would (`/v1/usage`).
+    let count = |key: &str| -> Result<u64> {
+        let usage = HttpClient::new(&url, key).usage().context("asking the server for a key's usage")?;
+        Ok(usage.used)
+    };
+    let server_queries = ServerCounts { mekd: count(KEYS[0])?, kd: count(KEYS[1])? };
     server.shutdown()?;
-    let usage_file = server_dir.join("keys.txt.usage.json");
-    let usage: std::collections::BTreeMap<String, u64> = serde_json::from_slice(
-        &std::fs::read(&usage_file).with_context(|| format!("reading {}", usage_file.display()))?,
-    )?;
 
     // The report: table, curves, the board's screen.
     let runs = report::collect_runs(&[run.file("mekd"), run.file("kd")])?;
@@ -326,7 +329,6 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
         bytes_up: summary.bytes_up,
         bytes_down: summary.bytes_down,
     };
-    let count = |key: &str| usage.get(key).copied().unwrap_or(0);
     let summary = DemoSummary {
         teacher: ModelLine {
             accuracy: teacher_report.accuracy,
@@ -341,7 +343,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
         mekd: line(mekd, &mekd_bench),
         kd: line(kd, &kd_bench),
         budget: config.budget,
-        server_queries: ServerCounts { mekd: count(KEYS[0]), kd: count(KEYS[1]) },
+        server_queries,
         wall_s: started.elapsed().as_secs_f64(),
         config: config.clone(),
         numerics: CpuNumerics::for_device(config.device),

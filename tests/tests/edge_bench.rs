@@ -1,9 +1,8 @@
 //! `mekd-edge bench` end to end: every figure of its JSON, a teacher served on loopback, and a
 //! model from another producer whose accuracy is checked against ONNX Runtime.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use mekd_e2e::{binary, repo};
 
@@ -16,8 +15,16 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The URL a `mekd teacher serve` started on port 0 says it serves on (no port is picked and
+/// released beforehand, so no other process can take it in between).
+fn served_url(server: &mut Child) -> String {
+    let stderr = server.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let line = lines.find_map(|line| line.ok().filter(|l| l.starts_with("serving "))).expect("the server's first line");
+    // Keep draining its log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = line.split(" on ").nth(1).and_then(|rest| rest.split(' ').next()).expect("serving ... on URL");
+    url.to_string()
 }
 
 #[test]
@@ -31,23 +38,17 @@ fn bench_json_reports_every_figure_with_a_loopback_teacher() {
     }
     let keys = dir.path().join("keys.txt");
     std::fs::write(&keys, "edge-key\n").unwrap();
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _server = Server(
+    let mut server = Server(
         Command::new(binary("mekd"))
-            .args(["teacher", "serve", "--response", "hard", "--listen", &format!("127.0.0.1:{port}"), "--model"])
+            .args(["teacher", "serve", "--response", "hard", "--listen", "127.0.0.1:0", "--model"])
             .arg(&teacher)
             .arg("--keys")
             .arg(&keys)
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let url = served_url(&mut server.0);
     let png = dir.path().join("screen.png");
     let out = Command::new(binary("mekd-edge"))
         .args(["bench", "--json", "--limit", "200", "--iterations", "50", "--teacher", &url, "--model"])

@@ -126,9 +126,21 @@ fn image_folder_directory_and_preprocessing() {
     assert_eq!(gray.shape, [1, 32, 32]);
     assert!(gray.image(0).iter().all(|&p| p == 10));
     assert!(gray.image(5).iter().all(|&p| p == 200));
-    // An MNIST image resized 28 -> 32 keeps its range and size.
-    let mnist = Dataset::load(&repo().join("data/mnist-slice"), Split::Test).unwrap().take(3).prepare(1, 32).unwrap();
+    // An MNIST image resized 28 -> 32 keeps its size, its range (interpolation makes no value
+    // outside the original's, and the strokes stay near full ink) and its mean brightness.
+    let original = Dataset::load(&repo().join("data/mnist-slice"), Split::Test).unwrap().take(3);
+    let mnist = original.clone().prepare(1, 32).unwrap();
     assert_eq!(mnist.pixels.len(), 3 * 32 * 32);
+    for i in 0..3 {
+        let stats = |p: &[u8]| {
+            let mean = p.iter().map(|&v| v as f64).sum::<f64>() / p.len() as f64;
+            (*p.iter().min().unwrap(), *p.iter().max().unwrap(), mean)
+        };
+        let (lo, hi, mean) = stats(original.image(i));
+        let (rlo, rhi, rmean) = stats(mnist.image(i));
+        assert!(rlo >= lo && rhi <= hi && rhi as f64 >= 0.8 * hi as f64, "image {i}: {rlo}..{rhi} vs {lo}..{hi}");
+        assert!((rmean - mean).abs() < 0.05 * 255.0, "image {i}: mean {rmean} vs {mean}");
+    }
 }
 
 #[test]

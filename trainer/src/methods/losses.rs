@@ -172,12 +172,14 @@ mod tests {
     }
 
     #[test]
-    fn hard_target_softmax_matches_the_reference_anchor() {
-        // softmax(one_hot / 5) for C = 10: 0.11950 at the hot class, 0.097834 elsewhere.
+    fn kd_on_a_hard_answer_matches_the_reference_anchor() {
+        // A hard answer enters KD as a one-hot row: softmax(one_hot / 5) for C = 10 is 0.119495
+        // at the hot class and 0.097834 elsewhere; against a uniform student (zero logits) the KL
+        // is sum p ln(p / 0.1) = 0.00200019, times tau 5 = 0.0100009 (worked in Python, double).
         let mut row = vec![0f32; 10];
         row[3] = 1.0;
-        let p: Vec<f32> = softmax(t2(&[&row]).div_scalar(5.0), 1).into_data().try_to_vec().unwrap();
-        assert!((p[3] - 0.119_50).abs() < 1e-5 && (p[0] - 0.097_834).abs() < 1e-6, "{p:?}");
+        let kl = scalar(kd_kl(t2(&[&[0.0; 10]]), t2(&[&row]), 5.0));
+        assert!((kl - 0.010_000_94).abs() < 1e-6, "{kl}");
     }
 
     #[test]

@@ -79,6 +79,62 @@ pub struct ReportRow {
     pub n: usize,
     /// The run directories aggregated.
     pub runs: Vec<PathBuf>,
+    /// What tells this row apart from the others beyond the columns above: each `config.json`
+    /// setting (dotted path, e.g. `gan.epochs`) whose value is not the same in every row, with
+    /// this row's value (empty when the rows differ only in the columns).
+    #[serde(default)]
+    pub distinct_settings: BTreeMap<String, serde_json::Value>,
+}
+
+/// Settings shown as their own columns, so never repeated in `distinct_settings`.
+const COLUMN_SETTINGS: [&str; 7] =
+    ["method", "response", "student", "data", "distill.lr", "distill.steps_per_epoch", "distill.queries.images"];
+
+/// `value`'s leaves under dotted paths (`{"gan": {"epochs": 26}}` -> `gan.epochs = 26`); arrays
+/// are leaves.
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+    match value.as_object() {
+        Some(object) => {
+            for (name, child) in object {
+                let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+                flatten(&path, child, out);
+            }
+        }
+        None => {
+            out.insert(prefix.to_string(), value.clone());
+        }
+    }
+}
+
+/// Fill each row's `distinct_settings` from its runs' shared settings.
+fn mark_distinct_settings(rows: &mut [ReportRow], settings: &[&serde_json::Value]) {
+    let flat: Vec<BTreeMap<String, serde_json::Value>> = settings
+        .iter()
+        .map(|s| {
+            let mut out = BTreeMap::new();
+            flatten("", s, &mut out);
+            out
+        })
+        .collect();
+    let keys: std::collections::BTreeSet<&String> = flat.iter().flat_map(|f| f.keys()).collect();
+    let null = serde_json::Value::Null;
+    for key in keys {
+        if COLUMN_SETTINGS.contains(&key.as_str()) {
+            continue;
+        }
+        let value = |f: &BTreeMap<String, serde_json::Value>| f.get(key).unwrap_or(&null).clone();
+        if flat.iter().all(|f| value(f) == value(&flat[0])) {
+            continue;
+        }
+        for (row, f) in rows.iter_mut().zip(&flat) {
+            row.distinct_settings.insert(key.clone(), value(f));
+        }
+    }
+}
+
+/// A row's distinct settings as `key=value, ...` (empty when it has none).
+fn distinct_label(row: &ReportRow) -> String {
+    row.distinct_settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Every run under `paths`: a path holding `summary.json` is a run; otherwise its
@@ -176,7 +232,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
     for run in runs {
         groups.entry(key(run)).or_default().push(run);
     }
-    let mut rows: Vec<ReportRow> = groups
+    let (mut rows, settings): (Vec<ReportRow>, Vec<&serde_json::Value>) = groups
         .into_iter()
         .map(|((method, response, dataset, teacher, student, budget, steps_per_epoch, _), members)| {
             let finals: Vec<f64> = members.iter().map(|r| r.summary.final_acc).collect();
@@ -185,7 +241,7 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
             let (best_acc, best_acc_std) = mean_std(&bests);
             let n = members.len() as u64;
             let total = |f: fn(&RunSummary) -> u64| members.iter().map(|r| f(&r.summary)).sum::<u64>() / n;
-            ReportRow {
+            let row = ReportRow {
                 method,
                 response,
                 dataset,
@@ -204,9 +260,12 @@ pub fn aggregate(runs: &[RunRecord]) -> Vec<ReportRow> {
                 seeds: members.iter().map(|r| r.summary.seed).collect(),
                 n: members.len(),
                 runs: members.iter().map(|r| r.dir.clone()).collect(),
-            }
+                distinct_settings: BTreeMap::new(),
+            };
+            (row, &members[0].settings)
         })
-        .collect();
+        .unzip();
+    mark_distinct_settings(&mut rows, &settings);
     let order = |m: &str| ["mekd", "kd", "ml", "dkd", "kn", "scratch"].iter().position(|x| *x == m).unwrap_or(99);
     rows.sort_by(|a, b| {
         (order(&a.method), &a.response, a.budget, &a.student).cmp(&(
@@ -227,15 +286,19 @@ fn with_spread(mean: f64, std: f64, n: usize) -> String {
     if n > 1 { format!("{mean:.2} ± {std:.2}") } else { format!("{mean:.2}") }
 }
 
-/// The table as markdown.
+/// The table as markdown; a `settings` column joins it when rows differ in more than the
+/// columns show (`ReportRow::distinct_settings`).
 pub fn markdown(rows: &[ReportRow]) -> String {
+    let settings = rows.iter().any(|r| !r.distinct_settings.is_empty());
     let mut out = String::from(
-        "| method | response | student | budget | steps/epoch | lr | final acc % | best acc % | queries | MB up | MB down | n | seeds |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| method | response | student | budget | steps/epoch | lr | final acc % | best acc % | queries | MB up | MB down | n | seeds |",
     );
+    out.push_str(if settings { " settings |\n" } else { "\n" });
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    out.push_str(if settings { "---|\n" } else { "\n" });
     for r in rows {
         let n = r.n;
-        let _ = writeln!(
+        let _ = write!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {n} | {} |",
             r.method,
@@ -251,6 +314,10 @@ pub fn markdown(rows: &[ReportRow]) -> String {
             megabytes(r.bytes_down),
             r.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
         );
+        if settings {
+            let _ = write!(out, " {} |", distinct_label(r));
+        }
+        out.push('\n');
     }
     out
 }
@@ -269,7 +336,9 @@ pub fn accuracy_svg(rows: &[ReportRow], runs: &[RunRecord]) -> String {
                 .map(|e| members.iter().map(|r| r.epochs[e].test_acc).sum::<f64>() / members.len() as f64)
                 .collect();
             let budget = row.budget.map_or(String::new(), |b| format!(" @{b}"));
-            (format!("{} {}{}", row.method, row.response, budget), mean)
+            let distinct = distinct_label(row);
+            let distinct = if distinct.is_empty() { distinct } else { format!(" {distinct}") };
+            (format!("{} {}{}{}", row.method, row.response, budget, distinct), mean)
         })
         .collect();
     let max_epochs = curves.iter().map(|(_, c)| c.len()).max().unwrap_or(1).max(2);
@@ -347,10 +416,10 @@ mod tests {
         assert_eq!(mean_std(&[97.5]), (97.5, 0.0));
     }
 
-    #[test]
-    fn seeds_share_a_row_and_other_settings_do_not() {
-        let run = |seed: u64, lr: f64, acc: f64| RunRecord {
-            dir: PathBuf::from(format!("run-{seed}-{lr}")),
+    /// A finished KD run of `seed` with final and best accuracy `acc` and no settings.
+    fn record(seed: u64, acc: f64) -> RunRecord {
+        RunRecord {
+            dir: PathBuf::from(format!("run-{seed}")),
             summary: RunSummary {
                 method: "kd".into(),
                 response: "soft".into(),
@@ -373,9 +442,18 @@ mod tests {
                 numerics: None,
             },
             epochs: Vec::new(),
+            settings: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn seeds_share_a_row_and_other_settings_do_not() {
+        let run = |seed: u64, lr: f64, acc: f64| RunRecord {
+            dir: PathBuf::from(format!("run-{seed}-{lr}")),
             settings: settings_without_seeds(serde_json::json!({
                 "seed": seed, "gan": {"seed": seed}, "distill": {"seed": seed, "lr": lr}
             })),
+            ..record(seed, acc)
         };
         let rows = aggregate(&[run(0, 0.1, 90.0), run(1, 0.1, 92.0), run(0, 0.05, 80.0)]);
         assert_eq!(rows.len(), 2);
@@ -383,5 +461,37 @@ mod tests {
         let mut found: Vec<_> = rows.iter().map(lr).collect();
         found.sort_by(|a, b| a.partial_cmp(b).unwrap());
         assert_eq!(found, vec![(Some(0.05), 1, 80.0), (Some(0.1), 2, 91.0)]);
+        // lr has its own column, so it is not repeated as a distinct setting.
+        assert!(rows.iter().all(|r| r.distinct_settings.is_empty()));
+        assert!(!markdown(&rows).contains("settings"));
+    }
+
+    #[test]
+    fn rows_that_differ_beyond_the_columns_name_their_difference() {
+        let run = |seed: u64, gan_epochs: u64, tau: f64, acc: f64| {
+            let mut record = record(seed, acc);
+            record.dir = PathBuf::from(format!("run-{seed}-{gan_epochs}-{tau}"));
+            record.settings = settings_without_seeds(serde_json::json!({
+                "seed": seed, "method": "mekd", "gan": {"seed": seed, "epochs": gan_epochs},
+                "distill": {"seed": seed, "lr": 0.1, "tau": tau, "milestones": [18]}
+            }));
+            record
+        };
+        let rows =
+            aggregate(&[run(0, 52, 5.0, 90.0), run(1, 52, 5.0, 92.0), run(0, 26, 5.0, 85.0), run(0, 52, 2.0, 93.0)]);
+        assert_eq!(rows.len(), 3);
+        let mut labels: Vec<(String, usize)> = rows.iter().map(|r| (distinct_label(r), r.n)).collect();
+        labels.sort();
+        assert_eq!(
+            labels,
+            vec![
+                ("distill.tau=2.0, gan.epochs=52".to_string(), 1),
+                ("distill.tau=5.0, gan.epochs=26".to_string(), 1),
+                ("distill.tau=5.0, gan.epochs=52".to_string(), 2),
+            ]
+        );
+        let table = markdown(&rows);
+        assert!(table.lines().next().unwrap().ends_with("| seeds | settings |"), "{table}");
+        assert!(table.contains("| 0, 1 | distill.tau=5.0, gan.epochs=52 |"), "{table}");
     }
 }

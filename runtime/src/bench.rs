@@ -278,14 +278,15 @@ fn compare_teacher(
             let timed = options.teacher_rtt_queries.min(images.len());
             for i in 0..timed {
                 let t = Instant::now();
-                let (answer, _) =
-                    client.query(&images.pixels[i * per_image..(i + 1) * per_image]).map_err(|e| teacher_error(&e))?;
+                let (answer, _) = client
+                    .query(&images.pixels[i * per_image..(i + 1) * per_image], None)
+                    .map_err(|e| teacher_error(&e))?;
                 rtt.push(t.elapsed().as_secs_f64() * 1e3);
                 labels.extend(answer_labels(answer));
             }
             let step = info.max_batch.clamp(1, 256);
             for chunk in images.pixels[timed * per_image..].chunks(step * per_image) {
-                let (answer, _) = client.query(chunk).map_err(|e| teacher_error(&e))?;
+                let (answer, _) = client.query(chunk, None).map_err(|e| teacher_error(&e))?;
                 labels.extend(answer_labels(answer));
             }
             (labels, rtt, images.len() as u64, url.clone())

@@ -10,7 +10,14 @@
 //!
 //! The key travels as `Authorization: Bearer KEY` (or `X-Api-Key: KEY`). Errors are JSON
 //! [`ErrorBody`] with status 400 (malformed), 401 (missing or wrong key), 404, 405, 413 (batch or
-//! body too large), 429 (budget exhausted; `remaining` says how many queries are left), 500.
+//! body too large), 422 (an idempotency key reused for another body), 429 (budget exhausted;
+//! `remaining` says how many queries are left), 500.
+//!
+//! A query may carry `Idempotency-Key: K` (1 to [`MAX_IDEMPOTENCY_KEY_LEN`] visible ASCII
+//! characters, unique per request of an API key): the server charges `K` once and answers a
+//! repeat of it (same body) without charging, with `Idempotent-Replayed: true`, also after its
+//! own restart. So a client may send a request again when it cannot know whether the first one
+//! arrived (a broken connection, a timeout, its own restart) without paying twice.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +29,26 @@ pub const INFO: &str = "/v1/info";
 pub const USAGE: &str = "/v1/usage";
 /// Path of the query endpoint.
 pub const QUERY: &str = "/v1/query";
+/// Header naming a query's idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header set (to `true`) on the answer to a repeated idempotency key, which was not charged.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+/// Longest idempotency key the server takes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// Whether `key` is a valid idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] visible ASCII
+/// characters.
+pub fn valid_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// FNV-1a, 64 bits, over `bytes`: the stable hash of request bodies (the server's check that a
+/// repeated idempotency key comes with the same body; the trainer's query journal). Stable
+/// across builds and platforms, unlike std's hasher.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Environment variable clients read the API key from when no `--api-key` is given.
 pub const API_KEY_ENV: &str = "MEKD_API_KEY";
 
@@ -119,4 +146,26 @@ pub struct ErrorBody {
     /// Queries left, on 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn idempotency_keys_are_short_visible_ascii() {
+        assert!(valid_idempotency_key("mekd-0123abcd-42-00ff"));
+        let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_LEN);
+        assert!(valid_idempotency_key(&longest));
+        for bad in ["", "with space", "tab\t", "é", &format!("{longest}k")] {
+            assert!(!valid_idempotency_key(bad), "{bad:?}");
+        }
+    }
 }

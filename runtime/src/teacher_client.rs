@@ -1,7 +1,13 @@
 //! A blocking HTTP client for the teacher server (keep-alive, no TLS: the API is meant to sit
 //! behind a TLS-terminating proxy in production, and on loopback in tests).
+//!
+//! Queries survive a flaky network and a restarting server: every query carries an
+//! `Idempotency-Key` (the caller's, or a fresh random one), and a query that failed in transport
+//! or found the server unavailable (502, 503, 504, or 429 with `Retry-After`) is sent again
+//! under the same key, with capped exponential backoff and jitter, until [`RetryPolicy::deadline`].
+//! The server charges a key once, so a retry never pays twice.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::protocol::{self, ErrorBody, QueryResponse, TeacherInfo, Usage};
 
@@ -37,11 +43,56 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// How long and how often a failed query is sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// No retry starts later than this after the first attempt (zero: no retries).
+    pub deadline: Duration,
+    /// Wait before the first retry; doubled after each one.
+    pub first_wait: Duration,
+    /// Longest wait between two attempts.
+    pub max_wait: Duration,
+}
+
+/// Default of [`RetryPolicy::deadline`]: long enough for a server to restart.
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            deadline: DEFAULT_RETRY_DEADLINE,
+            first_wait: Duration::from_millis(100),
+            max_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `attempt` (0 for the first): `first_wait x 2^attempt`, capped
+    /// at `max_wait`, times a random factor in [0.5, 1) (jitter: clients that failed together do
+    /// not come back together).
+    pub fn wait(&self, attempt: u32) -> Duration {
+        let full = self.first_wait.saturating_mul(1 << attempt.min(20)).min(self.max_wait);
+        full.mul_f64(0.5 + 0.5 * random_unit())
+    }
+}
+
+/// A random number in [0, 1) (std's per-process random hasher keys, from the OS).
+fn random_unit() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
 /// A connection to one teacher server with one API key.
 pub struct HttpClient {
     base: String,
     key: String,
     agent: ureq::Agent,
+    retry: RetryPolicy,
 }
 
 /// Bytes that crossed the wire for one call (HTTP bodies).
@@ -60,7 +111,18 @@ impl HttpClient {
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
             .build();
-        Self { base: base_url.trim_end_matches('/').to_string(), key: key.to_string(), agent: config.into() }
+        Self {
+            base: base_url.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+            agent: config.into(),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// This client with another retry policy for its queries.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -119,16 +181,60 @@ impl HttpClient {
         self.get(protocol::USAGE)
     }
 
-    /// `POST /v1/query` with `images` (`u8`, CHW, back to back).
-    pub fn query(&self, images: &[u8]) -> Result<(QueryResponse, Transfer), ClientError> {
-        let response = self
-            .agent
-            .post(self.url(protocol::QUERY))
-            .header("Authorization", format!("Bearer {}", self.key))
-            .content_type("application/octet-stream")
-            .send(images)
-            .map_err(|e| self.transport(protocol::QUERY, e))?;
-        let (answer, down): (QueryResponse, u64) = self.finish(protocol::QUERY, response)?;
-        Ok((answer, Transfer { up: images.len() as u64, down }))
+    /// `POST /v1/query` with `images` (`u8`, CHW, back to back), under `idempotency_key` (a
+    /// fresh random one when `None`), retried as the [`RetryPolicy`] says. The transfer counts
+    /// the attempt that was answered.
+    pub fn query(
+        &self,
+        images: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<(QueryResponse, Transfer), ClientError> {
+        let fresh;
+        let key = match idempotency_key {
+            Some(key) => key,
+            None => {
+                fresh = format!("mekd-{:016x}{:016x}", random_u64(), random_u64());
+                &fresh
+            }
+        };
+        if !protocol::valid_idempotency_key(key) {
+            return Err(ClientError::Protocol(format!("{key:?} is not a valid idempotency key")));
+        }
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let sent = self
+                .agent
+                .post(self.url(protocol::QUERY))
+                .header("Authorization", format!("Bearer {}", self.key))
+                .header(protocol::IDEMPOTENCY_KEY, key)
+                .content_type("application/octet-stream")
+                .send(images);
+            // What to do with this attempt: finish, or wait (at least this long) and send again.
+            let (retry_after, failure) = match sent {
+                Err(e) => (None, self.transport(protocol::QUERY, e)),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let unavailable = matches!(status, 502..=504) || (status == 429 && retry_after.is_some());
+                    match self.finish::<QueryResponse>(protocol::QUERY, response) {
+                        Ok((answer, down)) => return Ok((answer, Transfer { up: images.len() as u64, down })),
+                        Err(e) if unavailable || matches!(e, ClientError::Transport { .. }) => (retry_after, e),
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            let wait = retry_after.unwrap_or_default().max(self.retry.wait(attempt));
+            if started.elapsed() + wait > self.retry.deadline {
+                return Err(failure);
+            }
+            eprintln!("{failure}; sending the query again in {:.1} s", wait.as_secs_f64());
+            std::thread::sleep(wait);
+            attempt += 1;
+        }
     }
 }

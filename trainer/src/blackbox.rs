@@ -8,7 +8,7 @@ use std::path::Path;
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::engine::{argmax_rows, inspect};
 use mekd_runtime::protocol::{QueryResponse, ResponseMode, TeacherInfo};
-use mekd_runtime::teacher_client::{ClientError, HttpClient};
+use mekd_runtime::teacher_client::{ClientError, HttpClient, RetryPolicy};
 
 use crate::onnxruntime::OrtClassifier;
 
@@ -72,6 +72,29 @@ pub struct Usage {
     pub bytes_down: u64,
 }
 
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            queries: self.queries + other.queries,
+            bytes_up: self.bytes_up + other.bytes_up,
+            bytes_down: self.bytes_down + other.bytes_down,
+        }
+    }
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+    /// What was used between `other` (earlier) and `self`.
+    fn sub(self, other: Usage) -> Usage {
+        Usage {
+            queries: self.queries - other.queries,
+            bytes_up: self.bytes_up - other.bytes_up,
+            bytes_down: self.bytes_down - other.bytes_down,
+        }
+    }
+}
+
 /// A teacher that cannot answer.
 #[derive(Debug, thiserror::Error)]
 pub enum TeacherError {
@@ -99,6 +122,13 @@ pub trait Teacher: Send {
     fn info(&self) -> &TeacherInfo;
     /// Answers for `images` (`u8`, CHW, back to back, the teacher's input shape).
     fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError>;
+    /// [`Teacher::query`] under an idempotency key, unique to this request of this client: a
+    /// teacher that charges remotely charges the key once, however often it is sent (see
+    /// `mekd_runtime::protocol`). Local teachers charge nobody and ignore it.
+    fn query_keyed(&mut self, images: &[u8], key: &str) -> Result<Responses, TeacherError> {
+        let _ = key;
+        self.query(images)
+    }
     /// Queries and bytes so far (prior usage included).
     fn usage(&self) -> Usage;
     /// Count `prior` as already used (a resumed run), so budgets cover the whole run.
@@ -152,13 +182,11 @@ impl Meter {
     }
 
     fn add(&mut self, prior: Usage) {
-        self.record(prior.queries, prior.bytes_up, prior.bytes_down);
+        self.usage = self.usage + prior;
     }
 
     fn record(&mut self, n: u64, up: u64, down: u64) {
-        self.usage.queries += n;
-        self.usage.bytes_up += up;
-        self.usage.bytes_down += down;
+        self.add(Usage { queries: n, bytes_up: up, bytes_down: down });
     }
 }
 
@@ -176,6 +204,12 @@ impl HttpTeacher {
         let info = client.info().map_err(|e| TeacherError::Backend(e.into()))?;
         Ok(Self { client, info, meter: Meter { usage: Usage::default(), budget } })
     }
+
+    /// This teacher with another retry policy for its queries.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.client = self.client.with_retry(retry);
+        self
+    }
 }
 
 impl Teacher for HttpTeacher {
@@ -184,8 +218,26 @@ impl Teacher for HttpTeacher {
     }
 
     fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
+        self.ask(images, None)
+    }
+
+    fn query_keyed(&mut self, images: &[u8], key: &str) -> Result<Responses, TeacherError> {
+        self.ask(images, Some(key))
+    }
+
+    fn usage(&self) -> Usage {
+        self.meter.usage
+    }
+
+    fn add_prior_usage(&mut self, prior: Usage) {
+        self.meter.add(prior);
+    }
+}
+
+impl HttpTeacher {
+    fn ask(&mut self, images: &[u8], key: Option<&str>) -> Result<Responses, TeacherError> {
         let n = self.meter.admit(images, &self.info)?;
-        let (answer, transfer) = self.client.query(images).map_err(|e| match e {
+        let (answer, transfer) = self.client.query(images, key).map_err(|e| match e {
             ClientError::BudgetExhausted { remaining, .. } => TeacherError::BudgetExhausted {
                 used: self.meter.usage.queries,
                 requested: n,
@@ -202,14 +254,6 @@ impl Teacher for HttpTeacher {
             }
             _ => Err(TeacherError::Backend(anyhow::anyhow!("the server's answer does not hold {n} responses"))),
         }
-    }
-
-    fn usage(&self) -> Usage {
-        self.meter.usage
-    }
-
-    fn add_prior_usage(&mut self, prior: Usage) {
-        self.meter.add(prior);
     }
 }
 

@@ -4,8 +4,15 @@
 //! the same seeds, takes the answers it already paid for from the journal instead of buying them
 //! again.
 //!
-//! Layout: a 32-byte header (`MEKDQJ01`, then the usage of the records dropped by earlier
-//! [`Journal::rotate`]s as three little-endian `u64`), then records: payload length (`u32`), the
+//! Every purchase also carries an idempotency key made of the run's id, the queries paid before
+//! it and the request's hash: the same for the same request at the same point of the run, also
+//! after a resumption. A request the teacher charged but whose answer never reached the journal
+//! (killed in between) is therefore sent again under the same key, and a server that honours
+//! keys (`mekd teacher serve`) answers it without charging twice: the run's count and the
+//! server's stay equal.
+//!
+//! Layout: a 48-byte header (`MEKDQJ02`, the run's 128-bit id, then the usage of the records
+//! dropped by earlier [`Journal::rotate`]s as three little-endian `u64`), then records: payload length (`u32`), the
 //! payload (request hash, queries, bytes up, bytes down, `0` soft / `1` hard, value count, the
 //! values), and an FNV-1a checksum of the payload (`u64`). A record cut short by a kill, or one
 //! whose checksum fails, ends the journal: it is cut off when the journal is opened.
@@ -16,12 +23,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use mekd_runtime::protocol::TeacherInfo;
+use mekd_runtime::protocol::{TeacherInfo, fnv1a};
 
 use crate::blackbox::{Responses, Teacher, TeacherError, Usage};
 
-const MAGIC: &[u8; 8] = b"MEKDQJ01";
-const HEADER_LEN: u64 = 32;
+const MAGIC: &[u8; 8] = b"MEKDQJ02";
+const HEADER_LEN: usize = 48;
+/// The first layout: no run id (its runs send no idempotency keys until the next rotation).
+const MAGIC_V1: &[u8; 8] = b"MEKDQJ01";
+const HEADER_LEN_V1: usize = 32;
 
 /// Why the journal could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +47,6 @@ pub enum JournalError {
     /// The file is not a query journal.
     #[error("{0} is not a query journal (bad header)")]
     NotAJournal(PathBuf),
-}
-
-/// FNV-1a over `bytes` (stable across builds and platforms, unlike std's hasher).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// One journaled teacher call.
@@ -92,6 +97,8 @@ impl Record {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// The run's id (`None`: a journal of the first layout, not rotated since).
+    run_id: Option<u128>,
     /// Usage of the records dropped by rotations.
     base: Usage,
     /// Usage of the records in the file.
@@ -100,8 +107,11 @@ pub struct Journal {
     unreplayed: HashMap<u64, VecDeque<Responses>>,
 }
 
-fn add(a: Usage, b: Usage) -> Usage {
-    Usage { queries: a.queries + b.queries, bytes_up: a.bytes_up + b.bytes_up, bytes_down: a.bytes_down + b.bytes_down }
+/// A fresh random run id (std's per-process random hasher keys, from the OS).
+fn new_run_id() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
+    (half() << 64) | half()
 }
 
 impl Journal {
@@ -110,24 +120,30 @@ impl Journal {
     pub fn open(path: &Path, base: Usage) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         if !path.exists() {
-            write_fresh(path, base).map_err(io)?;
+            write_fresh(path, new_run_id(), base).map_err(io)?;
         }
         let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
-        if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
-            return Err(JournalError::NotAJournal(path.to_path_buf()));
-        }
-        let field = |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
+        let (run_id, usage_at, header_len) = match bytes.get(..8) {
+            Some(m) if m == MAGIC && bytes.len() >= HEADER_LEN => {
+                (Some(u128::from_le_bytes(bytes[8..24].try_into().expect("16 bytes"))), 24, HEADER_LEN)
+            }
+            Some(m) if m == MAGIC_V1 && bytes.len() >= HEADER_LEN_V1 => (None, 8, HEADER_LEN_V1),
+            _ => return Err(JournalError::NotAJournal(path.to_path_buf())),
+        };
+        let field =
+            |i: usize| u64::from_le_bytes(bytes[usage_at + 8 * i..usage_at + 8 + 8 * i].try_into().expect("8 bytes"));
         let base = Usage { queries: field(0), bytes_up: field(1), bytes_down: field(2) };
         let mut journal = Self {
             path: path.to_path_buf(),
             file: file.try_clone().map_err(io)?,
+            run_id,
             base,
             recorded: Usage::default(),
             unreplayed: HashMap::new(),
         };
-        let mut at = HEADER_LEN as usize;
+        let mut at = header_len;
         while let Some(len) = bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
         {
             let Some(payload) = bytes.get(at + 4..at + 4 + len) else { break };
@@ -136,7 +152,7 @@ impl Journal {
                 break;
             }
             let Some(record) = Record::parse(payload) else { break };
-            journal.recorded = add(journal.recorded, record.cost);
+            journal.recorded = journal.recorded + record.cost;
             journal.unreplayed.entry(record.request).or_default().push_back(record.answer);
             at += 12 + len;
         }
@@ -150,7 +166,14 @@ impl Journal {
 
     /// Queries and bytes paid for by the run so far.
     pub fn total(&self) -> Usage {
-        add(self.base, self.recorded)
+        self.base + self.recorded
+    }
+
+    /// The idempotency key under which to buy the answer to `images` now: the run's id, the
+    /// queries paid so far and the request's hash (`None` for a journal of the first layout).
+    fn idempotency_key(&self, images: &[u8]) -> Option<String> {
+        let run = self.run_id?;
+        Some(format!("mekd-{run:032x}-{}-{:016x}", self.total().queries, fnv1a(images)))
     }
 
     /// Answers the journal holds and no request has taken back yet.
@@ -173,7 +196,7 @@ impl Journal {
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         self.file.write_all(&bytes).map_err(io)?;
         self.file.sync_data().map_err(io)?;
-        self.recorded = add(self.recorded, cost);
+        self.recorded = self.recorded + cost;
         Ok(())
     }
 
@@ -183,7 +206,8 @@ impl Journal {
     pub fn rotate(&mut self) -> Result<(), JournalError> {
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         let total = self.total();
-        write_fresh(&self.path, total).map_err(io)?;
+        let run_id = *self.run_id.get_or_insert_with(new_run_id);
+        write_fresh(&self.path, run_id, total).map_err(io)?;
         self.file = OpenOptions::new().append(true).open(&self.path).map_err(io)?;
         (self.base, self.recorded) = (total, Usage::default());
         self.unreplayed.clear();
@@ -191,11 +215,12 @@ impl Journal {
     }
 }
 
-/// Write an empty journal whose earlier usage is `base`, atomically (temporary file, fsync,
-/// rename).
-fn write_fresh(path: &Path, base: Usage) -> std::io::Result<()> {
-    let mut header = Vec::with_capacity(HEADER_LEN as usize);
+/// Write an empty journal of run `run_id` whose earlier usage is `base`, atomically (temporary
+/// file, fsync, rename).
+fn write_fresh(path: &Path, run_id: u128, base: Usage) -> std::io::Result<()> {
+    let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&run_id.to_le_bytes());
     for v in [base.queries, base.bytes_up, base.bytes_down] {
         header.extend_from_slice(&v.to_le_bytes());
     }
@@ -232,17 +257,19 @@ impl Teacher for JournaledTeacher<'_> {
     }
 
     fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError> {
-        if let Some(answer) = lock(&self.journal).replay(images) {
-            return Ok(answer);
-        }
-        let before = self.inner.usage();
-        let answer = self.inner.query(images)?;
-        let after = self.inner.usage();
-        let cost = Usage {
-            queries: after.queries - before.queries,
-            bytes_up: after.bytes_up - before.bytes_up,
-            bytes_down: after.bytes_down - before.bytes_down,
+        let key = {
+            let mut journal = lock(&self.journal);
+            if let Some(answer) = journal.replay(images) {
+                return Ok(answer);
+            }
+            journal.idempotency_key(images)
         };
+        let before = self.inner.usage();
+        let answer = match &key {
+            Some(key) => self.inner.query_keyed(images, key)?,
+            None => self.inner.query(images)?,
+        };
+        let cost = self.inner.usage() - before;
         lock(&self.journal).record(images, cost, &answer).map_err(|e| TeacherError::Backend(e.into()))?;
         Ok(answer)
     }
@@ -268,7 +295,14 @@ mod tests {
     fn records_survive_reopening_and_a_torn_tail_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queries.journal");
-        let mut journal = Journal::open(&path, usage(5, 50, 500)).unwrap();
+        let journal = Journal::open(&path, usage(5, 50, 500)).unwrap();
+        // The key of a purchase is the same at the same point of the run, also after a reopening.
+        let key = journal.idempotency_key(b"abc").unwrap();
+        assert!(key.starts_with("mekd-") && key.ends_with(&format!("-5-{:016x}", fnv1a(b"abc"))), "{key}");
+        drop(journal);
+        let mut journal = Journal::open(&path, Usage::default()).unwrap();
+        assert_eq!(journal.idempotency_key(b"abc").unwrap(), key);
+        assert_ne!(journal.idempotency_key(b"abd").unwrap(), key);
         journal.record(b"abc", usage(2, 6, 80), &Responses::Soft(vec![0.5, -1.0])).unwrap();
         journal.record(b"xyz", usage(1, 3, 9), &Responses::Hard(vec![7])).unwrap();
         journal.record(b"abc", usage(2, 6, 80), &Responses::Soft(vec![2.0, 3.0])).unwrap();
@@ -291,20 +325,29 @@ mod tests {
         drop(journal);
         let mut journal = Journal::open(&path, Usage::default()).unwrap();
         assert_eq!(journal.total(), usage(11, 68, 678));
-        // Rotation keeps the count and drops the answers.
+        // Rotation keeps the count and the run's id, and drops the answers.
+        let before = journal.idempotency_key(b"q").unwrap();
         journal.rotate().unwrap();
+        assert_eq!(journal.idempotency_key(b"q").unwrap(), before);
         journal.record(b"after", usage(1, 3, 9), &Responses::Hard(vec![2])).unwrap();
         drop(journal);
         let journal = Journal::open(&path, Usage::default()).unwrap();
         assert_eq!((journal.total(), journal.unreplayed()), (usage(12, 71, 687), 1));
-        std::fs::write(&path, b"something else entirely, long enough").unwrap();
+        // Another run has another id.
+        let other = Journal::open(&dir.path().join("other.journal"), usage(5, 50, 500)).unwrap();
+        assert_ne!(other.idempotency_key(b"abc").unwrap(), key);
+        // A journal of the first layout (no run id) opens, keyless until its next rotation.
+        let mut v1 = b"MEKDQJ01".to_vec();
+        for v in [3u64, 30, 300] {
+            v1.extend_from_slice(&v.to_le_bytes());
+        }
+        let old = dir.path().join("v1.journal");
+        std::fs::write(&old, &v1).unwrap();
+        let mut journal = Journal::open(&old, Usage::default()).unwrap();
+        assert_eq!((journal.total(), journal.idempotency_key(b"abc")), (usage(3, 30, 300), None));
+        journal.rotate().unwrap();
+        assert!(journal.idempotency_key(b"abc").is_some());
+        std::fs::write(&path, b"something else entirely, long enough to be a header of 48 bytes").unwrap();
         assert!(matches!(Journal::open(&path, Usage::default()), Err(JournalError::NotAJournal(_))));
-    }
-
-    #[test]
-    fn fnv1a_matches_the_published_test_vectors() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
     }
 }

@@ -287,13 +287,29 @@ fn outcome(run: &std::path::Path) -> (Vec<serde_json::Value>, Vec<String>) {
     (counts, epochs)
 }
 
+/// A fixed sequence of kill moments (SplitMix64 from `seed`), as fractions of an uninterrupted run.
+fn kill_moments(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        (z ^ (z >> 27)) as f64 / u64::MAX as f64
+    }
+}
+
+/// How many trials each kill test runs (`MEKD_KILL_TRIALS`, default 2).
+fn kill_trials() -> usize {
+    std::env::var("MEKD_KILL_TRIALS").map_or(2, |v| v.parse().expect("MEKD_KILL_TRIALS: a number"))
+}
+
 /// Crash consistency (RELIABILITY.md): runs killed with SIGKILL at pseudo-random moments, resumed
 /// after each kill, end exactly as an uninterrupted run: the same counts, bytes, metrics and
 /// student, to the bit. `MEKD_KILL_TRIALS` trials per command (default 2; the long form runs
 /// more); up to three kills per trial.
 #[test]
 fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
-    let trials: usize = std::env::var("MEKD_KILL_TRIALS").map_or(2, |v| v.parse().expect("MEKD_KILL_TRIALS: a number"));
+    let trials = kill_trials();
     let dir = tempfile::tempdir().unwrap();
     let teacher = dir.path().join("teacher.onnx");
     let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
@@ -331,14 +347,7 @@ fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
         distill(&["--method", "kd"]),
         teacher_train,
     ];
-    // A fixed sequence of kill moments (SplitMix64), as fractions of an uninterrupted run.
-    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-    let mut fraction = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        (z ^ (z >> 27)) as f64 / u64::MAX as f64
-    };
+    let mut fraction = kill_moments(0x9E37_79B9_7F4A_7C15);
     let run_args = |command: &[String], out: &std::path::Path| {
         let mut args = command.to_vec();
         args.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
@@ -385,4 +394,227 @@ fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
         "{} commands x {trials} trials: {total_kills} kills, every run equal to the uninterrupted one",
         commands.len()
     );
+}
+
+/// A server process, killed when dropped (also when a test fails).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `mekd teacher serve` of `model` for the keys in `keys`, listening on `listen`; returns the
+/// process and its URL once it serves.
+fn serve(model: &std::path::Path, keys: &std::path::Path, listen: &str) -> (Server, String) {
+    use std::io::BufRead;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_mekd"))
+        .args(["teacher", "serve", "--response", "soft", "--listen", listen, "--model"])
+        .arg(model)
+        .arg("--keys")
+        .arg(keys)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stderr.take().unwrap()).lines();
+    let server = Server(server);
+    let line = lines.find_map(|l| l.ok().filter(|l| l.starts_with("serving "))).expect("the server's first line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = line.split(" on ").nth(1).and_then(|rest| rest.split(' ').next()).expect("serving ... on URL");
+    (server, url.to_string())
+}
+
+/// The server's count for `key` (`GET /v1/usage`).
+fn served_queries(url: &str, key: &str) -> u64 {
+    mekd_runtime::teacher_client::HttpClient::new(url, key).usage().unwrap().used
+}
+
+/// Against a remote teacher, a run whose client is killed at random moments (and whose server is
+/// killed and restarted once, mid-run) ends exactly as an uninterrupted run, and the client's
+/// count equals the server's: a request the server charged but whose answer the client never
+/// journaled is sent again under the same idempotency key and not charged twice.
+#[test]
+fn remote_runs_killed_on_both_sides_count_the_same_as_their_server() {
+    let trials = kill_trials();
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = dir.path().join("keys.txt");
+    let names: Vec<String> =
+        std::iter::once("reference".to_string()).chain((0..trials).map(|t| format!("trial-{t}"))).collect();
+    std::fs::write(&keys, names.join("\n")).unwrap();
+    let (mut server, url) = serve(&teacher, &keys, "127.0.0.1:0");
+    let listen = url.trim_start_matches("http://").to_string();
+    let args = |run: &std::path::Path| -> Vec<String> {
+        let mut args: Vec<String> = tiny_distill_args("-", "2").into_iter().map(String::from).collect();
+        let at = args.iter().position(|a| a == "--teacher-onnx").unwrap();
+        args.splice(at..at + 2, ["--teacher".to_string(), url.clone()]);
+        args.extend(["--steps", "3", "--epochs", "3", "--out", run.to_str().unwrap()].map(String::from));
+        if run.join("config.json").exists() {
+            args.push("--resume".into());
+        }
+        args
+    };
+    let client = |run: &std::path::Path, key: &str| {
+        Command::new(env!("CARGO_BIN_EXE_mekd"))
+            .args(args(run))
+            .env("MEKD_API_KEY", key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let reference = dir.path().join("reference");
+    let started = std::time::Instant::now();
+    assert!(client(&reference, "reference").wait().unwrap().success());
+    let duration = started.elapsed();
+    let expected = outcome(&reference);
+    assert_eq!(summary(&reference)["queries"], served_queries(&url, "reference"));
+    let mut fraction = kill_moments(0x2545_F491_4F6C_DD1D);
+    let mut kills = 0;
+    for trial in 0..trials {
+        let run = dir.path().join(format!("trial-{trial}"));
+        let key = format!("trial-{trial}");
+        for attempt in 0.. {
+            let mut child = client(&run, &key);
+            if attempt == 0 {
+                // The server dies mid-run and comes back on the same address; the client retries.
+                std::thread::sleep(duration.mul_f64(fraction()));
+                drop(server);
+                server = serve(&teacher, &keys, &listen).0;
+            }
+            if attempt < 3 {
+                std::thread::sleep(duration.mul_f64(fraction()));
+                if child.try_wait().unwrap().is_none() {
+                    child.kill().unwrap();
+                    child.wait().unwrap();
+                    kills += 1;
+                    continue;
+                }
+            }
+            assert!(child.wait().unwrap().success(), "trial {trial}: the resumed run failed");
+            break;
+        }
+        assert_eq!(outcome(&run), expected, "trial {trial}");
+        assert_eq!(summary(&run)["queries"], served_queries(&url, &key), "trial {trial}: client and server disagree");
+    }
+    drop(server);
+    eprintln!("{trials} trials, {kills} client kills and {trials} server kills: counts equal on both sides");
+}
+
+/// A loopback proxy in front of the teacher at `upstream` that forwards every request but
+/// swallows the answers to the query requests numbered in `swallow` (1-based, counting every
+/// query that reaches it): the server charged them, the client never hears back, its connection
+/// closes. Each swallowed number is sent on the returned channel. Returns the proxy's URL.
+fn lossy_proxy(upstream: String, swallow: Vec<usize>) -> (String, std::sync::mpsc::Receiver<usize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// One HTTP/1.1 message (head and Content-Length body), or `None` at the end of the stream.
+    fn message(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+        let mut bytes = Vec::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().ok()?;
+            }
+            bytes.extend_from_slice(line.as_bytes());
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        bytes.extend(body);
+        Some(bytes)
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    let (tell, told) = std::sync::mpsc::channel();
+    let queries = std::sync::Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let (upstream, swallow, tell, queries) = (upstream.clone(), swallow.clone(), tell.clone(), queries.clone());
+            std::thread::spawn(move || {
+                let mut from_client = BufReader::new(client.try_clone().unwrap());
+                let mut to_client = client;
+                let Ok(server) = TcpStream::connect(&upstream) else { return };
+                let mut to_server = server.try_clone().unwrap();
+                let mut from_server = BufReader::new(server);
+                while let Some(request) = message(&mut from_client) {
+                    let number =
+                        request.starts_with(b"POST /v1/query").then(|| queries.fetch_add(1, Ordering::SeqCst) + 1);
+                    if to_server.write_all(&request).is_err() {
+                        return;
+                    }
+                    let Some(answer) = message(&mut from_server) else { return };
+                    if let Some(number) = number.filter(|n| swallow.contains(n)) {
+                        let _ = tell.send(number);
+                        return; // the client's connection closes unanswered
+                    }
+                    if to_client.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, told)
+}
+
+/// The window the random kills rarely hit, forced: the server charges a query and the answer is
+/// lost on the way (the client retries it), and later the server charges one and the client is
+/// killed before the answer reaches its journal (the resumption sends it again). Both go again
+/// under the same idempotency key, so the server charges each once: its count equals the
+/// client's and an uninterrupted run's. (Without the journal's key, the resumption's resend is
+/// charged again: 312 queries on the server, 296 in the run.)
+#[test]
+fn an_answer_lost_on_the_way_or_to_a_kill_is_not_charged_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "reference\nlossy\n").unwrap();
+    let (_server, url) = serve(&teacher, &keys, "127.0.0.1:0");
+    let distill = |teacher_url: &str, run: &std::path::Path, key: &str| {
+        let mut args: Vec<String> = tiny_distill_args("-", "2").into_iter().map(String::from).collect();
+        let at = args.iter().position(|a| a == "--teacher-onnx").unwrap();
+        args.splice(at..at + 2, ["--teacher".to_string(), teacher_url.to_string()]);
+        args.extend(["--steps", "3", "--epochs", "2", "--out", run.to_str().unwrap()].map(String::from));
+        if run.join("config.json").exists() {
+            args.push("--resume".into());
+        }
+        Command::new(env!("CARGO_BIN_EXE_mekd"))
+            .args(args)
+            .env("MEKD_API_KEY", key)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let reference = dir.path().join("reference");
+    assert!(distill(&url, &reference, "reference").wait().unwrap().success());
+    let lossy = dir.path().join("lossy");
+    // Query 3's answer is lost (the client retries); query 6's too, and the client is killed
+    // while it waits to retry.
+    let (proxy, lost) = lossy_proxy(url.clone(), vec![3, 6]);
+    let mut child = distill(&proxy, &lossy, "lossy");
+    assert_eq!(lost.recv_timeout(std::time::Duration::from_secs(120)), Ok(3));
+    assert_eq!(lost.recv_timeout(std::time::Duration::from_secs(120)), Ok(6));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(distill(&url, &lossy, "lossy").wait().unwrap().success(), "the resumed run failed");
+    assert_eq!(outcome(&lossy), outcome(&reference));
+    assert_eq!(summary(&lossy)["queries"], served_queries(&url, "lossy"), "client and server disagree");
 }

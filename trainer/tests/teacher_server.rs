@@ -144,7 +144,7 @@ fn rejections_are_clear_and_leave_the_server_healthy() {
     // Budget exhaustion on the server: 20 queries, then 429 with what is left.
     let (status, _) = raw(addr, "POST", "/v1/query", &[("X-Api-Key", KEY)], &vec![0u8; 16 * 1024]);
     assert_eq!(status, 200);
-    match client.query(&vec![0u8; 5 * 1024]) {
+    match client.query(&vec![0u8; 5 * 1024], None) {
         Err(ClientError::BudgetExhausted { remaining, .. }) => assert_eq!(remaining, 4),
         other => panic!("expected budget exhaustion, got {other:?}"),
     }
@@ -203,7 +203,104 @@ fn concurrent_clients_are_counted_exactly_and_counts_survive_a_restart() {
     let client = HttpClient::new(&restarted.url(), KEY);
     let usage = client.usage().unwrap();
     assert_eq!((usage.used, usage.remaining), (sent, Some(2)));
-    assert!(client.query(&images[..3 * 1024]).is_err());
+    assert!(client.query(&images[..3 * 1024], None).is_err());
+}
+
+/// A raw answer's headers, lower-cased.
+fn raw_with_headers(addr: SocketAddr, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let mut head =
+        format!("POST /v1/query HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_lowercase(), body.to_string())
+}
+
+#[test]
+fn a_query_sent_again_is_charged_once_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, Some(10));
+    let images = mnist_images(3);
+    let bearer = format!("Bearer {KEY}");
+    let keyed = |k: &'static str| [("Authorization", bearer.clone()), ("Idempotency-Key", k.to_string())];
+    let send = |addr, headers: &[(&str, String)], body: &[u8]| {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        raw_with_headers(addr, &headers, body)
+    };
+    let (status, head, first) = send(server.addr(), &keyed("req-1"), &images);
+    assert_eq!(status, 200, "{first}");
+    assert!(!head.contains("idempotent-replayed"), "{head}");
+    let (status, head, again) = send(server.addr(), &keyed("req-1"), &images);
+    assert_eq!(status, 200);
+    assert!(head.contains("idempotent-replayed: true"), "{head}");
+    let logits = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["logits"].clone();
+    assert_eq!(logits(&again), logits(&first), "the repeat is answered, and alike");
+    let client = HttpClient::new(&server.url(), KEY);
+    assert_eq!(client.usage().unwrap().used, 3, "charged once");
+    // The same key with another body is refused; a malformed key too; neither is charged.
+    assert_eq!(send(server.addr(), &keyed("req-1"), &images[..1024]).0, 422);
+    assert_eq!(send(server.addr(), &keyed("with space"), &images).0, 400);
+    assert_eq!(client.usage().unwrap().used, 3);
+    // After a restart the key is still known: charged once.
+    server.shutdown().unwrap();
+    let restarted = serve(&model_path, &keys, ResponseMode::Soft, Some(10));
+    let (status, head, _) = send(restarted.addr(), &keyed("req-1"), &images);
+    assert!(status == 200 && head.contains("idempotent-replayed: true"), "{head}");
+    let client = HttpClient::new(&restarted.url(), KEY);
+    assert_eq!(client.usage().unwrap().used, 3);
+    // The client sends a fresh key per query: two queries are two charges.
+    client.query(&images[..1024], None).unwrap();
+    client.query(&images[..1024], None).unwrap();
+    assert_eq!(client.usage().unwrap().used, 5);
+    // Its own key, twice: one charge.
+    client.query(&images[..1024], Some("mine-1")).unwrap();
+    client.query(&images[..1024], Some("mine-1")).unwrap();
+    assert_eq!(client.usage().unwrap().used, 6);
+}
+
+#[test]
+fn a_query_to_a_server_that_is_down_is_sent_again_until_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, None);
+    let addr = server.addr();
+    let mut teacher = HttpTeacher::connect(&server.url(), KEY, None).unwrap();
+    server.shutdown().unwrap();
+    // Down for about a second, then back on the same address.
+    let restarter = std::thread::spawn({
+        let (model_path, keys) = (model_path.clone(), keys.clone());
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(1000));
+            let mut config = ServeConfig::new(model_path, &addr.to_string(), ResponseMode::Soft, keys);
+            config.max_batch = 16;
+            start(&config).unwrap()
+        }
+    });
+    let images = mnist_images(2);
+    let Responses::Soft(logits) = teacher.query(&images).unwrap() else { panic!("a soft server") };
+    assert_eq!(logits.len(), 20);
+    let server = restarter.join().unwrap();
+    assert_eq!(HttpClient::new(&server.url(), KEY).usage().unwrap().used, 2);
+    assert_eq!(teacher.usage().queries, 2);
+    // With no time to retry, a dead server is an error at once.
+    server.shutdown().unwrap();
+    let quick = HttpClient::new(&format!("http://{addr}"), KEY).with_retry(mekd_runtime::teacher_client::RetryPolicy {
+        deadline: std::time::Duration::ZERO,
+        ..Default::default()
+    });
+    assert!(matches!(quick.query(&images, None), Err(ClientError::Transport { .. })));
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! API keys, per-key query budgets and their counts, persisted atomically so that they survive
-//! a restart.
+//! a restart; with each count, the idempotency keys of the key's latest charged requests, so that
+//! a request sent again (a client's retry, a killed client's resumption, a retry across a server
+//! restart) is answered without being charged twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -17,6 +19,58 @@ pub enum Refusal {
         /// Queries left.
         remaining: u64,
     },
+    /// The idempotency key was used before for a different request body.
+    IdempotencyMismatch,
+}
+
+/// How many charged idempotency keys each API key remembers (the oldest is forgotten first). A
+/// request is sent again within moments (a retry) or after a restart of one side, so only the
+/// latest few of each client matter; the bound keeps the usage file small.
+pub const IDEMPOTENCY_WINDOW: usize = 256;
+
+/// A request's idempotency key and a hash of its body.
+#[derive(Clone, Copy, Debug)]
+pub struct Idempotency<'a> {
+    /// The client's `Idempotency-Key`.
+    pub key: &'a str,
+    /// A hash of the request body (a repeated key must come with the same body).
+    pub body_hash: u64,
+}
+
+/// A charged request the server remembers: hashes of its idempotency key and its body, and the
+/// queries charged (written as a 3-number array: the usage file is rewritten on every charge).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Charged(u64, u64, u64);
+
+impl Charged {
+    fn of(asked: Idempotency, queries: u64) -> Self {
+        Charged(mekd_runtime::protocol::fnv1a(asked.key.as_bytes()), asked.body_hash, queries)
+    }
+}
+
+/// What `reserve` granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// Queries left afterwards (`None`: unlimited).
+    pub remaining: Option<u64>,
+    /// The request was charged before under the same idempotency key: answer it, free.
+    pub replayed: bool,
+}
+
+/// The usage file: counts per key and each key's latest charged idempotency keys. (A file of
+/// counts alone, `{"KEY": N}`, is read too: it is what servers before idempotency wrote.)
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Ledger {
+    used: BTreeMap<String, u64>,
+    #[serde(default)]
+    charged: BTreeMap<String, VecDeque<Charged>>,
+}
+
+impl Ledger {
+    fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+            .or_else(|_| serde_json::from_slice(bytes).map(|used| Ledger { used, charged: BTreeMap::new() }))
+    }
 }
 
 /// Problems with the keys or usage files.
@@ -48,7 +102,7 @@ pub struct Accounts {
     keys: BTreeMap<String, KeyBudget>,
     budget: Option<u64>,
     usage_file: PathBuf,
-    used: Mutex<BTreeMap<String, u64>>,
+    ledger: Mutex<Ledger>,
 }
 
 impl Accounts {
@@ -101,13 +155,13 @@ impl Accounts {
         if keys.is_empty() {
             return Err(file_error(keys_file, "holds no API key (one per line)".into()));
         }
-        let used = if usage_file.exists() {
+        let ledger = if usage_file.exists() {
             let text = std::fs::read(usage_file).map_err(|e| file_error(usage_file, e.to_string()))?;
-            serde_json::from_slice(&text).map_err(|e| file_error(usage_file, format!("not a usage file: {e}")))?
+            Ledger::parse(&text).map_err(|e| file_error(usage_file, format!("not a usage file: {e}")))?
         } else {
-            BTreeMap::new()
+            Ledger::default()
         };
-        Ok(Self { keys, budget, usage_file: usage_file.to_path_buf(), used: Mutex::new(used) })
+        Ok(Self { keys, budget, usage_file: usage_file.to_path_buf(), ledger: Mutex::new(ledger) })
     }
 
     /// The budget of a known key.
@@ -139,39 +193,66 @@ impl Accounts {
     }
 
     /// Check `key` and, if `n` queries fit in its budget, count them (persisting the new count).
-    /// Returns the queries left afterwards.
-    pub fn reserve(&self, key: Option<&str>, n: u64) -> Result<Option<u64>, Refusal> {
+    /// With an `idempotency` key that this API key was charged for before (same body), nothing is
+    /// counted and the grant says `replayed`; a new one is remembered with the count, in the same
+    /// write.
+    pub fn reserve(&self, key: Option<&str>, n: u64, idempotency: Option<Idempotency>) -> Result<Grant, Refusal> {
         let key = self.known(key).ok_or(Refusal::Unauthorized)?;
-        let mut used = self.used.lock().expect("accounts lock");
-        let count = used.get(key).copied().unwrap_or(0);
+        let mut ledger = self.lock();
+        let count = ledger.used.get(key).copied().unwrap_or(0);
         let budget = self.budget_of(key);
+        let asked = idempotency.map(|asked| Charged::of(asked, n));
+        if let Some(asked) = &asked
+            && let Some(before) = ledger.charged.get(key).and_then(|c| c.iter().find(|c| c.0 == asked.0))
+        {
+            if before != asked {
+                return Err(Refusal::IdempotencyMismatch);
+            }
+            return Ok(Grant { remaining: budget.map(|b| b.saturating_sub(count)), replayed: true });
+        }
         if let Some(budget) = budget {
             let remaining = budget.saturating_sub(count);
             if n > remaining {
                 return Err(Refusal::BudgetExhausted { remaining });
             }
         }
-        used.insert(key.to_string(), count + n);
+        ledger.used.insert(key.to_string(), count + n);
+        if let Some(asked) = asked {
+            let charged = ledger.charged.entry(key.to_string()).or_default();
+            if charged.len() == IDEMPOTENCY_WINDOW {
+                charged.pop_front();
+            }
+            charged.push_back(asked);
+        }
         // Persist before answering: a crash can never hand out queries that were not counted.
-        if let Err(e) = self.persist(&used, false) {
+        if let Err(e) = self.persist(&ledger, false) {
             eprintln!("warning: cannot persist usage to {}: {e}", self.usage_file.display());
         }
-        Ok(budget.map(|b| b.saturating_sub(count + n)))
+        Ok(Grant { remaining: budget.map(|b| b.saturating_sub(count + n)), replayed: false })
     }
 
-    /// Give back `n` queries reserved for a request that then failed on the server's side.
-    pub fn refund(&self, key: &str, n: u64) {
-        let mut used = self.used.lock().expect("accounts lock");
-        if let Some(count) = used.get_mut(key) {
+    /// Give back `n` queries reserved for a request that then failed on the server's side (and
+    /// forget its idempotency key: the request was not answered).
+    pub fn refund(&self, key: &str, n: u64, idempotency: Option<&str>) {
+        let mut ledger = self.lock();
+        if let Some(count) = ledger.used.get_mut(key) {
             *count = count.saturating_sub(n);
         }
-        let _ = self.persist(&used, false);
+        if let (Some(asked), Some(charged)) = (idempotency, ledger.charged.get_mut(key)) {
+            let asked = mekd_runtime::protocol::fnv1a(asked.as_bytes());
+            charged.retain(|c| c.0 != asked);
+        }
+        let _ = self.persist(&ledger, false);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `(used, budget, remaining)` of a valid key.
     pub fn usage(&self, key: Option<&str>) -> Result<(u64, Option<u64>, Option<u64>), Refusal> {
         let key = self.known(key).ok_or(Refusal::Unauthorized)?;
-        let used = self.used.lock().expect("accounts lock").get(key).copied().unwrap_or(0);
+        let used = self.lock().used.get(key).copied().unwrap_or(0);
         let budget = self.budget_of(key);
         Ok((used, budget, budget.map(|b| b.saturating_sub(used))))
     }
@@ -183,12 +264,12 @@ impl Accounts {
 
     /// Write the counts durably (fsync), e.g. at shutdown.
     pub fn flush(&self) -> std::io::Result<()> {
-        let used = self.used.lock().expect("accounts lock");
-        self.persist(&used, true)
+        let ledger = self.lock();
+        self.persist(&ledger, true)
     }
 
-    fn persist(&self, used: &BTreeMap<String, u64>, durable: bool) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(used).map_err(std::io::Error::other)?;
+    fn persist(&self, ledger: &Ledger, durable: bool) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(ledger).map_err(std::io::Error::other)?;
         if durable {
             write_atomic(&self.usage_file, &bytes)
         } else {
@@ -208,15 +289,15 @@ mod tests {
         std::fs::write(&keys, "# team keys\nalpha\n\nbeta\n").unwrap();
         let usage = dir.path().join("usage.json");
         let accounts = Accounts::open(&keys, Some(10), &usage).unwrap();
-        assert_eq!(accounts.reserve(Some("alpha"), 4), Ok(Some(6)));
-        assert_eq!(accounts.reserve(Some("alpha"), 7), Err(Refusal::BudgetExhausted { remaining: 6 }));
-        assert_eq!(accounts.reserve(Some("gamma"), 1), Err(Refusal::Unauthorized));
+        assert_eq!(accounts.reserve(Some("alpha"), 4, None).map(|g| g.remaining), Ok(Some(6)));
+        assert_eq!(accounts.reserve(Some("alpha"), 7, None), Err(Refusal::BudgetExhausted { remaining: 6 }));
+        assert_eq!(accounts.reserve(Some("gamma"), 1, None), Err(Refusal::Unauthorized));
         for near in ["alph", "alphaa", "Alpha", "", "alpha\0"] {
-            assert_eq!(accounts.reserve(Some(near), 1), Err(Refusal::Unauthorized), "{near:?}");
+            assert_eq!(accounts.reserve(Some(near), 1, None), Err(Refusal::Unauthorized), "{near:?}");
         }
         assert!(accounts.is_valid(Some("beta")) && !accounts.is_valid(Some("bet")));
-        assert_eq!(accounts.reserve(None, 1), Err(Refusal::Unauthorized));
-        accounts.refund("alpha", 1);
+        assert_eq!(accounts.reserve(None, 1, None), Err(Refusal::Unauthorized));
+        accounts.refund("alpha", 1, None);
         assert_eq!(accounts.usage(Some("alpha")), Ok((3, Some(10), Some(7))));
         let reopened = Accounts::open(&keys, Some(10), &usage).unwrap();
         assert_eq!(reopened.usage(Some("alpha")), Ok((3, Some(10), Some(7))));
@@ -231,13 +312,51 @@ mod tests {
         let keys = dir.path().join("keys");
         std::fs::write(&keys, "plain\nsmall 2\nfree unlimited\n").unwrap();
         let accounts = Accounts::open(&keys, Some(5), &dir.path().join("usage.json")).unwrap();
-        assert_eq!(accounts.reserve(Some("plain"), 5), Ok(Some(0)));
-        assert_eq!(accounts.reserve(Some("small"), 3), Err(Refusal::BudgetExhausted { remaining: 2 }));
-        assert_eq!(accounts.reserve(Some("free"), 1_000_000), Ok(None));
+        assert_eq!(accounts.reserve(Some("plain"), 5, None).map(|g| g.remaining), Ok(Some(0)));
+        assert_eq!(accounts.reserve(Some("small"), 3, None), Err(Refusal::BudgetExhausted { remaining: 2 }));
+        assert_eq!(accounts.reserve(Some("free"), 1_000_000, None).map(|g| g.remaining), Ok(None));
         for bad in ["key lots\n", "a b c\n"] {
             std::fs::write(&keys, bad).unwrap();
             let err = Accounts::open(&keys, None, &dir.path().join("usage.json")).err().unwrap().to_string();
             assert!(err.contains("line 1"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_is_answered_free_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "alpha\nbeta\n").unwrap();
+        let usage = dir.path().join("usage.json");
+        let accounts = Accounts::open(&keys, Some(10), &usage).unwrap();
+        let first = Idempotency { key: "run-1-0", body_hash: 7 };
+        assert_eq!(accounts.reserve(Some("alpha"), 4, Some(first)), Ok(Grant { remaining: Some(6), replayed: false }));
+        assert_eq!(accounts.reserve(Some("alpha"), 4, Some(first)), Ok(Grant { remaining: Some(6), replayed: true }));
+        // The same key with another body, or for another API key, is not the same request.
+        let other_body = Idempotency { key: "run-1-0", body_hash: 8 };
+        assert_eq!(accounts.reserve(Some("alpha"), 4, Some(other_body)), Err(Refusal::IdempotencyMismatch));
+        assert_eq!(accounts.reserve(Some("beta"), 4, Some(first)).map(|g| g.replayed), Ok(false));
+        // Remembered across a restart, with the count.
+        drop(accounts);
+        let accounts = Accounts::open(&keys, Some(10), &usage).unwrap();
+        assert_eq!(accounts.reserve(Some("alpha"), 4, Some(first)), Ok(Grant { remaining: Some(6), replayed: true }));
+        assert_eq!(accounts.usage(Some("alpha")), Ok((4, Some(10), Some(6))));
+        // A refunded request is forgotten: sending it again charges it.
+        let second = Idempotency { key: "run-1-4", body_hash: 9 };
+        assert!(!accounts.reserve(Some("alpha"), 2, Some(second)).unwrap().replayed);
+        accounts.refund("alpha", 2, Some("run-1-4"));
+        assert_eq!(accounts.reserve(Some("alpha"), 2, Some(second)), Ok(Grant { remaining: Some(4), replayed: false }));
+        // Only the latest IDEMPOTENCY_WINDOW keys are remembered.
+        let unlimited = Accounts::open(&keys, None, &dir.path().join("other.json")).unwrap();
+        let names: Vec<String> = (0..=IDEMPOTENCY_WINDOW).map(|i| format!("k{i}")).collect();
+        for name in &names {
+            unlimited.reserve(Some("alpha"), 1, Some(Idempotency { key: name, body_hash: 0 })).unwrap();
+        }
+        let again = |name: &str| unlimited.reserve(Some("alpha"), 1, Some(Idempotency { key: name, body_hash: 0 }));
+        assert!(again(names.last().unwrap()).unwrap().replayed);
+        assert!(!again("k0").unwrap().replayed, "the oldest key was forgotten");
+        // A usage file of counts alone (written before idempotency) still opens.
+        std::fs::write(&usage, r#"{"alpha": 3}"#).unwrap();
+        assert_eq!(Accounts::open(&keys, Some(10), &usage).unwrap().usage(Some("alpha")), Ok((3, Some(10), Some(7))));
     }
 }

@@ -54,7 +54,7 @@ pub fn run(
             let mut rng = SplitMix64::new(batch as u64);
             let body: Vec<u8> = (0..batch * image_bytes).map(|_| rng.below(256) as u8).collect();
             // Warm-up: one request per client.
-            HttpClient::new(&url, "bench-key").query(&body)?;
+            HttpClient::new(&url, "bench-key").query(&body, None)?;
             let deadline = Instant::now() + Duration::from_secs_f64(seconds);
             let started = Instant::now();
             let per_client: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
@@ -66,7 +66,7 @@ pub fn run(
                             let mut times = Vec::new();
                             while Instant::now() < deadline {
                                 let t = Instant::now();
-                                client.query(body)?;
+                                client.query(body, None)?;
                                 times.push(t.elapsed().as_secs_f64() * 1e3);
                             }
                             Ok(times)

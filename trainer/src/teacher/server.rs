@@ -23,7 +23,7 @@ use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::engine::{argmax_rows, inspect};
 use mekd_runtime::protocol::{self, ErrorBody, QueryResponse, ResponseMode, TeacherInfo, Usage};
 
-use super::accounts::{Accounts, Refusal};
+use super::accounts::{Accounts, Idempotency, Refusal};
 use super::batcher::Batcher;
 use crate::onnxruntime::OrtClassifier;
 
@@ -337,6 +337,17 @@ async fn query(shared: Arc<Shared>, key: Option<String>, request: Request<Incomi
     let Some(key) = key.filter(|k| shared.accounts.is_valid(Some(k))) else {
         return closing(unauthorized());
     };
+    let idempotency = match request.headers().get(protocol::IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if protocol::valid_idempotency_key(k) => Some(k.to_string()),
+        Some(_) => {
+            return closing(error(
+                400,
+                format!("Idempotency-Key must be 1 to {} visible ASCII characters", protocol::MAX_IDEMPOTENCY_KEY_LEN),
+                None,
+            ));
+        }
+    };
     let max_body = shared.info.max_batch * shared.image_bytes;
     let too_large =
         || error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
@@ -354,13 +365,14 @@ async fn query(shared: Arc<Shared>, key: Option<String>, request: Request<Incomi
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     // The accounts and the model block: off the connection threads.
-    tokio::task::spawn_blocking(move || answer(&shared, &key, &body))
+    tokio::task::spawn_blocking(move || answer(&shared, &key, idempotency.as_deref(), &body))
         .await
         .unwrap_or_else(|e| error(500, format!("the request's worker failed: {e}"), None))
 }
 
-/// Charge `key` for the images in `body` and answer them.
-fn answer(shared: &Shared, key: &str, body: &[u8]) -> Answer {
+/// Charge `key` for the images in `body` (unless `idempotency` names a request it was charged for
+/// already) and answer them.
+fn answer(shared: &Shared, key: &str, idempotency: Option<&str>, body: &[u8]) -> Answer {
     let [c, h, w] = shared.info.input_shape;
     if body.is_empty() || !body.len().is_multiple_of(shared.image_bytes) {
         return error(
@@ -374,8 +386,9 @@ fn answer(shared: &Shared, key: &str, body: &[u8]) -> Answer {
         );
     }
     let count = body.len() / shared.image_bytes;
-    let remaining = match shared.accounts.reserve(Some(key), count as u64) {
-        Ok(remaining) => remaining,
+    let asked = idempotency.map(|k| Idempotency { key: k, body_hash: protocol::fnv1a(body) });
+    let grant = match shared.accounts.reserve(Some(key), count as u64, asked) {
+        Ok(grant) => grant,
         Err(Refusal::BudgetExhausted { remaining }) => {
             return error(
                 429,
@@ -384,7 +397,11 @@ fn answer(shared: &Shared, key: &str, body: &[u8]) -> Answer {
             );
         }
         Err(Refusal::Unauthorized) => return unauthorized(),
+        Err(Refusal::IdempotencyMismatch) => {
+            return error(422, "this Idempotency-Key was used for another request body", None);
+        }
     };
+    let remaining = grant.remaining;
     let input = to_model_input(body, shared.info.input_shape, &shared.norm);
     match shared.batcher.infer(input, count) {
         Ok(logits) => {
@@ -397,10 +414,15 @@ fn answer(shared: &Shared, key: &str, body: &[u8]) -> Answer {
                     remaining,
                 },
             };
-            json(200, &answer)
+            let mut response = json(200, &answer);
+            if grant.replayed {
+                response.headers_mut().insert(protocol::IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            }
+            response
         }
+        Err(e) if grant.replayed => error(500, format!("the model failed: {e}"), None),
         Err(e) => {
-            shared.accounts.refund(key, count as u64);
+            shared.accounts.refund(key, count as u64, idempotency);
             error(500, format!("the model failed: {e}"), None)
         }
     }

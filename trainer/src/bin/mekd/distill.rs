@@ -1,10 +1,12 @@
 //! `mekd distill`: one student from a black-box teacher, with MEKD or a baseline.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use mekd_runtime::cli::ApiKeyArgs;
 use mekd_runtime::protocol::ResponseMode;
+use mekd_runtime::teacher_client::RetryPolicy;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::methods::Method;
@@ -20,9 +22,15 @@ pub struct DistillArgs {
     /// Method: mekd, or a baseline (kd, ml, dkd, kn, scratch).
     #[arg(long, value_enum, default_value_t = Method::Mekd)]
     method: Method,
-    /// Teacher HTTP API base URL (`mekd teacher serve`).
+    /// Teacher HTTP API base URL (`mekd teacher serve`). A query that fails in transport or finds
+    /// the server unavailable is sent again (see --retry-secs) under the same idempotency key, so
+    /// it is never charged twice; a resumed run's queries carry the keys of the interrupted run.
     #[arg(long, group = "teacher_source")]
     teacher: Option<String>,
+    /// How long a failed query to --teacher may be sent again (0: never), e.g. while the server
+    /// restarts.
+    #[arg(long, default_value_t = mekd_runtime::teacher_client::DEFAULT_RETRY_DEADLINE.as_secs())]
+    retry_secs: u64,
     #[command(flatten)]
     key: ApiKeyArgs,
     /// A local ONNX teacher (ONNX Runtime, no server).
@@ -159,7 +167,9 @@ impl DistillArgs {
         let (mut teacher, where_): (Box<dyn Teacher>, String) =
             match (&args.teacher, &args.teacher_onnx, &args.teacher_run) {
                 (Some(url), _, _) => {
-                    (Box::new(HttpTeacher::connect(url, &args.key.require()?, args.max_queries)?), url.clone())
+                    let retry = RetryPolicy { deadline: Duration::from_secs(args.retry_secs), ..Default::default() };
+                    let teacher = HttpTeacher::connect(url, &args.key.require()?, args.max_queries)?.with_retry(retry);
+                    (Box::new(teacher), url.clone())
                 }
                 (_, Some(path), _) => (
                     Box::new(OnnxTeacher::open(path, args.response, None, args.max_queries)?),

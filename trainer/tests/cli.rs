@@ -618,3 +618,113 @@ fn an_answer_lost_on_the_way_or_to_a_kill_is_not_charged_twice() {
     assert_eq!(outcome(&lossy), outcome(&reference));
     assert_eq!(summary(&lossy)["queries"], served_queries(&url, "lossy"), "client and server disagree");
 }
+
+/// The teacher's accounts under SIGKILL (RELIABILITY.md): 10 clients (8 on four unlimited keys,
+/// one on a key with a budget of 40, one with a wrong key) send batches of 1 to 8 images while the
+/// server is killed at pseudo-random moments and restarted on the same address and usage file,
+/// `MEKD_SERVER_KILL_ROUNDS` times (default 5). Checked at every kill: the usage file parses and
+/// no key's persisted count is below the images its clients were answered. At the end: each
+/// key's count equals the images its clients were answered, exactly (a request cut by a kill is
+/// sent again under its idempotency key and charged once); the budgeted key never got an answer
+/// past its budget; the wrong key was never counted.
+#[test]
+fn the_teacher_killed_under_load_loses_and_double_counts_nothing() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let rounds: usize =
+        std::env::var("MEKD_SERVER_KILL_ROUNDS").map_or(5, |v| v.parse().expect("MEKD_SERVER_KILL_ROUNDS: a number"));
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher.onnx");
+    let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = dir.path().join("keys.txt");
+    std::fs::write(&keys, "k0 unlimited\nk1 unlimited\nk2 unlimited\nk3 unlimited\nsmall 40\n").unwrap();
+    let usage_file = dir.path().join("keys.txt.usage.json");
+    let (mut server, url) = serve(&teacher, &keys, "127.0.0.1:0");
+    let listen = url.trim_start_matches("http://").to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<(&str, usize)> = vec![
+        ("k0", 0),
+        ("k0", 1),
+        ("k1", 2),
+        ("k1", 3),
+        ("k2", 4),
+        ("k2", 5),
+        ("k3", 6),
+        ("k3", 7),
+        ("small", 8),
+        ("wrong", 9),
+    ];
+    // Images answered per client, published as they come.
+    let answered: Vec<Arc<AtomicU64>> = clients.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let requests = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = clients
+        .iter()
+        .zip(&answered)
+        .map(|(&(key, id), answered)| {
+            let (url, stop, answered, requests) = (url.clone(), stop.clone(), answered.clone(), requests.clone());
+            std::thread::spawn(move || {
+                let client = mekd_runtime::teacher_client::HttpClient::new(&url, key);
+                let mut moments = kill_moments(id as u64);
+                while !stop.load(Ordering::SeqCst) {
+                    let n = 1 + (moments() * 8.0) as usize;
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    match client.query(&vec![id as u8 * 20; n * 1024], None) {
+                        Ok((answer, _)) => {
+                            assert_eq!(answer.count, n);
+                            answered.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                        Err(mekd_runtime::teacher_client::ClientError::BudgetExhausted { .. }) if key == "small" => {
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                        }
+                        Err(mekd_runtime::teacher_client::ClientError::Status { status: 401, .. })
+                            if key == "wrong" => {}
+                        Err(e) => panic!("{key}: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let per_key = |answered: &[Arc<AtomicU64>]| {
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for (&(key, _), a) in clients.iter().zip(answered) {
+            *sums.entry(key.to_string()).or_default() += a.load(Ordering::SeqCst);
+        }
+        sums
+    };
+    let persisted = || -> BTreeMap<String, u64> {
+        let ledger: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&usage_file).unwrap()).expect("the usage file parses");
+        serde_json::from_value(ledger["used"].clone()).unwrap()
+    };
+    let mut moments = kill_moments(0xD1B5_4A32_D192_ED03);
+    for round in 0..rounds {
+        std::thread::sleep(std::time::Duration::from_millis(50 + (moments() * 400.0) as u64));
+        let before = per_key(&answered);
+        drop(server); // SIGKILL
+        let counts = persisted();
+        for (key, got) in &before {
+            let count = counts.get(key).copied().unwrap_or(0);
+            assert!(count >= *got, "round {round}: {key} persisted {count}, its clients had {got} answers");
+        }
+        server = serve(&teacher, &keys, &listen).0;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    for thread in threads {
+        thread.join().expect("a client failed");
+    }
+    let answered = per_key(&answered);
+    let counts = persisted();
+    for (key, got) in &answered {
+        assert_eq!(counts.get(key).copied().unwrap_or(0), *got, "{key}: persisted vs answered");
+    }
+    assert!(answered["small"] <= 40 && !counts.contains_key("wrong"), "{counts:?}");
+    let images: u64 = answered.values().sum();
+    eprintln!(
+        "{rounds} server kills under load: {} requests, {images} images answered, every key's count equal to its answers",
+        requests.load(Ordering::SeqCst)
+    );
+    drop(server);
+}

@@ -240,7 +240,10 @@ async fn accept_loop(
             let _permit = permit;
             let header_timeout = shared.read_timeout;
             let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+            // half_close: a client that shuts its writing side after the request (as `nc -N`
+            // does) still gets its answer.
             let connection = hyper::server::conn::http1::Builder::new()
+                .half_close(true)
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_HEAD_BYTES)

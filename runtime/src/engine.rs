@@ -161,12 +161,14 @@ pub fn inspect(path: &Path) -> Result<(ModelInfo, pb::ModelProto), EngineError> 
             (Some(mean), Some(std)) => Some(Normalisation { mean, std }),
             _ => None,
         };
+    // Dimensions come from the file: a crafted one overflows their product (found by fuzzing).
     let params = graph
         .initializer
         .iter()
         .filter(|t| t.data_type == pb::tensor_proto::DataType::Float as i32)
-        .map(|t| t.dims.iter().product::<i64>().max(0) as u64)
-        .sum();
+        .map(|t| t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?)))
+        .try_fold(0u64, |sum, n| sum.checked_add(n?))
+        .ok_or_else(|| not_classifier("an initializer's dimensions are negative or overflow".into()))?;
     let info = ModelInfo {
         path: path.into(),
         input_name: input.name.clone(),

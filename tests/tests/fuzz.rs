@@ -225,15 +225,18 @@ fn fuzz_onnx_loader() {
     tally.report();
 }
 
-/// Regression: models on which tract 0.23.9 panics while preparing the graph (an output naming
-/// no node, padding lists shorter than the kernel's rank), found by the long form; each is now a
-/// clear error. Their mutations are replayed from the fuzzer's stream (`(shard, case)`).
+/// Regression: models that once panicked: tract 0.23.9 while preparing the graph (an output
+/// naming no node, padding lists shorter than the kernel's rank) and `inspect` summing
+/// parameters (dimensions whose product overflows), found by the long form; each is now a clear
+/// error. Their mutations are replayed from the fuzzer's stream (shard, case).
 #[test]
-fn tract_panics_on_malformed_models_become_errors() {
+fn models_that_once_panicked_are_clear_errors() {
     let seed = std::fs::read(repo().join("fixtures/foreign-teacher.onnx")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
-    for (shard, wanted) in [(2u64, 29u64), (1, 370)] {
+    for (shard, wanted, says) in
+        [(2u64, 29u64, "tract failed on the graph"), (1, 370, "tract failed on the graph"), (10, 229, "overflow")]
+    {
         let mut rng = shard_rng(2, shard);
         let mut bytes = Vec::new();
         for _ in 0..=wanted {
@@ -241,7 +244,7 @@ fn tract_panics_on_malformed_models_become_errors() {
         }
         std::fs::write(&path, &bytes).unwrap();
         let error = mekd_runtime::engine::Engine::load(&path, 1).err().expect("a malformed model").to_string();
-        assert!(error.contains("tract failed on the graph"), "shard {shard} case {wanted}: {error}");
+        assert!(error.contains(says), "shard {shard} case {wanted}: {error}");
     }
 }
 

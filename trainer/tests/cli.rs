@@ -298,6 +298,36 @@ fn kill_moments(seed: u64) -> impl FnMut() -> f64 {
     }
 }
 
+/// Start runs (`spawn`) until one finishes: each of the first three is killed (SIGKILL) at
+/// `moment()` after its start if it still runs; `after_first_start` runs once, right after the
+/// first start. Returns the kills; panics (naming `what`) if the finishing run fails.
+fn run_until_done(
+    mut spawn: impl FnMut() -> std::process::Child,
+    mut moment: impl FnMut() -> std::time::Duration,
+    mut after_first_start: impl FnMut(),
+    what: &str,
+) -> usize {
+    let mut kills = 0;
+    for attempt in 0.. {
+        let mut child = spawn();
+        if attempt == 0 {
+            after_first_start();
+        }
+        if attempt < 3 {
+            std::thread::sleep(moment());
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+                continue;
+            }
+        }
+        assert!(child.wait().unwrap().success(), "{what}: the resumed run failed");
+        break;
+    }
+    kills
+}
+
 /// How many trials each kill test runs (`MEKD_KILL_TRIALS`, default 2).
 fn kill_trials() -> usize {
     std::env::var("MEKD_KILL_TRIALS").map_or(2, |v| v.parse().expect("MEKD_KILL_TRIALS: a number"))
@@ -366,26 +396,16 @@ fn runs_killed_at_random_moments_resume_to_the_uninterrupted_result() {
         let expected = outcome(&reference);
         for trial in 0..trials {
             let run = dir.path().join(format!("trial-{c}-{trial}"));
-            let mut kills = 0;
-            loop {
-                let mut child = Command::new(env!("CARGO_BIN_EXE_mekd"))
+            let spawn = || {
+                Command::new(env!("CARGO_BIN_EXE_mekd"))
                     .args(run_args(command, &run))
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .spawn()
-                    .unwrap();
-                if kills < 3 {
-                    std::thread::sleep(duration.mul_f64(fraction()));
-                    if child.try_wait().unwrap().is_none() {
-                        child.kill().unwrap();
-                        child.wait().unwrap();
-                        kills += 1;
-                        continue;
-                    }
-                }
-                assert!(child.wait().unwrap().success(), "{command:?} trial {trial}: the resumed run failed");
-                break;
-            }
+                    .unwrap()
+            };
+            let kills =
+                run_until_done(spawn, || duration.mul_f64(fraction()), || {}, &format!("{command:?} trial {trial}"));
             total_kills += kills;
             assert_eq!(outcome(&run), expected, "{command:?} trial {trial} after {kills} kills");
         }
@@ -446,7 +466,8 @@ fn remote_runs_killed_on_both_sides_count_the_same_as_their_server() {
     let names: Vec<String> =
         std::iter::once("reference".to_string()).chain((0..trials).map(|t| format!("trial-{t}"))).collect();
     std::fs::write(&keys, names.join("\n")).unwrap();
-    let (mut server, url) = serve(&teacher, &keys, "127.0.0.1:0");
+    let (server, url) = serve(&teacher, &keys, "127.0.0.1:0");
+    let mut server = Some(server);
     let listen = url.trim_start_matches("http://").to_string();
     let args = |run: &std::path::Path| -> Vec<String> {
         let mut args: Vec<String> = tiny_distill_args("-", "2").into_iter().map(String::from).collect();
@@ -478,26 +499,15 @@ fn remote_runs_killed_on_both_sides_count_the_same_as_their_server() {
     for trial in 0..trials {
         let run = dir.path().join(format!("trial-{trial}"));
         let key = format!("trial-{trial}");
-        for attempt in 0.. {
-            let mut child = client(&run, &key);
-            if attempt == 0 {
-                // The server dies mid-run and comes back on the same address; the client retries.
-                std::thread::sleep(duration.mul_f64(fraction()));
-                drop(server);
-                server = serve(&teacher, &keys, &listen).0;
-            }
-            if attempt < 3 {
-                std::thread::sleep(duration.mul_f64(fraction()));
-                if child.try_wait().unwrap().is_none() {
-                    child.kill().unwrap();
-                    child.wait().unwrap();
-                    kills += 1;
-                    continue;
-                }
-            }
-            assert!(child.wait().unwrap().success(), "trial {trial}: the resumed run failed");
-            break;
-        }
+        // The server dies mid-run and comes back on the same address; the client retries.
+        let server_dies = duration.mul_f64(fraction());
+        let restart = || {
+            std::thread::sleep(server_dies);
+            server = None;
+            server = Some(serve(&teacher, &keys, &listen).0);
+        };
+        kills +=
+            run_until_done(|| client(&run, &key), || duration.mul_f64(fraction()), restart, &format!("trial {trial}"));
         assert_eq!(outcome(&run), expected, "trial {trial}");
         assert_eq!(summary(&run)["queries"], served_queries(&url, &key), "trial {trial}: client and server disagree");
     }

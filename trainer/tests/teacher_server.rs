@@ -18,8 +18,8 @@ use mekd_trainer::teacher::server::{RunningServer, ServeConfig, start};
 
 const KEY: &str = "key-alpha";
 
-/// A raw HTTP/1.1 exchange, independent of the project's client: `(status, body)`.
-fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+/// A raw HTTP/1.1 exchange, independent of the project's client: the answer's bytes.
+fn exchange(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).unwrap();
     let mut head =
         format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
@@ -31,7 +31,12 @@ fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bod
     stream.write_all(body).unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
-    parse_answer(&response).expect("an HTTP answer")
+    response
+}
+
+/// A raw exchange's `(status, body)`.
+fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    parse_answer(&exchange(addr, method, path, headers, body)).expect("an HTTP answer")
 }
 
 /// `(status, body)` of a raw HTTP answer; `None` when nothing (or no status line) came back.
@@ -206,20 +211,9 @@ fn concurrent_clients_are_counted_exactly_and_counts_survive_a_restart() {
     assert!(client.query(&images[..3 * 1024], None).is_err());
 }
 
-/// A raw answer's headers, lower-cased.
+/// A raw query's `(status, head lower-cased, body)`.
 fn raw_with_headers(addr: SocketAddr, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    let mut head =
-        format!("POST /v1/query HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
+    let text = String::from_utf8_lossy(&exchange(addr, "POST", "/v1/query", headers, body)).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head.to_lowercase(), body.to_string())

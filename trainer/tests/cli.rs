@@ -462,57 +462,66 @@ fn remote_runs_killed_on_both_sides_count_the_same_as_their_server() {
     let teacher = dir.path().join("teacher.onnx");
     let out = mekd(&["export", "--arch", "lenet5", "--seed", "4", "--out", teacher.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Both query modes: fresh synthetic queries every step, and a budgeted pool.
+    let modes: [&[&str]; 2] = [&[], &["--budget", "40"]];
     let keys = dir.path().join("keys.txt");
-    let names: Vec<String> =
-        std::iter::once("reference".to_string()).chain((0..trials).map(|t| format!("trial-{t}"))).collect();
+    let names: Vec<String> = (0..modes.len())
+        .flat_map(|m| {
+            std::iter::once(format!("reference-{m}")).chain((0..trials).map(move |t| format!("trial-{m}-{t}")))
+        })
+        .collect();
     std::fs::write(&keys, names.join("\n")).unwrap();
     let (server, url) = serve(&teacher, &keys, "127.0.0.1:0");
     let mut server = Some(server);
     let listen = url.trim_start_matches("http://").to_string();
-    let args = |run: &std::path::Path| -> Vec<String> {
+    let args = |run: &std::path::Path, mode: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = tiny_distill_args("-", "2").into_iter().map(String::from).collect();
         let at = args.iter().position(|a| a == "--teacher-onnx").unwrap();
         args.splice(at..at + 2, ["--teacher".to_string(), url.clone()]);
         args.extend(["--steps", "3", "--epochs", "3", "--out", run.to_str().unwrap()].map(String::from));
+        args.extend(mode.iter().map(|a| a.to_string()));
         if run.join("config.json").exists() {
             args.push("--resume".into());
         }
         args
     };
-    let client = |run: &std::path::Path, key: &str| {
+    let client = |run: &std::path::Path, mode: &[&str], key: &str| {
         Command::new(env!("CARGO_BIN_EXE_mekd"))
-            .args(args(run))
+            .args(args(run, mode))
             .env("MEKD_API_KEY", key)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()
     };
-    let reference = dir.path().join("reference");
-    let started = std::time::Instant::now();
-    assert!(client(&reference, "reference").wait().unwrap().success());
-    let duration = started.elapsed();
-    let expected = outcome(&reference);
-    assert_eq!(summary(&reference)["queries"], served_queries(&url, "reference"));
     let mut fraction = kill_moments(0x2545_F491_4F6C_DD1D);
     let mut kills = 0;
-    for trial in 0..trials {
-        let run = dir.path().join(format!("trial-{trial}"));
-        let key = format!("trial-{trial}");
-        // The server dies mid-run and comes back on the same address; the client retries.
-        let server_dies = duration.mul_f64(fraction());
-        let restart = || {
-            std::thread::sleep(server_dies);
-            server = None;
-            server = Some(serve(&teacher, &keys, &listen).0);
-        };
-        kills +=
-            run_until_done(|| client(&run, &key), || duration.mul_f64(fraction()), restart, &format!("trial {trial}"));
-        assert_eq!(outcome(&run), expected, "trial {trial}");
-        assert_eq!(summary(&run)["queries"], served_queries(&url, &key), "trial {trial}: client and server disagree");
+    for (m, mode) in modes.iter().enumerate() {
+        let reference = dir.path().join(format!("reference-{m}"));
+        let started = std::time::Instant::now();
+        assert!(client(&reference, mode, &format!("reference-{m}")).wait().unwrap().success());
+        let duration = started.elapsed();
+        let expected = outcome(&reference);
+        assert_eq!(summary(&reference)["queries"], served_queries(&url, &format!("reference-{m}")));
+        for trial in 0..trials {
+            let run = dir.path().join(format!("trial-{m}-{trial}"));
+            let key = format!("trial-{m}-{trial}");
+            // The server dies mid-run and comes back on the same address; the client retries.
+            let server_dies = duration.mul_f64(fraction());
+            let restart = || {
+                std::thread::sleep(server_dies);
+                server = None;
+                server = Some(serve(&teacher, &keys, &listen).0);
+            };
+            let what = format!("{mode:?} trial {trial}");
+            kills += run_until_done(|| client(&run, mode, &key), || duration.mul_f64(fraction()), restart, &what);
+            assert_eq!(outcome(&run), expected, "{what}");
+            assert_eq!(summary(&run)["queries"], served_queries(&url, &key), "{what}: client and server disagree");
+        }
     }
     drop(server);
-    eprintln!("{trials} trials, {kills} client kills and {trials} server kills: counts equal on both sides");
+    let runs = modes.len() * trials;
+    eprintln!("{runs} trials, {kills} client kills and {runs} server kills: counts equal on both sides");
 }
 
 /// A loopback proxy in front of the teacher at `upstream` that forwards every request but

@@ -747,3 +747,34 @@ fn the_teacher_killed_under_load_loses_and_double_counts_nothing() {
     );
     drop(server);
 }
+
+/// `mekd teacher bench --attackers`: honest clients are measured (p99 included) while hostile
+/// connections hold the server.
+#[test]
+fn teacher_bench_measures_under_attack() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("teacher.onnx");
+    assert!(mekd(&["export", "--arch", "lenet5", "--out", model.to_str().unwrap()]).status.success());
+    let out = mekd(&[
+        "teacher",
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch",
+        "1",
+        "--clients",
+        "2",
+        "--seconds",
+        "0.5",
+        "--attackers",
+        "6",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows[0];
+    assert_eq!((row["attackers"].as_u64(), row["clients"].as_u64()), (Some(6), Some(2)), "{rows}");
+    assert!(row["requests"].as_u64().unwrap() > 0, "{rows}");
+    let (p50, p99) = (row["p50_ms"].as_f64().unwrap(), row["p99_ms"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p99 >= p50, "{rows}");
+}

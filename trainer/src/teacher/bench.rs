@@ -1,11 +1,16 @@
 //! Query throughput of the teacher server on loopback: images per second for given batch sizes
-//! and numbers of concurrent clients (`mekd teacher bench`).
+//! and numbers of concurrent clients (`mekd teacher bench`), optionally while hostile
+//! connections attack the server (the latency its honest clients see then).
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mekd_runtime::Normalisation;
+use mekd_runtime::bench::Percentiles;
 use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::rng::SplitMix64;
 use mekd_runtime::teacher_client::HttpClient;
@@ -20,6 +25,8 @@ pub struct ThroughputRow {
     pub batch: usize,
     /// Concurrent clients.
     pub clients: usize,
+    /// Hostile connections held open meanwhile.
+    pub attackers: usize,
     /// Requests completed.
     pub requests: u64,
     /// Images answered per second (all clients together).
@@ -28,15 +35,49 @@ pub struct ThroughputRow {
     pub p50_ms: f64,
     /// 90th percentile request round trip (ms).
     pub p90_ms: f64,
+    /// 99th percentile request round trip (ms).
+    pub p99_ms: f64,
 }
 
-/// Serve `model` on loopback and measure every `(batch, clients)` pair for `seconds` each.
+/// One hostile connection until `stop`: slow-loris (odd `id`s: a request head sent one byte every
+/// 100 ms, never finished) or idle (even: connected, silent); reconnects whenever the server
+/// closes it.
+fn attack(addr: SocketAddr, id: usize, stop: &AtomicBool) {
+    let head = b"POST /v1/query HTTP/1.1\r\nHost: x\r\nX-Api-Key: bench-key\r\nContent-Length: 1024\r\n";
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut sent = 0;
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            if id % 2 == 1 && stream.write_all(&head[sent % head.len()..sent % head.len() + 1]).is_err() {
+                break;
+            }
+            sent += 1;
+            // The server closing the connection (timeout, cap) ends this round.
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Serve `model` on loopback and measure every `(batch, clients)` pair for `seconds` each, with
+/// `attackers` hostile connections held open meanwhile (half slow-loris, half idle; the server
+/// runs with its default connection cap and read timeout).
 pub fn run(
     model: &Path,
     norm: Option<Normalisation>,
     batches: &[usize],
     clients: &[usize],
     seconds: f64,
+    attackers: usize,
 ) -> Result<Vec<ThroughputRow>> {
     let dir = tempfile::tempdir().context("creating a temporary keys folder")?;
     let keys = dir.path().join("keys.txt");
@@ -48,6 +89,32 @@ pub fn run(
     let server = start(&config)?;
     let url = server.url();
     let image_bytes: usize = HttpClient::new(&url, "bench-key").info()?.input_shape.iter().product();
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|attacks| -> Result<Vec<ThroughputRow>> {
+        for id in 0..attackers {
+            let (addr, stop) = (server.addr(), &stop);
+            attacks.spawn(move || attack(addr, id, stop));
+        }
+        let rows = measure(&url, image_bytes, batches, clients, seconds, attackers);
+        stop.store(true, Ordering::Relaxed);
+        rows
+    })
+    .and_then(|rows| {
+        server.shutdown()?;
+        Ok(rows)
+    })
+}
+
+/// The measurements of [`run`] against the server at `url`.
+fn measure(
+    url: &str,
+    image_bytes: usize,
+    batches: &[usize],
+    clients: &[usize],
+    seconds: f64,
+    attackers: usize,
+) -> Result<Vec<ThroughputRow>> {
+    let url = url.to_string();
     let mut rows = Vec::new();
     for &batch in batches {
         for &n_clients in clients {
@@ -80,18 +147,19 @@ pub fn run(
             for result in per_client {
                 times.extend(result?);
             }
-            times.sort_by(f64::total_cmp);
-            let pct = |p: f64| times.get(((times.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0);
+            let requests = times.len();
+            let latency = Percentiles::of(times);
             rows.push(ThroughputRow {
                 batch,
                 clients: n_clients,
-                requests: times.len() as u64,
-                images_per_s: (times.len() * batch) as f64 / elapsed,
-                p50_ms: pct(0.5),
-                p90_ms: pct(0.9),
+                attackers,
+                requests: requests as u64,
+                images_per_s: (requests * batch) as f64 / elapsed,
+                p50_ms: latency.p50,
+                p90_ms: latency.p90,
+                p99_ms: latency.p99,
             });
         }
     }
-    server.shutdown()?;
     Ok(rows)
 }

@@ -188,6 +188,11 @@ pub struct BenchArgs {
     /// Seconds per configuration.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Hostile connections held open during every measurement (half send a request head one byte
+    /// every 100 ms, half stay silent; both reconnect when the server closes them): the latency
+    /// honest clients see under a slow-loris attack.
+    #[arg(long, default_value_t = 0)]
+    attackers: usize,
     #[command(flatten)]
     norm: NormArgs,
     /// Print JSON.
@@ -197,20 +202,26 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     fn run(self) -> Result<()> {
-        let rows =
-            mekd_trainer::teacher::bench::run(&self.model, self.norm.get(), &self.batch, &self.clients, self.seconds)?;
+        let rows = mekd_trainer::teacher::bench::run(
+            &self.model,
+            self.norm.get(),
+            &self.batch,
+            &self.clients,
+            self.seconds,
+            self.attackers,
+        )?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
             return Ok(());
         }
         println!(
-            "{:>6} {:>8} {:>10} {:>12} {:>9} {:>9}",
-            "batch", "clients", "requests", "images/s", "p50 ms", "p90 ms"
+            "{:>6} {:>8} {:>9} {:>10} {:>12} {:>9} {:>9} {:>9}",
+            "batch", "clients", "attackers", "requests", "images/s", "p50 ms", "p90 ms", "p99 ms"
         );
         for r in rows {
             println!(
-                "{:>6} {:>8} {:>10} {:>12.0} {:>9.3} {:>9.3}",
-                r.batch, r.clients, r.requests, r.images_per_s, r.p50_ms, r.p90_ms
+                "{:>6} {:>8} {:>9} {:>10} {:>12.0} {:>9.3} {:>9.3} {:>9.3}",
+                r.batch, r.clients, r.attackers, r.requests, r.images_per_s, r.p50_ms, r.p90_ms, r.p99_ms
             );
         }
         Ok(())

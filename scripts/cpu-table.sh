@@ -27,7 +27,7 @@ limit=""
 [[ -n ${SMOKE:-} ]] && limit="--limit-test 200"
 milestone=$(( (EPOCHS * 3 + 3) / 4 ))
 source "$(dirname "$0")/lib.sh"
-export -f keep_small
+export -f keep_small distill_kept
 mkdir -p "$out"
 teacher="$out/.work-teacher"
 if [[ ! -f "$out/teacher/summary.json" ]]; then
@@ -45,16 +45,11 @@ for seed in "$@"; do jobs+=("kd soft $seed"); done
 for method in dkd ml kn scratch; do jobs+=("$method soft $first_seed"); done
 
 one() {
-  local method=$1 response=$2 seed=$3
-  local name="$method-$response-seed-$seed" extra=""
+  local method=$1 response=$2 seed=$3 extra=""
   [[ $method == mekd ]] && extra=$mekd_flags
-  local work="$out/.work-$name" started=$(date +%s)
   # shellcheck disable=SC2086
-  RAYON_NUM_THREADS=$THREADS "$MEKD" distill --method "$method" --response "$response" --seed "$seed" \
-    $common $extra --out "$work" >"$work.log" 2>&1 || { echo "$name failed: $work.log" >&2; return 1; }
-  echo "$name: $(( $(date +%s) - started )) s"
-  keep_small "$work" "$out/$name"
-  mv "$work.log" "$out/$name/log.txt"
+  distill_kept "$out" "$method-$response-seed-$seed" --method "$method" --response "$response" --seed "$seed" \
+    $common $extra
 }
 export -f one
 export MEKD THREADS out common mekd_flags

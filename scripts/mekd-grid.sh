@@ -26,7 +26,7 @@ data=$1 out=$2 configs=$3
 shift 3
 MEKD=${MEKD:-target/debug/mekd} THREADS=${THREADS:-1} TEACHER_THREADS=${TEACHER_THREADS:-4}
 source "$(dirname "$0")/lib.sh"
-export -f keep_small
+export -f keep_small distill_kept
 mkdir -p "$out"
 cp "$configs" "$out/configs.txt"
 teacher="$out/.work-teacher"
@@ -68,16 +68,10 @@ done <"$configs"
 one() {
   local seed=$1 name=$2
   shift 2
-  local run="$name-seed-$seed"
-  local work="$out/.work-$run" started=$(date +%s)
   local flags
   flags=$(with_overrides "$@")
   # shellcheck disable=SC2086
-  RAYON_NUM_THREADS=$THREADS "$MEKD" distill $flags --seed "$seed" --out "$work" >"$work.log" 2>&1 \
-    || { echo "$run failed: $work.log" >&2; return 1; }
-  echo "$run: $(( $(date +%s) - started )) s"
-  keep_small "$work" "$out/$run"
-  mv "$work.log" "$out/$run/log.txt"
+  distill_kept "$out" "$name-seed-$seed" $flags --seed "$seed"
 }
 export -f one with_overrides
 export MEKD THREADS out demo

@@ -79,9 +79,10 @@ pub struct ReportRow {
     pub n: usize,
     /// The run directories aggregated.
     pub runs: Vec<PathBuf>,
-    /// What tells this row apart from the others beyond the columns above: each `config.json`
-    /// setting (dotted path, e.g. `gan.epochs`) whose value is not the same in every row, with
-    /// this row's value (empty when the rows differ only in the columns).
+    /// What tells this row apart from the other rows of its method beyond the columns above:
+    /// each `config.json` setting (dotted path, e.g. `gan.epochs`) whose value is not the same
+    /// in every row of the method, with this row's value (empty when they differ only in the
+    /// columns; settings a method ignores, like a baseline's GAN, never differ between methods).
     #[serde(default)]
     pub distinct_settings: BTreeMap<String, serde_json::Value>,
 }
@@ -106,8 +107,19 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, s
     }
 }
 
-/// Fill each row's `distinct_settings` from its runs' shared settings.
+/// Fill each row's `distinct_settings` from its runs' shared settings, comparing the rows of
+/// one method with each other.
 fn mark_distinct_settings(rows: &mut [ReportRow], settings: &[&serde_json::Value]) {
+    let methods: std::collections::BTreeSet<String> = rows.iter().map(|r| r.method.clone()).collect();
+    for method in methods {
+        let (mut group, group_settings): (Vec<&mut ReportRow>, Vec<&serde_json::Value>) =
+            rows.iter_mut().zip(settings).filter(|(r, _)| r.method == method).map(|(r, s)| (r, *s)).unzip();
+        mark_within(&mut group, &group_settings);
+    }
+}
+
+/// [`mark_distinct_settings`] for the rows of one method.
+fn mark_within(rows: &mut [&mut ReportRow], settings: &[&serde_json::Value]) {
     let flat: Vec<BTreeMap<String, serde_json::Value>> = settings
         .iter()
         .map(|s| {
@@ -477,8 +489,18 @@ mod tests {
             }));
             record
         };
-        let rows =
-            aggregate(&[run(0, 52, 5.0, 90.0), run(1, 52, 5.0, 92.0), run(0, 26, 5.0, 85.0), run(0, 52, 2.0, 93.0)]);
+        // Another method's row is not compared with these (its GAN settings are unused).
+        let mut other = run(0, 200, 5.0, 80.0);
+        other.summary.method = "dkd".into();
+        let rows = aggregate(&[
+            run(0, 52, 5.0, 90.0),
+            run(1, 52, 5.0, 92.0),
+            run(0, 26, 5.0, 85.0),
+            run(0, 52, 2.0, 93.0),
+            other,
+        ]);
+        let (dkd, rows): (Vec<ReportRow>, Vec<ReportRow>) = rows.into_iter().partition(|r| r.method == "dkd");
+        assert!(dkd[0].distinct_settings.is_empty(), "{:?}", dkd[0].distinct_settings);
         assert_eq!(rows.len(), 3);
         let mut labels: Vec<(String, usize)> = rows.iter().map(|r| (distinct_label(r), r.n)).collect();
         labels.sort();

@@ -54,9 +54,4 @@ one() {
 export -f one
 export MEKD THREADS out common mekd_flags
 printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L1 bash -c 'one "$@"' _ || true
-if [[ -d "$teacher" ]]; then
-  keep_small "$teacher" "$out/teacher"
-  mv "$out/teacher.log" "$out/teacher/log.txt"
-fi
-"$MEKD" report "$out" --out "$out/report" >/dev/null
-cat "$out/report/report.md"
+finish_table "$out" "$teacher"

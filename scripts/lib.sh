@@ -24,3 +24,15 @@ distill_kept() {
   keep_small "$work" "$out/$name"
   mv "$work.log" "$out/$name/log.txt"
 }
+
+# finish_table OUT TEACHER: keep the teacher run's small files (TEACHER, trained by the table's
+# script with its log in OUT/teacher.log) in OUT/teacher, then write and print OUT's report.
+finish_table() {
+  local out=$1 teacher=$2
+  if [[ -d "$teacher" ]]; then
+    keep_small "$teacher" "$out/teacher"
+    mv "$out/teacher.log" "$out/teacher/log.txt"
+  fi
+  "$MEKD" report "$out" --out "$out/report" >/dev/null
+  cat "$out/report/report.md"
+}

@@ -184,25 +184,28 @@ pub fn inspect(path: &Path) -> Result<(ModelInfo, pb::ModelProto), EngineError> 
     Ok((info, proto))
 }
 
-/// Run `prepare` (tract work on the graph of `path`), turning a panic inside tract into
-/// [`EngineError::Unsupported`]. (Only where panics unwind: the size-optimised `release-edge`
-/// profile aborts.)
-fn guard<T>(path: &Path, prepare: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare)).unwrap_or_else(|panic| {
-        Err(EngineError::Unsupported {
-            path: path.into(),
-            reason: format!("tract failed on the graph ({}); the file is malformed", panic_message(&panic)),
-        })
+/// Run `work` (tract on a model), turning a panic inside tract into the error `on_panic` makes
+/// of its message. (Only where panics unwind: the size-optimised `release-edge` profile aborts.)
+fn guard<T>(
+    work: impl FnOnce() -> Result<T, EngineError>,
+    on_panic: impl FnOnce(String) -> EngineError,
+) -> Result<T, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic".into());
+        Err(on_panic(message))
     })
 }
 
-/// The message of a caught panic.
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic".into())
+/// The error of a tract panic while preparing the graph of `path`.
+fn malformed(path: &Path) -> impl FnOnce(String) -> EngineError + '_ {
+    move |message| EngineError::Unsupported {
+        path: path.into(),
+        reason: format!("tract failed on the graph ({message}); the file is malformed"),
+    }
 }
 
 /// A classifier prepared by tract for one batch size, with a reusable run state.
@@ -234,15 +237,18 @@ impl Engine {
         // tract indexes some malformed graphs without checking (an output naming no node,
         // padding lists shorter than the kernel's rank: found by fuzzing); its panic becomes this
         // file's error.
-        let model = guard(path, || {
-            tract_onnx::onnx()
-                .model_for_proto_model(&proto)
-                .map_err(unsupported)?
-                .with_input_fact(0, f32::fact([batch, c, h, w]).into())
-                .map_err(unsupported)?
-                .into_optimized()
-                .map_err(unsupported)
-        })?;
+        let model = guard(
+            || {
+                tract_onnx::onnx()
+                    .model_for_proto_model(&proto)
+                    .map_err(unsupported)?
+                    .with_input_fact(0, f32::fact([batch, c, h, w]).into())
+                    .map_err(unsupported)?
+                    .into_optimized()
+                    .map_err(unsupported)
+            },
+            malformed(path),
+        )?;
         let out_fact = model.output_fact(0).map_err(unsupported)?.clone();
         let out_shape: Option<Vec<usize>> = out_fact.shape.as_concrete().map(|s| s.to_vec());
         match out_shape.as_deref() {
@@ -262,11 +268,14 @@ impl Engine {
                 });
             }
         }
-        let (plan, state) = guard(path, || {
-            let plan = model.into_runnable().map_err(unsupported)?;
-            let state = plan.spawn().map_err(unsupported)?;
-            Ok((plan, state))
-        })?;
+        let (plan, state) = guard(
+            || {
+                let plan = model.into_runnable().map_err(unsupported)?;
+                let state = plan.spawn().map_err(unsupported)?;
+                Ok((plan, state))
+            },
+            malformed(path),
+        )?;
         Ok(Self { info, batch, plan, state })
     }
 
@@ -305,9 +314,10 @@ impl Engine {
         let run_error = |e: TractError| EngineError::Run(format!("{e:#}"));
         let tensor = Tensor::from_shape(&[self.batch, c, h, w], input).map_err(run_error)?;
         let state = &mut self.state;
-        let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(tvec!(tensor.into_tvalue()))))
-            .map_err(|panic| EngineError::Run(format!("tract failed ({})", panic_message(&panic))))?
-            .map_err(run_error)?;
+        let outputs = guard(
+            || state.run(tvec!(tensor.into_tvalue())).map_err(run_error),
+            |message| EngineError::Run(format!("tract failed ({message})")),
+        )?;
         let logits = outputs[0].to_plain_array_view::<f32>().map_err(run_error)?.iter().copied().collect();
         Ok(logits)
     }

@@ -1,6 +1,13 @@
 //! A tiny seeded random generator (SplitMix64): reproducible across platforms and releases,
 //! which a crate's `StdRng` does not promise.
 
+/// 64 unpredictable bits (std's per-process random hasher keys, seeded by the OS): for ids and
+/// jitter, never for anything that must repeat.
+pub fn os_random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
 /// SplitMix64 (Steele, Lea, Flood 2014): 64-bit state, passes BigCrush, trivially portable.
 #[derive(Clone, Debug)]
 pub struct SplitMix64 {

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, ErrorBody, QueryResponse, TeacherInfo, Usage};
+use crate::rng::os_random_u64;
 
 /// A failed call to the teacher server.
 #[derive(Debug, thiserror::Error)]
@@ -77,14 +78,9 @@ impl RetryPolicy {
     }
 }
 
-/// A random number in [0, 1) (std's per-process random hasher keys, from the OS).
+/// A random number in [0, 1).
 fn random_unit() -> f64 {
-    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new().build_hasher().finish()
+    (os_random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A connection to one teacher server with one API key.
@@ -193,7 +189,7 @@ impl HttpClient {
         let key = match idempotency_key {
             Some(key) => key,
             None => {
-                fresh = format!("mekd-{:016x}{:016x}", random_u64(), random_u64());
+                fresh = format!("mekd-{:016x}{:016x}", os_random_u64(), os_random_u64());
                 &fresh
             }
         };

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use mekd_runtime::protocol::{TeacherInfo, fnv1a};
+use mekd_runtime::rng::os_random_u64;
 
 use crate::blackbox::{Responses, Teacher, TeacherError, Usage};
 
@@ -107,11 +108,9 @@ pub struct Journal {
     unreplayed: HashMap<u64, VecDeque<Responses>>,
 }
 
-/// A fresh random run id (std's per-process random hasher keys, from the OS).
+/// A fresh random run id.
 fn new_run_id() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    let half = || std::collections::hash_map::RandomState::new().build_hasher().finish() as u128;
-    (half() << 64) | half()
+    ((os_random_u64() as u128) << 64) | os_random_u64() as u128
 }
 
 impl Journal {

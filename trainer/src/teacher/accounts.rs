@@ -44,7 +44,12 @@ struct Charged(u64, u64, u64);
 
 impl Charged {
     fn of(asked: Idempotency, queries: u64) -> Self {
-        Charged(mekd_runtime::protocol::fnv1a(asked.key.as_bytes()), asked.body_hash, queries)
+        Charged(Self::key_hash(asked.key), asked.body_hash, queries)
+    }
+
+    /// How an idempotency key is remembered.
+    fn key_hash(key: &str) -> u64 {
+        mekd_runtime::protocol::fnv1a(key.as_bytes())
     }
 }
 
@@ -239,7 +244,7 @@ impl Accounts {
             *count = count.saturating_sub(n);
         }
         if let (Some(asked), Some(charged)) = (idempotency, ledger.charged.get_mut(key)) {
-            let asked = mekd_runtime::protocol::fnv1a(asked.as_bytes());
+            let asked = Charged::key_hash(asked);
             charged.retain(|c| c.0 != asked);
         }
         let _ = self.persist(&ledger, false);

@@ -59,10 +59,8 @@ fn attack(addr: SocketAddr, id: usize, stop: &AtomicBool) {
             sent += 1;
             // The server closing the connection (timeout, cap) ends this round.
             match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => break,
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(_) => break,
+                _ => break,
             }
         }
     }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::data::Dataset;
 use crate::data::preprocess::{Normalisation, to_model_input};
 use crate::engine::{Engine, EngineError, argmax_rows};
-use crate::teacher_client::HttpClient;
+use crate::teacher_client::{HttpClient, V2Options};
 
 /// p50/p90/p99 and mean of a set of durations, in milliseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -48,12 +48,15 @@ impl Percentiles {
 /// The teacher to compare with.
 #[derive(Clone, Debug)]
 pub enum TeacherSource {
-    /// The HTTP API at `url`, with `key`.
+    /// A teacher over HTTP at `url` (the own API, or `v2+http://...` for the Open Inference
+    /// Protocol), with `key`.
     Http {
-        /// Base URL.
+        /// The teacher's URL.
         url: String,
         /// API key.
         key: String,
+        /// How to read a v2 teacher.
+        v2: V2Options,
     },
     /// A local ONNX teacher run with tract.
     Onnx {
@@ -261,8 +264,8 @@ fn compare_teacher(
 ) -> Result<TeacherReport, BenchError> {
     let teacher_error = |e: &dyn std::fmt::Display| BenchError::Teacher(e.to_string());
     let (labels, rtt, queries, name) = match source {
-        TeacherSource::Http { url, key } => {
-            let client = HttpClient::new(url, key);
+        TeacherSource::Http { url, key, v2 } => {
+            let client = HttpClient::new(url, key).map_err(|e| teacher_error(&e))?.with_v2(v2.clone());
             let info = client.info().map_err(|e| teacher_error(&e))?;
             let [c, h, w] = info.input_shape;
             if h != w {

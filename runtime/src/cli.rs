@@ -3,6 +3,7 @@
 
 use crate::data::preprocess::Normalisation;
 use crate::protocol::API_KEY_ENV;
+use crate::teacher_client::V2Options;
 
 /// `--mean`/`--std` for models that carry no normalisation metadata.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -35,5 +36,35 @@ impl ApiKeyArgs {
     /// The key, or a clear error naming both ways to give it.
     pub fn require(&self) -> anyhow::Result<String> {
         self.api_key.clone().ok_or_else(|| anyhow::anyhow!("--teacher needs --api-key KEY (or {API_KEY_ENV})"))
+    }
+}
+
+/// How to read a teacher served over the Open Inference Protocol (`--teacher
+/// v2+http://host:port/v2/models/NAME`); ignored for this project's own API.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct V2Args {
+    /// The output to read, when the v2 teacher has several.
+    #[arg(long)]
+    pub teacher_output: Option<String>,
+    /// The v2 teacher's output holds probabilities, not logits (read as log-probabilities).
+    #[arg(long)]
+    pub teacher_probabilities: bool,
+    /// Per-channel mean on [0, 1] pixels, for a v2 teacher that takes FP32 tensors (a UINT8
+    /// teacher gets the pixels as they are).
+    #[arg(long, value_delimiter = ',', requires = "teacher_std")]
+    pub teacher_mean: Option<Vec<f32>>,
+    /// Per-channel std on [0, 1] pixels, for a v2 teacher that takes FP32 tensors.
+    #[arg(long, value_delimiter = ',', requires = "teacher_mean")]
+    pub teacher_std: Option<Vec<f32>>,
+}
+
+impl V2Args {
+    /// The options these flags give.
+    pub fn options(self) -> V2Options {
+        V2Options {
+            norm: self.teacher_mean.zip(self.teacher_std).map(|(mean, std)| Normalisation { mean, std }),
+            output: self.teacher_output,
+            probabilities: self.teacher_probabilities,
+        }
     }
 }

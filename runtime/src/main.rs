@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource, resolve_norm};
-use mekd_runtime::cli::{ApiKeyArgs, NormArgs};
+use mekd_runtime::cli::{ApiKeyArgs, NormArgs, V2Args};
 use mekd_runtime::data::decode_image;
 use mekd_runtime::data::preprocess::{convert_image, to_model_input};
 use mekd_runtime::display::Screen;
@@ -85,11 +85,15 @@ struct BenchArgs {
     /// Use only the first N images.
     #[arg(long)]
     limit: Option<usize>,
-    /// Teacher HTTP API base URL (e.g. http://127.0.0.1:8080).
+    /// The teacher over HTTP: this project's API (e.g. http://127.0.0.1:8080), or a model served
+    /// over the Open Inference Protocol by KServe, Triton, MLServer or `mekd teacher serve`
+    /// (v2+http://HOST:PORT/v2/models/NAME).
     #[arg(long)]
     teacher: Option<String>,
     #[command(flatten)]
     key: ApiKeyArgs,
+    #[command(flatten)]
+    v2: V2Args,
     /// A local ONNX teacher (run with tract) instead of the HTTP API.
     #[arg(long, conflicts_with = "teacher")]
     teacher_onnx: Option<PathBuf>,
@@ -184,7 +188,9 @@ fn run(cli: Cli) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let teacher = match (&args.teacher, &args.teacher_onnx) {
-        (Some(url), None) => Some(TeacherSource::Http { url: url.clone(), key: args.key.require()? }),
+        (Some(url), None) => {
+            Some(TeacherSource::Http { url: url.clone(), key: args.key.require()?, v2: args.v2.clone().options() })
+        }
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),
         _ => None,
     };

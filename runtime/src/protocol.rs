@@ -18,8 +18,13 @@
 //! repeat of it (same body) without charging, with `Idempotent-Replayed: true`, also after its
 //! own restart. So a client may send a request again when it cannot know whether the first one
 //! arrived (a broken connection, a timeout, its own restart) without paying twice.
+//!
+//! The server also speaks the Open Inference Protocol ([`v2`]) with the same keys, budgets and
+//! idempotency keys.
 
 use serde::{Deserialize, Serialize};
+
+pub mod v2;
 
 /// Path of the health endpoint.
 pub const HEALTH: &str = "/v1/health";

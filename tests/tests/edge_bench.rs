@@ -74,7 +74,7 @@ fn bench_json_reports_every_figure_with_a_loopback_teacher() {
     assert!(t["rtt_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert!((0.0..=100.0).contains(&t["agreement"].as_f64().unwrap()));
     // The server counted exactly the queries the benchmark reports.
-    let usage = mekd_runtime::teacher_client::HttpClient::new(&url, "edge-key").usage().unwrap();
+    let usage = mekd_runtime::teacher_client::HttpClient::new(&url, "edge-key").unwrap().usage().unwrap();
     assert_eq!(usage.used, 200);
     assert!(png.is_file());
 

@@ -439,7 +439,8 @@ fn fuzz_client_answers() {
     let mut teacher = HttpTeacher::connect(&url, "k", None)
         .unwrap()
         .with_retry(RetryPolicy { deadline: Duration::ZERO, ..Default::default() });
-    let client = HttpClient::new(&url, "k").with_retry(RetryPolicy { deadline: Duration::ZERO, ..Default::default() });
+    let client =
+        HttpClient::new(&url, "k").unwrap().with_retry(RetryPolicy { deadline: Duration::ZERO, ..Default::default() });
     let image = vec![0u8; 1024];
     let mut rng = rng(5);
     let mut tally = Tally::new("client parsing of answers");

@@ -190,7 +190,8 @@ impl Meter {
     }
 }
 
-/// The teacher behind the HTTP API (`mekd teacher serve`).
+/// A teacher behind HTTP: this project's API (`mekd teacher serve`) or a model server speaking
+/// the Open Inference Protocol (KServe v2).
 pub struct HttpTeacher {
     client: HttpClient,
     info: TeacherInfo,
@@ -200,7 +201,11 @@ pub struct HttpTeacher {
 impl HttpTeacher {
     /// Connect to `url` with `key`, with an optional client-side `budget`.
     pub fn connect(url: &str, key: &str, budget: Option<u64>) -> Result<Self, TeacherError> {
-        let client = HttpClient::new(url, key);
+        Self::from_client(HttpClient::new(url, key).map_err(|e| TeacherError::Backend(e.into()))?, budget)
+    }
+
+    /// The teacher behind `client` (either protocol), with an optional client-side `budget`.
+    pub fn from_client(client: HttpClient, budget: Option<u64>) -> Result<Self, TeacherError> {
         let info = client.info().map_err(|e| TeacherError::Backend(e.into()))?;
         Ok(Self { client, info, meter: Meter { usage: Usage::default(), budget } })
     }

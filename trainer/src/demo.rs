@@ -291,7 +291,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     eprintln!("[5/5] benchmarking the students with tract against the served teacher");
     let test = Dataset::load(&config.data, Split::Test)?.take(config.limit_test.unwrap_or(usize::MAX));
     let options = BenchOptions { warmup: 10, iterations: 200, batch: 64, teacher_rtt_queries: 30 };
-    let source = TeacherSource::Http { url: url.clone(), key: KEYS[2].to_string() };
+    let source = TeacherSource::Http { url: url.clone(), key: KEYS[2].to_string(), v2: Default::default() };
     let bench = |summary: &RunSummary| -> Result<BenchReport> {
         let report = mekd_runtime::bench::run(&summary.onnx, &test, None, &options, Some(&source))
             .with_context(|| format!("benchmarking {}", summary.onnx.display()))?;
@@ -302,7 +302,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     run.write_json("bench-kd.json", &kd_bench)?;
     // What the server counted for each method's key, asked as any client would (`/v1/usage`).
     let count = |key: &str| -> Result<u64> {
-        let usage = HttpClient::new(&url, key).usage().context("asking the server for a key's usage")?;
+        let usage = HttpClient::new(&url, key)?.usage().context("asking the server for a key's usage")?;
         Ok(usage.used)
     };
     let server_queries = ServerCounts { mekd: count(KEYS[0])?, kd: count(KEYS[1])? };

@@ -448,7 +448,7 @@ fn serve(model: &std::path::Path, keys: &std::path::Path, listen: &str) -> (Serv
 
 /// The server's count for `key` (`GET /v1/usage`).
 fn served_queries(url: &str, key: &str) -> u64 {
-    mekd_runtime::teacher_client::HttpClient::new(url, key).usage().unwrap().used
+    mekd_runtime::teacher_client::HttpClient::new(url, key).unwrap().usage().unwrap().used
 }
 
 /// Against a remote teacher, a run whose client is killed at random moments (and whose server is
@@ -684,7 +684,7 @@ fn the_teacher_killed_under_load_loses_and_double_counts_nothing() {
         .map(|(&(key, id), answered)| {
             let (url, stop, answered, requests) = (url.clone(), stop.clone(), answered.clone(), requests.clone());
             std::thread::spawn(move || {
-                let client = mekd_runtime::teacher_client::HttpClient::new(&url, key);
+                let client = mekd_runtime::teacher_client::HttpClient::new(&url, key).unwrap();
                 let mut moments = kill_moments(id as u64);
                 while !stop.load(Ordering::SeqCst) {
                     let n = 1 + (moments() * 8.0) as usize;

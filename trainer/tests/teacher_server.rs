@@ -10,7 +10,7 @@ use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec};
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::protocol::ResponseMode;
-use mekd_runtime::teacher_client::{ClientError, HttpClient};
+use mekd_runtime::teacher_client::{ClientError, HttpClient, Transfer};
 use mekd_runtime::{Dataset, Split};
 use mekd_trainer::blackbox::{HttpTeacher, Responses, Teacher, TeacherError};
 use mekd_trainer::export::{Agreement, burn_logits, export_verified};
@@ -143,7 +143,7 @@ fn rejections_are_clear_and_leave_the_server_healthy() {
     assert_eq!(raw(addr, "GET", "/v1/query", &auth, b"").0, 405);
     assert_eq!(raw(addr, "GET", "/v2/anything", &auth, b"").0, 404);
     // None of the rejected requests was counted.
-    let client = HttpClient::new(&server.url(), KEY);
+    let client = HttpClient::new(&server.url(), KEY).unwrap();
     assert_eq!(client.usage().unwrap().used, 0);
 
     // Budget exhaustion on the server: 20 queries, then 429 with what is left.
@@ -169,7 +169,7 @@ fn rejections_are_clear_and_leave_the_server_healthy() {
         budgeted.query(&vec![0u8; 2 * 1024]),
         Err(TeacherError::BudgetExhausted { used: 2, requested: 2, limit: 3 })
     ));
-    assert_eq!(HttpClient::new(&server.url(), "key-beta").usage().unwrap().used, 2);
+    assert_eq!(HttpClient::new(&server.url(), "key-beta").unwrap().usage().unwrap().used, 2);
 }
 
 #[test]
@@ -200,12 +200,12 @@ fn concurrent_clients_are_counted_exactly_and_counts_survive_a_restart() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).sum()
     });
-    let client = HttpClient::new(&url, KEY);
+    let client = HttpClient::new(&url, KEY).unwrap();
     assert_eq!(client.usage().unwrap().used, sent);
     server.shutdown().unwrap();
 
     let restarted = serve(&model_path, &keys, ResponseMode::Soft, Some(sent + 2));
-    let client = HttpClient::new(&restarted.url(), KEY);
+    let client = HttpClient::new(&restarted.url(), KEY).unwrap();
     let usage = client.usage().unwrap();
     assert_eq!((usage.used, usage.remaining), (sent, Some(2)));
     assert!(client.query(&images[..3 * 1024], None).is_err());
@@ -240,7 +240,7 @@ fn a_query_sent_again_is_charged_once_even_across_a_restart() {
     assert!(head.contains("idempotent-replayed: true"), "{head}");
     let logits = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["logits"].clone();
     assert_eq!(logits(&again), logits(&first), "the repeat is answered, and alike");
-    let client = HttpClient::new(&server.url(), KEY);
+    let client = HttpClient::new(&server.url(), KEY).unwrap();
     assert_eq!(client.usage().unwrap().used, 3, "charged once");
     // The same key with another body is refused; a malformed key too; neither is charged.
     assert_eq!(send(server.addr(), &keyed("req-1"), &images[..1024]).0, 422);
@@ -251,7 +251,7 @@ fn a_query_sent_again_is_charged_once_even_across_a_restart() {
     let restarted = serve(&model_path, &keys, ResponseMode::Soft, Some(10));
     let (status, head, _) = send(restarted.addr(), &keyed("req-1"), &images);
     assert!(status == 200 && head.contains("idempotent-replayed: true"), "{head}");
-    let client = HttpClient::new(&restarted.url(), KEY);
+    let client = HttpClient::new(&restarted.url(), KEY).unwrap();
     assert_eq!(client.usage().unwrap().used, 3);
     // The client sends a fresh key per query: two queries are two charges.
     client.query(&images[..1024], None).unwrap();
@@ -286,14 +286,13 @@ fn a_query_to_a_server_that_is_down_is_sent_again_until_it_is_back() {
     let Responses::Soft(logits) = teacher.query(&images).unwrap() else { panic!("a soft server") };
     assert_eq!(logits.len(), 20);
     let server = restarter.join().unwrap();
-    assert_eq!(HttpClient::new(&server.url(), KEY).usage().unwrap().used, 2);
+    assert_eq!(HttpClient::new(&server.url(), KEY).unwrap().usage().unwrap().used, 2);
     assert_eq!(teacher.usage().queries, 2);
     // With no time to retry, a dead server is an error at once.
     server.shutdown().unwrap();
-    let quick = HttpClient::new(&format!("http://{addr}"), KEY).with_retry(mekd_runtime::teacher_client::RetryPolicy {
-        deadline: std::time::Duration::ZERO,
-        ..Default::default()
-    });
+    let quick = HttpClient::new(&format!("http://{addr}"), KEY).unwrap().with_retry(
+        mekd_runtime::teacher_client::RetryPolicy { deadline: std::time::Duration::ZERO, ..Default::default() },
+    );
     assert!(matches!(quick.query(&images, None), Err(ClientError::Transport { .. })));
 }
 
@@ -392,4 +391,193 @@ fn slow_and_surplus_connections_do_not_block_other_clients() {
     healthy(addr);
     drop(idle);
     server.shutdown().unwrap();
+}
+
+/// A TCP proxy that records the bytes going each way (client to server, server to client),
+/// recording each chunk before passing it on.
+fn recording_proxy(target: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<[Vec<u8>; 2]>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new([Vec::new(), Vec::new()]));
+    let record = log.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let server = TcpStream::connect(target).unwrap();
+            let ways = [(client.try_clone().unwrap(), server.try_clone().unwrap(), 0), (server, client, 1)];
+            for (mut from, mut to, way) in ways {
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from.read(&mut buf) {
+                        record.lock().unwrap()[way].extend_from_slice(&buf[..n]);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, log)
+}
+
+/// The body bytes of each whole HTTP/1.1 message in `stream` (by their Content-Length).
+fn body_lengths(stream: &[u8]) -> Vec<u64> {
+    let mut lengths = Vec::new();
+    let mut rest = stream;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).to_ascii_lowercase();
+        let length: usize =
+            head.lines().find_map(|line| line.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+        lengths.push(length as u64);
+        rest = &rest[(end + 4 + length).min(rest.len())..];
+    }
+    lengths
+}
+
+/// The same images asked through both protocols: the same answers, the same charge, and the
+/// bytes each client counts are the request and answer bodies an observer on the wire saw.
+#[test]
+fn both_protocols_answer_charge_and_count_bytes_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, None);
+    let (proxy, log) = recording_proxy(server.addr());
+    let own = HttpClient::new(&format!("http://{proxy}"), KEY).unwrap();
+    let v2 = HttpClient::new(&format!("v2+http://{proxy}/v2/models/teacher"), KEY).unwrap();
+    let (own_info, v2_info) = (own.info().unwrap(), v2.info().unwrap());
+    assert_eq!((v2_info.input_shape, v2_info.num_classes), (own_info.input_shape, own_info.num_classes));
+    assert_eq!(v2_info.response, ResponseMode::Soft);
+    let images = mnist_images(5);
+    let mut answers = Vec::new();
+    for client in [&own, &v2] {
+        let before = log.lock().unwrap().clone().map(|way| body_lengths(&way).len());
+        let (answer, transfer) = client.query(&images, None).unwrap();
+        let seen = log.lock().unwrap().clone().map(|way| body_lengths(&way));
+        // One request and its answer crossed the wire for this query.
+        assert_eq!([seen[0].len() - before[0], seen[1].len() - before[1]], [1, 1]);
+        assert_eq!(transfer, Transfer { up: seen[0][before[0]], down: seen[1][before[1]] });
+        assert_eq!(answer.count, 5);
+        answers.push(answer.logits.unwrap());
+    }
+    assert_eq!(answers[0], answers[1], "the binary v2 answer carries the same f32 logits");
+    assert_eq!(own.usage().unwrap().used, 10, "5 images per protocol");
+}
+
+/// The v2 endpoints as a standard client meets them (plain HTTP, JSON or binary tensors): the
+/// answers, the refusals and the idempotency keys of the own API.
+#[test]
+fn the_v2_endpoints_answer_check_and_charge_like_the_own_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let server = serve(&model_path, &keys, ResponseMode::Soft, Some(20));
+    let addr = server.addr();
+    let images = mnist_images(2);
+    let bearer = format!("Bearer {KEY}");
+    let auth = [("Authorization", bearer.as_str())];
+    let (_, own) = raw(addr, "POST", "/v1/query", &auth, &images);
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let own_logits = floats(&serde_json::from_str::<serde_json::Value>(&own).unwrap()["logits"]);
+
+    for path in ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/teacher/ready"] {
+        assert_eq!(raw(addr, "GET", path, &[], b"").0, 200, "{path} needs no key");
+    }
+    assert_eq!(raw(addr, "GET", "/v2/models/teacher", &[], b"").0, 401);
+    let (status, metadata) = raw(addr, "GET", "/v2/models/teacher/versions/1", &auth, b"");
+    assert_eq!(status, 200);
+    let metadata: serde_json::Value = serde_json::from_str(&metadata).unwrap();
+    assert_eq!(metadata["inputs"][0]["shape"], serde_json::json!([-1, 1, 32, 32]));
+    assert_eq!(metadata["outputs"][0], serde_json::json!({"name": "logits", "datatype": "FP32", "shape": [-1, 10]}));
+    assert_eq!(raw(addr, "GET", "/v2/models/other", &auth, b"").0, 404);
+    assert_eq!(raw(addr, "GET", "/v2/models/teacher/versions/2", &auth, b"").0, 404);
+    assert_eq!(raw(addr, "GET", "/v2/models/teacher/infer", &auth, b"").0, 405);
+
+    // JSON, nested row by row, as curl users write it.
+    let rows: Vec<Vec<u8>> = images.chunks(32).map(<[u8]>::to_vec).collect();
+    let request = |data: serde_json::Value, datatype: &str, shape: serde_json::Value| {
+        serde_json::json!({"id": "r1", "inputs": [{"name": "images", "datatype": datatype, "shape": shape, "data": data}]})
+            .to_string()
+    };
+    let good = request(serde_json::json!(rows), "UINT8", serde_json::json!([2, 1, 32, 32]));
+    let infer = "/v2/models/teacher/infer";
+    let (status, body) = raw(addr, "POST", infer, &auth, good.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((answer["id"].as_str(), answer["parameters"]["remaining"].as_u64()), (Some("r1"), Some(16)));
+    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([2, 10]));
+    assert_eq!(floats(&answer["outputs"][0]["data"]), own_logits);
+
+    // Refusals: each clear, none charged.
+    let flat = serde_json::json!(images);
+    let refusals: [(&str, Vec<(&str, &str)>, String, u16, &str); 8] = [
+        ("no key", vec![], good.clone(), 401, "API key"),
+        ("FP32", auth.to_vec(), request(flat.clone(), "FP32", serde_json::json!([2, 1, 32, 32])), 400, "UINT8"),
+        ("shape", auth.to_vec(), request(flat.clone(), "UINT8", serde_json::json!([2, 3, 32, 32])), 400, "shape"),
+        ("count", auth.to_vec(), request(flat.clone(), "UINT8", serde_json::json!([3, 1, 32, 32])), 400, "values"),
+        ("batch", auth.to_vec(), request(flat, "UINT8", serde_json::json!([17, 1, 32, 32])), 413, "at most 16"),
+        (
+            "pixel",
+            auth.to_vec(),
+            request(serde_json::json!(vec![256; 1024]), "UINT8", serde_json::json!([1, 1, 32, 32])),
+            400,
+            "256",
+        ),
+        ("not JSON", auth.to_vec(), "{\"inputs\": [".into(), 400, "inference request"),
+        (
+            "output",
+            auth.to_vec(),
+            good.replacen("\"inputs\"", "\"outputs\": [{\"name\": \"probs\"}], \"inputs\"", 1),
+            400,
+            "probs",
+        ),
+    ];
+    for (what, headers, body, status, says) in refusals {
+        let (got, text) = raw(addr, "POST", infer, &headers, body.as_bytes());
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(text.contains(says), "{what}: {text}");
+    }
+    assert_eq!(HttpClient::new(&server.url(), KEY).unwrap().usage().unwrap().used, 4, "the refusals cost nothing");
+
+    // Binary tensors both ways, under an idempotency key: the repeat is answered free.
+    let head = serde_json::json!({
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 1, 32, 32], "parameters": {"binary_data_size": 2048}}],
+        "parameters": {"binary_data_output": true}
+    })
+    .to_string();
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(&images);
+    let length = head.len().to_string();
+    let headers = [
+        ("Authorization", bearer.as_str()),
+        ("Inference-Header-Content-Length", &length),
+        ("Idempotency-Key", "v2-req-1"),
+    ];
+    for round in 0..2 {
+        let answer = exchange(addr, "POST", infer, &headers, &body);
+        let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&answer[..split]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(head.contains("idempotent-replayed: true"), round == 1, "{head}");
+        let json_len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("inference-header-content-length:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let tail = &answer[split + json_len..];
+        let logits: Vec<f32> = tail.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(logits, own_logits);
+    }
+    assert_eq!(HttpClient::new(&server.url(), KEY).unwrap().usage().unwrap().used, 6, "charged once");
+    // A declared binary size that does not match what follows is refused.
+    let short = [("Authorization", bearer.as_str()), ("Inference-Header-Content-Length", &length)];
+    let (status, text) = raw(addr, "POST", infer, &short, &body[..body.len() - 1]);
+    assert!(status == 400 && text.contains("binary data"), "{status} {text}");
 }

@@ -86,7 +86,7 @@ pub fn run(
     config.threads = clients.iter().copied().max().unwrap_or(1).max(1);
     let server = start(&config)?;
     let url = server.url();
-    let image_bytes: usize = HttpClient::new(&url, "bench-key").info()?.input_shape.iter().product();
+    let image_bytes: usize = HttpClient::new(&url, "bench-key")?.info()?.input_shape.iter().product();
     let stop = AtomicBool::new(false);
     std::thread::scope(|attacks| -> Result<Vec<ThroughputRow>> {
         for id in 0..attackers {
@@ -119,7 +119,7 @@ fn measure(
             let mut rng = SplitMix64::new(batch as u64);
             let body: Vec<u8> = (0..batch * image_bytes).map(|_| rng.below(256) as u8).collect();
             // Warm-up: one request per client.
-            HttpClient::new(&url, "bench-key").query(&body, None)?;
+            HttpClient::new(&url, "bench-key")?.query(&body, None)?;
             let deadline = Instant::now() + Duration::from_secs_f64(seconds);
             let started = Instant::now();
             let per_client: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
@@ -127,7 +127,7 @@ fn measure(
                     .map(|_| {
                         let (url, body) = (url.clone(), &body);
                         scope.spawn(move || -> Result<Vec<f64>> {
-                            let client = HttpClient::new(&url, "bench-key");
+                            let client = HttpClient::new(&url, "bench-key")?;
                             let mut times = Vec::new();
                             while Instant::now() < deadline {
                                 let t = Instant::now();

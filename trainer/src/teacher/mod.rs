@@ -6,3 +6,4 @@ pub mod batcher;
 pub mod bench;
 pub mod server;
 pub mod train;
+mod v2;

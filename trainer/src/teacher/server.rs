@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 
 use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::engine::{argmax_rows, inspect};
-use mekd_runtime::protocol::{self, ErrorBody, QueryResponse, ResponseMode, TeacherInfo, Usage};
+use mekd_runtime::protocol::{self, ErrorBody, QueryResponse, ResponseMode, TeacherInfo, Usage, v2};
 
 use super::accounts::{Accounts, Idempotency, Refusal};
 use super::batcher::Batcher;
@@ -67,6 +67,9 @@ pub struct ServeConfig {
     pub read_timeout: Duration,
     /// The ONNX Runtime library, if not found automatically.
     pub ort_library: Option<PathBuf>,
+    /// The model's name on the v2 endpoints (`/v2/models/NAME`); default: the model file's
+    /// name without its extension.
+    pub model_name: Option<String>,
 }
 
 impl ServeConfig {
@@ -86,17 +89,19 @@ impl ServeConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             read_timeout: DEFAULT_READ_TIMEOUT,
             ort_library: None,
+            model_name: None,
         }
     }
 }
 
 /// State shared by the HTTP handlers.
-struct Shared {
-    info: TeacherInfo,
+pub(super) struct Shared {
+    pub(super) info: TeacherInfo,
+    pub(super) model_name: String,
     norm: Normalisation,
-    accounts: Accounts,
+    pub(super) accounts: Accounts,
     batcher: Batcher,
-    image_bytes: usize,
+    pub(super) image_bytes: usize,
     read_timeout: Duration,
 }
 
@@ -191,8 +196,22 @@ pub fn start(config: &ServeConfig) -> Result<RunningServer> {
         std: norm.std.clone(),
         max_batch: config.max_batch,
     };
-    let shared =
-        Arc::new(Shared { info, norm, accounts, batcher, image_bytes: c * h * w, read_timeout: config.read_timeout });
+    let model_name = match &config.model_name {
+        Some(name) => name.clone(),
+        None => config.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+    };
+    if model_name.is_empty() || !model_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        bail!("the model name {model_name:?} must be letters, digits, '-', '_' or '.' (it is part of the v2 paths)");
+    }
+    let shared = Arc::new(Shared {
+        info,
+        model_name,
+        norm,
+        accounts,
+        batcher,
+        image_bytes: c * h * w,
+        read_timeout: config.read_timeout,
+    });
     let listener =
         std::net::TcpListener::bind(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     listener.set_nonblocking(true).context("setting the listener non-blocking")?;
@@ -293,9 +312,9 @@ fn api_key(headers: &HeaderMap) -> Option<String> {
     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string())
 }
 
-type Answer = Response<Full<Bytes>>;
+pub(super) type Answer = Response<Full<Bytes>>;
 
-fn json<T: Serialize>(status: u16, body: &T) -> Answer {
+pub(super) fn json<T: Serialize>(status: u16, body: &T) -> Answer {
     let bytes = serde_json::to_vec(body).expect("serialisable");
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = StatusCode::from_u16(status).expect("a valid status");
@@ -303,18 +322,18 @@ fn json<T: Serialize>(status: u16, body: &T) -> Answer {
     response
 }
 
-fn error(status: u16, message: impl Into<String>, remaining: Option<u64>) -> Answer {
+pub(super) fn error(status: u16, message: impl Into<String>, remaining: Option<u64>) -> Answer {
     json(status, &ErrorBody { error: message.into(), remaining })
 }
 
 /// An error after which the connection is closed: the request's body was not read (too large,
 /// too slow, or broken), so the bytes that follow on the connection are not a request.
-fn closing(mut response: Answer) -> Answer {
+pub(super) fn closing(mut response: Answer) -> Answer {
     response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
-fn unauthorized() -> Answer {
+pub(super) fn unauthorized() -> Answer {
     error(401, "missing or invalid API key (send `Authorization: Bearer KEY`)", None)
 }
 
@@ -322,6 +341,9 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answe
     let key = api_key(request.headers());
     let path = request.uri().path().to_string();
     let method = request.method().clone();
+    if path == v2::PREFIX || path.starts_with("/v2/") {
+        return Ok(super::v2::handle(shared, key, request).await);
+    }
     let response = match (&method, path.as_str()) {
         (&Method::GET, protocol::HEALTH) => json(200, &serde_json::json!({"status": "ok"})),
         (&Method::GET, protocol::INFO) if shared.accounts.is_valid(key.as_deref()) => json(200, &shared.info),
@@ -340,40 +362,55 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answe
 }
 
 async fn query(shared: Arc<Shared>, key: Option<String>, request: Request<Incoming>) -> Answer {
-    let Some(key) = key.filter(|k| shared.accounts.is_valid(Some(k))) else {
-        return closing(unauthorized());
-    };
-    let idempotency = match request.headers().get(protocol::IDEMPOTENCY_KEY).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(k)) if protocol::valid_idempotency_key(k) => Some(k.to_string()),
-        Some(_) => {
-            return closing(error(
-                400,
-                format!("Idempotency-Key must be 1 to {} visible ASCII characters", protocol::MAX_IDEMPOTENCY_KEY_LEN),
-                None,
-            ));
-        }
-    };
     let max_body = shared.info.max_batch * shared.image_bytes;
-    let too_large =
-        || error(413, format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch), None);
-    // A declared length over the limit is refused before a byte of the body is read (and
-    // nothing is allocated from the claim).
-    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body as u64) {
-        return closing(too_large());
-    }
-    let read = tokio::time::timeout(shared.read_timeout, Limited::new(request.into_body(), max_body).collect()).await;
-    let body = match read {
-        Err(_) => return closing(error(408, format!("the body took longer than {:?}", shared.read_timeout), None)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return closing(too_large()),
-        Ok(Err(e)) => return closing(error(400, format!("cannot read the body: {e}"), None)),
-        Ok(Ok(collected)) => collected.to_bytes(),
+    let too_large = format!("body larger than {max_body} bytes ({} images)", shared.info.max_batch);
+    let (_, key, idempotency, body) = match read_chargeable(&shared, key, request, max_body, &too_large).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
     };
     // The accounts and the model block: off the connection threads.
     tokio::task::spawn_blocking(move || answer(&shared, &key, idempotency.as_deref(), &body))
         .await
         .unwrap_or_else(|e| error(500, format!("the request's worker failed: {e}"), None))
+}
+
+/// A request to be charged, checked and read within limits: its head, API key (a valid one),
+/// idempotency key and body. Every refusal closes the connection (its body was not read).
+pub(super) async fn read_chargeable(
+    shared: &Shared,
+    key: Option<String>,
+    request: Request<Incoming>,
+    max_body: usize,
+    too_large: &str,
+) -> Result<(hyper::http::request::Parts, String, Option<String>, Bytes), Answer> {
+    let Some(key) = key.filter(|k| shared.accounts.is_valid(Some(k))) else {
+        return Err(closing(unauthorized()));
+    };
+    let idempotency = match request.headers().get(protocol::IDEMPOTENCY_KEY).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if protocol::valid_idempotency_key(k) => Some(k.to_string()),
+        Some(_) => {
+            return Err(closing(error(
+                400,
+                format!("Idempotency-Key must be 1 to {} visible ASCII characters", protocol::MAX_IDEMPOTENCY_KEY_LEN),
+                None,
+            )));
+        }
+    };
+    // A declared length over the limit is refused before a byte of the body is read (and
+    // nothing is allocated from the claim).
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body as u64) {
+        return Err(closing(error(413, too_large, None)));
+    }
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(shared.read_timeout, Limited::new(body, max_body).collect()).await;
+    match read {
+        Err(_) => Err(closing(error(408, format!("the body took longer than {:?}", shared.read_timeout), None))),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(closing(error(413, too_large, None))),
+        Ok(Err(e)) => Err(closing(error(400, format!("cannot read the body: {e}"), None))),
+        Ok(Ok(collected)) => Ok((parts, key, idempotency, collected.to_bytes())),
+    }
 }
 
 /// Charge `key` for the images in `body` (unless `idempotency` names a request it was charged for
@@ -391,45 +428,78 @@ fn answer(shared: &Shared, key: &str, idempotency: Option<&str>, body: &[u8]) ->
             None,
         );
     }
-    let count = body.len() / shared.image_bytes;
-    let asked = idempotency.map(|k| Idempotency { key: k, body_hash: protocol::fnv1a(body) });
+    let answered = match charge_and_run(shared, key, idempotency, protocol::fnv1a(body), body) {
+        Ok(answered) => answered,
+        Err(refused) => return refused,
+    };
+    let Answered { count, logits, remaining, replayed } = answered;
+    let answer = match shared.info.response {
+        ResponseMode::Soft => QueryResponse { count, logits: Some(logits), labels: None, remaining },
+        ResponseMode::Hard => QueryResponse {
+            count,
+            logits: None,
+            labels: Some(argmax_rows(&logits, shared.info.num_classes)),
+            remaining,
+        },
+    };
+    replayed_if(json(200, &answer), replayed)
+}
+
+/// Mark the answer to a repeated idempotency key.
+pub(super) fn replayed_if(mut response: Answer, replayed: bool) -> Answer {
+    if replayed {
+        response.headers_mut().insert(protocol::IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The model's answer to a charged request.
+pub(super) struct Answered {
+    /// Images answered.
+    pub count: usize,
+    /// Their logits, row by row.
+    pub logits: Vec<f32>,
+    /// Queries left for the key.
+    pub remaining: Option<u64>,
+    /// The request was charged before under its idempotency key (and not now).
+    pub replayed: bool,
+}
+
+/// The one charging rule of both protocols: charge `key` for the images in `pixels` (whole
+/// `u8` CHW images, back to back) unless `idempotency` names a request with this `body_hash`
+/// that was charged already, run the model, and refund the charge if the model fails. `Err` is
+/// the refusal to send.
+pub(super) fn charge_and_run(
+    shared: &Shared,
+    key: &str,
+    idempotency: Option<&str>,
+    body_hash: u64,
+    pixels: &[u8],
+) -> Result<Answered, Answer> {
+    let count = pixels.len() / shared.image_bytes;
+    let asked = idempotency.map(|k| Idempotency { key: k, body_hash });
     let grant = match shared.accounts.reserve(Some(key), count as u64, asked) {
         Ok(grant) => grant,
         Err(Refusal::BudgetExhausted { remaining }) => {
-            return error(
+            return Err(error(
                 429,
                 format!("query budget exhausted: {count} images asked, {remaining} left"),
                 Some(remaining),
-            );
+            ));
         }
-        Err(Refusal::Unauthorized) => return unauthorized(),
+        Err(Refusal::Unauthorized) => return Err(unauthorized()),
         Err(Refusal::IdempotencyMismatch) => {
-            return error(422, "this Idempotency-Key was used for another request body", None);
+            return Err(error(422, "this Idempotency-Key was used for another request body", None));
         }
     };
-    let remaining = grant.remaining;
-    let input = to_model_input(body, shared.info.input_shape, &shared.norm);
+    let input = to_model_input(pixels, shared.info.input_shape, &shared.norm);
     match shared.batcher.infer(input, count) {
-        Ok(logits) => {
-            let answer = match shared.info.response {
-                ResponseMode::Soft => QueryResponse { count, logits: Some(logits), labels: None, remaining },
-                ResponseMode::Hard => QueryResponse {
-                    count,
-                    logits: None,
-                    labels: Some(argmax_rows(&logits, shared.info.num_classes)),
-                    remaining,
-                },
-            };
-            let mut response = json(200, &answer);
-            if grant.replayed {
-                response.headers_mut().insert(protocol::IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            }
-            response
-        }
-        Err(e) if grant.replayed => error(500, format!("the model failed: {e}"), None),
+        Ok(logits) => Ok(Answered { count, logits, remaining: grant.remaining, replayed: grant.replayed }),
         Err(e) => {
-            shared.accounts.refund(key, count as u64, idempotency);
-            error(500, format!("the model failed: {e}"), None)
+            if !grant.replayed {
+                shared.accounts.refund(key, count as u64, idempotency);
+            }
+            Err(error(500, format!("the model failed: {e}"), None))
         }
     }
 }

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mekd_runtime::cli::ApiKeyArgs;
+use mekd_runtime::cli::{ApiKeyArgs, V2Args};
 use mekd_runtime::protocol::ResponseMode;
-use mekd_runtime::teacher_client::RetryPolicy;
+use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::methods::Method;
@@ -22,7 +22,10 @@ pub struct DistillArgs {
     /// Method: mekd, or a baseline (kd, ml, dkd, kn, scratch).
     #[arg(long, value_enum, default_value_t = Method::Mekd)]
     method: Method,
-    /// Teacher HTTP API base URL (`mekd teacher serve`). A query that fails in transport or finds
+    /// The teacher over HTTP: this project's API (`mekd teacher serve`, e.g.
+    /// http://127.0.0.1:8080) or a model served over the Open Inference Protocol by KServe,
+    /// Triton, MLServer or `mekd teacher serve` (v2+http://HOST:PORT/v2/models/NAME; see the
+    /// --teacher-* flags). A query that fails in transport or finds
     /// the server unavailable is sent again (see --retry-secs) under the same idempotency key, so
     /// it is never charged twice; a resumed run's queries carry the keys of the interrupted run.
     #[arg(long, group = "teacher_source")]
@@ -33,6 +36,8 @@ pub struct DistillArgs {
     retry_secs: u64,
     #[command(flatten)]
     key: ApiKeyArgs,
+    #[command(flatten)]
+    v2: V2Args,
     /// A local ONNX teacher (ONNX Runtime, no server).
     #[arg(long, group = "teacher_source")]
     teacher_onnx: Option<PathBuf>,
@@ -168,7 +173,10 @@ impl DistillArgs {
             match (&args.teacher, &args.teacher_onnx, &args.teacher_run) {
                 (Some(url), _, _) => {
                     let retry = RetryPolicy { deadline: Duration::from_secs(args.retry_secs), ..Default::default() };
-                    let teacher = HttpTeacher::connect(url, &args.key.require()?, args.max_queries)?.with_retry(retry);
+                    let client = HttpClient::new(url, &args.key.require()?)?
+                        .with_retry(retry)
+                        .with_v2(args.v2.clone().options());
+                    let teacher = HttpTeacher::from_client(client, args.max_queries)?;
                     (Box::new(teacher), url.clone())
                 }
                 (_, Some(path), _) => (

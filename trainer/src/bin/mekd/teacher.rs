@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// are disconnected: 408 for a slow body).
     #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs())]
     read_timeout: u64,
+    /// The model's name on the Open Inference Protocol (KServe v2) endpoints, which the server
+    /// also answers (`/v2/models/NAME/infer`, same keys and budgets) [default: the model file's
+    /// name without extension].
+    #[arg(long)]
+    model_name: Option<String>,
     #[command(flatten)]
     ort_library: crate::OrtArgs,
 }
@@ -170,6 +175,7 @@ impl ServeArgs {
         config.max_connections = self.max_connections;
         config.read_timeout = std::time::Duration::from_secs(self.read_timeout);
         config.ort_library = self.ort_library.path;
+        config.model_name = self.model_name;
         serve(&config)
     }
 }

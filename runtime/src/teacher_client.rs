@@ -387,7 +387,7 @@ impl HttpClient {
                 return Err(ClientError::Protocol(format!("{part_key:?} is not a valid idempotency key")));
             }
             let n = chunk.len() / per_image;
-            let (body, header) = v2_request_body(spec, chunk, n)?;
+            let (body, header) = v2_request_body(spec, chunk, n, &part_key)?;
             let headers: Vec<(&str, String)> =
                 header.map(|len| (v2::HEADER_LENGTH, len.to_string())).into_iter().collect();
             let path = format!("{model}/infer");
@@ -480,9 +480,10 @@ fn read_v2_metadata(metadata: &v2::ModelMetadata, options: &V2Options, binary: b
     })
 }
 
-/// The body of a v2 request for `n` images, and the JSON part's length when the tensor travels
+/// The body of a v2 request for `n` images (its `id`: the request's idempotency key, which
+/// some servers require and log), and the JSON part's length when the tensor travels
 /// as binary data.
-fn v2_request_body(spec: &V2Model, images: &[u8], n: usize) -> Result<(Vec<u8>, Option<usize>), ClientError> {
+fn v2_request_body(spec: &V2Model, images: &[u8], n: usize, id: &str) -> Result<(Vec<u8>, Option<usize>), ClientError> {
     let [c, h, w] = spec.info.input_shape;
     let (datatype, data) = match &spec.norm {
         None => ("UINT8", v2::Data::U8(images.to_vec())),
@@ -503,7 +504,10 @@ fn v2_request_body(spec: &V2Model, images: &[u8], n: usize) -> Result<(Vec<u8>, 
             parameters: None,
             data: Some(data),
         };
-        return Ok((write(&v2::InferRequest { id: None, parameters: None, inputs: vec![input], outputs }), None));
+        return Ok((
+            write(&v2::InferRequest { id: Some(id.to_string()), parameters: None, inputs: vec![input], outputs }),
+            None,
+        ));
     }
     let bytes = match data {
         v2::Data::U8(values) => values,
@@ -513,7 +517,7 @@ fn v2_request_body(spec: &V2Model, images: &[u8], n: usize) -> Result<(Vec<u8>, 
     let size = v2::Parameters::from_iter([(v2::BINARY_DATA_SIZE.to_string(), bytes.len().into())]);
     let input =
         v2::Tensor { name: spec.input.clone(), shape, datatype: datatype.into(), parameters: Some(size), data: None };
-    let json = write(&v2::InferRequest { id: None, parameters: None, inputs: vec![input], outputs });
+    let json = write(&v2::InferRequest { id: Some(id.to_string()), parameters: None, inputs: vec![input], outputs });
     Ok((v2::with_binary(&json, &bytes), Some(json.len())))
 }
 
@@ -565,7 +569,7 @@ mod tests {
     }
 
     fn model(input: v2::TensorMetadata, outputs: Vec<v2::TensorMetadata>) -> v2::ModelMetadata {
-        v2::ModelMetadata { name: "m".into(), versions: vec![], platform: String::new(), inputs: vec![input], outputs }
+        v2::ModelMetadata { name: "m".into(), versions: None, platform: String::new(), inputs: vec![input], outputs }
     }
 
     #[test]
@@ -619,7 +623,7 @@ mod tests {
         for binary in [false, true] {
             let spec =
                 read_v2_metadata(&meta, &V2Options { norm: Some(norm.clone()), ..Default::default() }, binary).unwrap();
-            let (body, header) = v2_request_body(&spec, &images, 2).unwrap();
+            let (body, header) = v2_request_body(&spec, &images, 2, "q-1").unwrap();
             let header = header.map(|n| n.to_string());
             let (json, tail) = v2::split_body(&body, header.as_deref()).unwrap();
             let request: v2::InferRequest<v2::Values> = serde_json::from_slice(json).unwrap();

@@ -62,9 +62,9 @@ pub struct TensorMetadata {
 pub struct ModelMetadata {
     /// Model name.
     pub name: String,
-    /// Versions available.
+    /// Versions available (KServe writes `null`).
     #[serde(default)]
-    pub versions: Vec<String>,
+    pub versions: Option<Vec<String>>,
     /// The framework serving it.
     #[serde(default)]
     pub platform: String,

@@ -96,7 +96,7 @@ fn metadata(shared: &Shared) -> ModelMetadata {
     };
     ModelMetadata {
         name: shared.model_name.clone(),
-        versions: vec![VERSION.into()],
+        versions: Some(vec![VERSION.into()]),
         platform: "onnxruntime_onnx".into(),
         inputs: vec![TensorMetadata {
             name: INPUT.into(),

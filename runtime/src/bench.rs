@@ -57,6 +57,8 @@ pub enum TeacherSource {
         key: String,
         /// How to read a v2 teacher.
         v2: V2Options,
+        /// PEM certificate authorities to trust instead of the system's, for `https://`.
+        ca_cert: Option<Vec<u8>>,
     },
     /// A local ONNX teacher run with tract.
     Onnx {
@@ -264,8 +266,11 @@ fn compare_teacher(
 ) -> Result<TeacherReport, BenchError> {
     let teacher_error = |e: &dyn std::fmt::Display| BenchError::Teacher(e.to_string());
     let (labels, rtt, queries, name) = match source {
-        TeacherSource::Http { url, key, v2 } => {
-            let client = HttpClient::new(url, key).map_err(|e| teacher_error(&e))?.with_v2(v2.clone());
+        TeacherSource::Http { url, key, v2, ca_cert } => {
+            let mut client = HttpClient::new(url, key).map_err(|e| teacher_error(&e))?.with_v2(v2.clone());
+            if let Some(pem) = ca_cert {
+                client = client.with_ca_cert(pem).map_err(|e| teacher_error(&e))?;
+            }
             let info = client.info().map_err(|e| teacher_error(&e))?;
             let [c, h, w] = info.input_shape;
             if h != w {

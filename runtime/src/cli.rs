@@ -4,6 +4,7 @@
 use crate::data::preprocess::Normalisation;
 use crate::protocol::API_KEY_ENV;
 use crate::teacher_client::V2Options;
+use std::path::PathBuf;
 
 /// `--mean`/`--std` for models that carry no normalisation metadata.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -66,5 +67,25 @@ impl V2Args {
             output: self.teacher_output,
             probabilities: self.teacher_probabilities,
         }
+    }
+}
+
+/// `--ca-cert` for an `https://` teacher whose certificate a private CA signed.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CaCertArgs {
+    /// Trust only the certificate authorities in this PEM file for an https:// teacher,
+    /// instead of the system's (a private CA, a self-signed server).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl CaCertArgs {
+    /// The PEM file's bytes, if one was given.
+    pub fn read(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        use anyhow::Context;
+        self.ca_cert
+            .as_ref()
+            .map(|path| std::fs::read(path).with_context(|| format!("reading --ca-cert {}", path.display())))
+            .transpose()
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource, resolve_norm};
-use mekd_runtime::cli::{ApiKeyArgs, NormArgs, V2Args};
+use mekd_runtime::cli::{ApiKeyArgs, CaCertArgs, NormArgs, V2Args};
 use mekd_runtime::data::decode_image;
 use mekd_runtime::data::preprocess::{convert_image, to_model_input};
 use mekd_runtime::display::Screen;
@@ -34,7 +34,7 @@ enum Command {
     /// Measure a model: load time, batch-1 latency p50/p90/p99, throughput, peak memory, size,
     /// accuracy, and against a teacher (HTTP API or local ONNX): its accuracy, the agreement
     /// and the round trip per query.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Classify image files (PNG/JPEG): prints the top class and its softmax score per file.
     Classify {
         /// The ONNX model.
@@ -94,6 +94,8 @@ struct BenchArgs {
     key: ApiKeyArgs,
     #[command(flatten)]
     v2: V2Args,
+    #[command(flatten)]
+    ca_cert: CaCertArgs,
     /// A local ONNX teacher (run with tract) instead of the HTTP API.
     #[arg(long, conflicts_with = "teacher")]
     teacher_onnx: Option<PathBuf>,
@@ -140,7 +142,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench(*args),
         Command::Classify { model, images, norm } => {
             let mut engine = Engine::load(&model, 1)?;
             let info = engine.info().clone();
@@ -189,7 +191,8 @@ fn run(cli: Cli) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let teacher = match (&args.teacher, &args.teacher_onnx) {
         (Some(url), None) => {
-            Some(TeacherSource::Http { url: url.clone(), key: args.key.require()?, v2: args.v2.clone().options() })
+            let (key, v2, ca_cert) = (args.key.require()?, args.v2.clone().options(), args.ca_cert.read()?);
+            Some(TeacherSource::Http { url: url.clone(), key, v2, ca_cert })
         }
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),
         _ => None,

@@ -1,6 +1,8 @@
 //! A blocking HTTP client for a teacher: this project's own API (`mekd teacher serve`), or any
 //! model server that speaks the Open Inference Protocol (KServe v2: Triton, KServe, MLServer,
 //! and `mekd teacher serve`'s v2 endpoints), chosen by the URL (`v2+http://.../v2/models/NAME`).
+//! Over `https://` it trusts the system's certificate authorities, or only those of a file
+//! ([`HttpClient::with_ca_cert`]); TLS is rustls (no OpenSSL).
 //! Both are read as the same [`TeacherInfo`] and [`QueryResponse`], and counted the same way:
 //! queries are images, bytes are the HTTP bodies that went over the wire.
 //!
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use crate::data::preprocess::{Normalisation, to_model_input};
 use crate::protocol::{self, ErrorBody, QueryResponse, TeacherInfo, Usage, v2};
 use crate::rng::os_random_u64;
+use ureq::tls::{RootCerts, TlsConfig};
 
 /// A failed call to the teacher server.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,17 @@ pub enum ClientError {
         /// The URL called.
         url: String,
         /// The transport error.
+        reason: String,
+    },
+    /// The TLS handshake failed: most often a certificate the client does not trust. Not
+    /// retried: sending again does not change a certificate.
+    #[error(
+        "TLS with the teacher at {url} failed: {reason} (for a server whose certificate a private CA signed, give --ca-cert FILE)"
+    )]
+    Tls {
+        /// The URL called.
+        url: String,
+        /// The TLS error.
         reason: String,
     },
     /// The key's budget is exhausted (HTTP 429).
@@ -85,6 +99,16 @@ impl RetryPolicy {
 /// A random number in [0, 1).
 fn random_unit() -> f64 {
     (os_random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// An HTTP agent (keep-alive) that trusts `roots` for HTTPS.
+fn agent(roots: RootCerts) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .tls_config(TlsConfig::builder().root_certs(roots).build())
+        .build()
+        .into()
 }
 
 /// Which API the teacher speaks, from its URL.
@@ -181,19 +205,33 @@ impl HttpClient {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::Protocol(format!("{url}: the teacher's URL starts with http:// or https://")));
         }
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build();
         Ok(Self {
             base,
             api,
             v2: V2Options::default(),
             model: std::sync::OnceLock::new(),
             key: key.to_string(),
-            agent: config.into(),
+            agent: agent(RootCerts::PlatformVerifier),
             retry: RetryPolicy::default(),
         })
+    }
+
+    /// This client trusting only the certificate authorities in `pem` (PEM certificates, e.g.
+    /// a private CA's) for `https://` teachers, instead of the system's.
+    pub fn with_ca_cert(mut self, pem: &[u8]) -> Result<Self, ClientError> {
+        let mut certs = Vec::new();
+        for item in ureq::tls::parse_pem(pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => certs.push(cert),
+                Ok(_) => {}
+                Err(e) => return Err(ClientError::Protocol(format!("reading the CA certificates: {e}"))),
+            }
+        }
+        if certs.is_empty() {
+            return Err(ClientError::Protocol("the CA file holds no PEM certificate".into()));
+        }
+        self.agent = agent(RootCerts::Specific(std::sync::Arc::new(certs)));
+        Ok(self)
     }
 
     /// This client with another retry policy for its queries.
@@ -214,6 +252,14 @@ impl HttpClient {
 
     fn transport(&self, path: &str, e: impl std::fmt::Display) -> ClientError {
         ClientError::Transport { url: self.url(path), reason: e.to_string() }
+    }
+
+    /// A failed call: a TLS failure, or a transport error (which a query retries).
+    fn call_failed(&self, path: &str, e: ureq::Error) -> ClientError {
+        let reason = e.to_string();
+        let tls = matches!(e, ureq::Error::Rustls(_) | ureq::Error::Tls(_))
+            || ["certificate", "tls handshake", "rustls"].iter().any(|word| reason.to_lowercase().contains(word));
+        if tls { ClientError::Tls { url: self.url(path), reason } } else { self.transport(path, reason) }
     }
 
     /// Read a response: the body on 200, a typed error otherwise.
@@ -239,7 +285,7 @@ impl HttpClient {
             .get(self.url(path))
             .header("Authorization", format!("Bearer {}", self.key))
             .call()
-            .map_err(|e| self.transport(path, e))?;
+            .map_err(|e| self.call_failed(path, e))?;
         let body = self.read(path, response)?;
         serde_json::from_slice(&body.bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
     }
@@ -322,7 +368,10 @@ impl HttpClient {
             }
             // What to do with this attempt: finish, or wait (at least this long) and send again.
             let (retry_after, failure) = match request.send(body) {
-                Err(e) => (None, self.transport(path, e)),
+                Err(e) => match self.call_failed(path, e) {
+                    tls @ ClientError::Tls { .. } => return Err(tls),
+                    other => (None, other),
+                },
                 Ok(response) => {
                     let status = response.status().as_u16();
                     let retry_after = response

@@ -291,7 +291,8 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     eprintln!("[5/5] benchmarking the students with tract against the served teacher");
     let test = Dataset::load(&config.data, Split::Test)?.take(config.limit_test.unwrap_or(usize::MAX));
     let options = BenchOptions { warmup: 10, iterations: 200, batch: 64, teacher_rtt_queries: 30 };
-    let source = TeacherSource::Http { url: url.clone(), key: KEYS[2].to_string(), v2: Default::default() };
+    let source =
+        TeacherSource::Http { url: url.clone(), key: KEYS[2].to_string(), v2: Default::default(), ca_cert: None };
     let bench = |summary: &RunSummary| -> Result<BenchReport> {
         let report = mekd_runtime::bench::run(&summary.onnx, &test, None, &options, Some(&source))
             .with_context(|| format!("benchmarking {}", summary.onnx.display()))?;

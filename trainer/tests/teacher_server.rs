@@ -515,7 +515,7 @@ fn the_v2_endpoints_answer_check_and_charge_like_the_own_api() {
 
     // Refusals: each clear, none charged.
     let flat = serde_json::json!(images);
-    let refusals: [(&str, Vec<(&str, &str)>, String, u16, &str); 8] = [
+    let refusals = [
         ("no key", vec![], good.clone(), 401, "API key"),
         ("FP32", auth.to_vec(), request(flat.clone(), "FP32", serde_json::json!([2, 1, 32, 32])), 400, "UINT8"),
         ("shape", auth.to_vec(), request(flat.clone(), "UINT8", serde_json::json!([2, 3, 32, 32])), 400, "shape"),
@@ -580,4 +580,68 @@ fn the_v2_endpoints_answer_check_and_charge_like_the_own_api() {
     let short = [("Authorization", bearer.as_str()), ("Inference-Header-Content-Length", &length)];
     let (status, text) = raw(addr, "POST", infer, &short, &body[..body.len() - 1]);
     assert!(status == 400 && text.contains("binary data"), "{status} {text}");
+}
+
+/// HTTPS with a certificate made here: both protocols over TLS with the certificate trusted
+/// (`--ca-cert`), a clear and immediate refusal when it is not, and clear errors for bad files.
+#[test]
+fn https_serves_both_protocols_and_untrusted_certificates_are_refused_at_once() {
+    use mekd_trainer::teacher::server::TlsFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let (model_path, _) = teacher(dir.path());
+    let keys = keys_file(dir.path());
+    let issued = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let mut config = ServeConfig::new(model_path.clone(), "127.0.0.1:0", ResponseMode::Soft, keys.clone());
+    config.tls = Some(TlsFiles { cert: cert.clone(), key: key.clone() });
+    let server = start(&config).unwrap();
+    assert!(server.url().starts_with("https://"), "{}", server.url());
+    let images = mnist_images(2);
+    let pem = issued.cert.pem().into_bytes();
+    let own = HttpClient::new(&server.url(), KEY).unwrap().with_ca_cert(&pem).unwrap();
+    let v2_url = format!("v2+{}/v2/models/teacher", server.url());
+    let v2 = HttpClient::new(&v2_url, KEY).unwrap().with_ca_cert(&pem).unwrap();
+    let (a, _) = own.query(&images, None).unwrap();
+    let (b, _) = v2.query(&images, None).unwrap();
+    assert_eq!(a.logits, b.logits);
+    assert_eq!(own.usage().unwrap().used, 4);
+
+    // Not trusted (the system's roots; another CA): refused at once, not retried for a minute.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let started = std::time::Instant::now();
+    for client in [
+        HttpClient::new(&server.url(), KEY).unwrap(),
+        HttpClient::new(&server.url(), KEY).unwrap().with_ca_cert(other.cert.pem().as_bytes()).unwrap(),
+    ] {
+        let err = client.query(&images, None).unwrap_err();
+        assert!(matches!(err, ClientError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains("--ca-cert"), "{err}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+    // Plain HTTP to the TLS port gets nothing; the server serves on.
+    let plain = exchange(server.addr(), "GET", "/v1/health", &[], b"");
+    assert!(!plain.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(own.usage().unwrap().used, 4);
+    assert!(HttpClient::new(&server.url(), KEY).unwrap().with_ca_cert(b"not a certificate").is_err());
+    server.shutdown().unwrap();
+
+    // Missing or mismatched files: the server says which and does not start.
+    for (files, says) in [
+        (TlsFiles { cert: dir.path().join("none.pem"), key: key.clone() }, "certificate chain"),
+        (TlsFiles { cert: cert.clone(), key: dir.path().join("none.pem") }, "private key"),
+        (TlsFiles { cert: key.clone(), key: key.clone() }, "no PEM certificate"),
+    ] {
+        let mut config = ServeConfig::new(model_path.clone(), "127.0.0.1:0", ResponseMode::Soft, keys.clone());
+        config.tls = Some(files);
+        let err = format!("{:#}", start(&config).err().unwrap());
+        assert!(err.contains(says), "{err}");
+    }
+    let mut config = ServeConfig::new(model_path, "127.0.0.1:0", ResponseMode::Soft, keys);
+    let foreign_key = dir.path().join("other-key.pem");
+    std::fs::write(&foreign_key, other.signing_key.serialize_pem()).unwrap();
+    config.tls = Some(TlsFiles { cert, key: foreign_key });
+    let err = format!("{:#}", start(&config).err().unwrap());
+    assert!(err.contains("do not make a certificate and its key"), "{err}");
 }

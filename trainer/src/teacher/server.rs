@@ -67,6 +67,8 @@ pub struct ServeConfig {
     pub read_timeout: Duration,
     /// The ONNX Runtime library, if not found automatically.
     pub ort_library: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain and private key (PEM files); plain HTTP without.
+    pub tls: Option<TlsFiles>,
     /// The model's name on the v2 endpoints (`/v2/models/NAME`); default: the model file's
     /// name without its extension.
     pub model_name: Option<String>,
@@ -90,7 +92,44 @@ impl ServeConfig {
             read_timeout: DEFAULT_READ_TIMEOUT,
             ort_library: None,
             model_name: None,
+            tls: None,
         }
+    }
+}
+
+/// The server's certificate chain and private key, PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain, the server's own first.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The TLS acceptor for these files, with clear errors for missing or malformed ones.
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading the certificate chain {}", self.cert.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", self.cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .with_context(|| format!("reading the private key {}", self.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("setting up TLS")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .with_context(|| {
+                format!("{} and {} do not make a certificate and its key", self.cert.display(), self.key.display())
+            })?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 }
 
@@ -108,6 +147,7 @@ pub(super) struct Shared {
 /// A server running in background threads; [`RunningServer::shutdown`] stops it cleanly.
 pub struct RunningServer {
     addr: SocketAddr,
+    https: bool,
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
     batcher: Option<JoinHandle<()>>,
@@ -120,9 +160,9 @@ impl RunningServer {
         self.addr
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    /// Base URL, e.g. `http://127.0.0.1:8080` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.https { "https" } else { "http" }, self.addr)
     }
 
     /// Stop accepting, finish the requests in flight, persist the counts.
@@ -162,6 +202,7 @@ pub fn start(config: &ServeConfig) -> Result<RunningServer> {
     if config.read_timeout.is_zero() {
         bail!("the read timeout must be longer than zero");
     }
+    let tls = config.tls.as_ref().map(TlsFiles::acceptor).transpose()?;
     let (model_info, _) = inspect(&config.model)?;
     let [c, h, w] = model_info.input_shape;
     let norm = match (&config.normalisation, &model_info.normalisation) {
@@ -226,18 +267,21 @@ pub fn start(config: &ServeConfig) -> Result<RunningServer> {
     let (stop, stopped) = watch::channel(false);
     let limits = Arc::new(Semaphore::new(config.max_connections));
     let accept_shared = shared.clone();
+    let https = tls.is_some();
     let http = std::thread::Builder::new()
         .name("teacher-accept".into())
-        .spawn(move || runtime.block_on(accept_loop(listener, accept_shared, limits, stopped)))
+        .spawn(move || runtime.block_on(accept_loop(listener, accept_shared, tls, limits, stopped)))
         .context("starting the HTTP thread")?;
-    Ok(RunningServer { addr, stop, http: Some(http), batcher: Some(batcher_thread), shared: Some(shared) })
+    Ok(RunningServer { addr, https, stop, http: Some(http), batcher: Some(batcher_thread), shared: Some(shared) })
 }
 
 /// Accept connections until `stop` turns true, then wait (up to [`SHUTDOWN_GRACE`]) for the
-/// requests in flight; each connection holds one permit of `limits`.
+/// requests in flight; each connection holds one permit of `limits`. With `tls`, each
+/// connection's handshake must end within the read timeout.
 async fn accept_loop(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -257,32 +301,51 @@ async fn accept_loop(
         // Without TCP_NODELAY a response written in several segments waits ~40 ms for the
         // client's delayed ACK (Nagle).
         let _ = stream.set_nodelay(true);
-        let (shared, mut stop) = (shared.clone(), stop.clone());
+        let (shared, stop, tls) = (shared.clone(), stop.clone(), tls.clone());
         connections.spawn(async move {
             let _permit = permit;
-            let header_timeout = shared.read_timeout;
-            let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
-            // half_close: a client that shuts its writing side after the request (as `nc -N`
-            // does) still gets its answer.
-            let connection = hyper::server::conn::http1::Builder::new()
-                .half_close(true)
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.changed() => {
-                    // Finish the request in flight, then close.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+            match tls {
+                None => serve_connection(TokioIo::new(stream), shared, stop).await,
+                Some(tls) => {
+                    // A failed or too slow handshake (a plain-HTTP client, a wrong certificate on
+                    // the client's side) ends this connection only.
+                    let handshake = tokio::time::timeout(shared.read_timeout, tls.accept(stream)).await;
+                    if let Ok(Ok(stream)) = handshake {
+                        serve_connection(TokioIo::new(stream), shared, stop).await;
+                    }
                 }
             }
         });
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
 }
+
+/// Serve the requests of one connection (plain or TLS) until it closes or the server stops.
+async fn serve_connection<I>(io: I, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let header_timeout = shared.read_timeout;
+    let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+    // half_close: a client that shuts its writing side after the request (as `nc -N` does)
+    // still gets its answer.
+    let connection = hyper::server::conn::http1::Builder::new()
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.changed() => {
+            // Finish the request in flight, then close.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
 /// Serve until SIGINT or SIGTERM, then shut down gracefully.
 pub fn serve(config: &ServeConfig) -> Result<()> {
     let server = start(config)?;
@@ -333,8 +396,11 @@ pub(super) fn closing(mut response: Answer) -> Answer {
     response
 }
 
+/// What a request without a valid API key is told.
+const UNAUTHORIZED: &str = "missing or invalid API key (send `Authorization: Bearer KEY`)";
+
 pub(super) fn unauthorized() -> Answer {
-    error(401, "missing or invalid API key (send `Authorization: Bearer KEY`)", None)
+    error(401, UNAUTHORIZED, None)
 }
 
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Answer, Infallible> {
@@ -430,7 +496,7 @@ fn answer(shared: &Shared, key: &str, idempotency: Option<&str>, body: &[u8]) ->
     }
     let answered = match charge_and_run(shared, key, idempotency, protocol::fnv1a(body), body) {
         Ok(answered) => answered,
-        Err(refused) => return refused,
+        Err(refused) => return refused.answer(),
     };
     let Answered { count, logits, remaining, replayed } = answered;
     let answer = match shared.info.response {
@@ -443,6 +509,25 @@ fn answer(shared: &Shared, key: &str, idempotency: Option<&str>, body: &[u8]) ->
         },
     };
     replayed_if(json(200, &answer), replayed)
+}
+
+/// A request refused: its status, message and (on 429) the queries left.
+pub(super) struct Reject {
+    status: u16,
+    message: String,
+    remaining: Option<u64>,
+}
+
+impl Reject {
+    /// A refusal with `status` and `message`.
+    pub(super) fn new(status: u16, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), remaining: None }
+    }
+
+    /// The answer that says it.
+    pub(super) fn answer(self) -> Answer {
+        error(self.status, self.message, self.remaining)
+    }
 }
 
 /// Mark the answer to a repeated idempotency key.
@@ -475,21 +560,18 @@ pub(super) fn charge_and_run(
     idempotency: Option<&str>,
     body_hash: u64,
     pixels: &[u8],
-) -> Result<Answered, Answer> {
+) -> Result<Answered, Reject> {
     let count = pixels.len() / shared.image_bytes;
     let asked = idempotency.map(|k| Idempotency { key: k, body_hash });
     let grant = match shared.accounts.reserve(Some(key), count as u64, asked) {
         Ok(grant) => grant,
         Err(Refusal::BudgetExhausted { remaining }) => {
-            return Err(error(
-                429,
-                format!("query budget exhausted: {count} images asked, {remaining} left"),
-                Some(remaining),
-            ));
+            let message = format!("query budget exhausted: {count} images asked, {remaining} left");
+            return Err(Reject { status: 429, message, remaining: Some(remaining) });
         }
-        Err(Refusal::Unauthorized) => return Err(unauthorized()),
+        Err(Refusal::Unauthorized) => return Err(Reject::new(401, UNAUTHORIZED)),
         Err(Refusal::IdempotencyMismatch) => {
-            return Err(error(422, "this Idempotency-Key was used for another request body", None));
+            return Err(Reject::new(422, "this Idempotency-Key was used for another request body"));
         }
     };
     let input = to_model_input(pixels, shared.info.input_shape, &shared.norm);
@@ -499,7 +581,7 @@ pub(super) fn charge_and_run(
             if !grant.replayed {
                 shared.accounts.refund(key, count as u64, idempotency);
             }
-            Err(error(500, format!("the model failed: {e}"), None))
+            Err(Reject::new(500, format!("the model failed: {e}")))
         }
     }
 }

@@ -21,7 +21,7 @@ use mekd_runtime::protocol::v2::{
 use mekd_runtime::protocol::{self, ResponseMode};
 
 use super::server::{
-    Answer, Answered, Shared, charge_and_run, error, json, read_chargeable, replayed_if, unauthorized,
+    Answer, Answered, Reject, Shared, charge_and_run, error, json, read_chargeable, replayed_if, unauthorized,
 };
 
 /// The model's input tensor.
@@ -116,15 +116,15 @@ async fn infer(shared: Arc<Shared>, key: Option<String>, request: Request<Incomi
     };
     // The accounts and the model block: off the connection threads.
     tokio::task::spawn_blocking(move || {
-        answer(&shared, &key, idempotency.as_deref(), &parts.headers, &body).unwrap_or_else(|refused| refused)
+        answer(&shared, &key, idempotency.as_deref(), &parts.headers, &body).unwrap_or_else(Reject::answer)
     })
     .await
     .unwrap_or_else(|e| error(500, format!("the request's worker failed: {e}"), None))
 }
 
-/// A 400 answer.
-fn bad(message: impl Into<String>) -> Answer {
-    error(400, message, None)
+/// A 400 refusal.
+fn bad(message: impl Into<String>) -> Reject {
+    Reject::new(400, message)
 }
 
 /// Read, charge and answer one inference request.
@@ -134,7 +134,7 @@ fn answer(
     idempotency: Option<&str>,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Answer, Answer> {
+) -> Result<Answer, Reject> {
     let header_length = match headers.get(v2::HEADER_LENGTH).map(|v| v.to_str()) {
         None => None,
         Some(Ok(text)) => Some(text),
@@ -199,7 +199,7 @@ fn answer(
 
 /// The request's images as `u8` CHW pixels, back to back, after checking the input against the
 /// model's metadata; an error names what does not match.
-fn pixels(shared: &Shared, request: &InferRequest<Values>, binary: &[u8]) -> Result<Vec<u8>, Answer> {
+fn pixels(shared: &Shared, request: &InferRequest<Values>, binary: &[u8]) -> Result<Vec<u8>, Reject> {
     let [c, h, w] = shared.info.input_shape;
     let expected = format!("one input {INPUT:?}, UINT8 [N, {c}, {h}, {w}]");
     let [input] = request.inputs.as_slice() else {
@@ -213,7 +213,7 @@ fn pixels(shared: &Shared, request: &InferRequest<Values>, binary: &[u8]) -> Res
         shape => return Err(bad(format!("input shape {shape:?}; the model takes {expected}, N >= 1"))),
     };
     if n > shared.info.max_batch as u64 {
-        return Err(error(413, format!("{n} images; at most {} per request", shared.info.max_batch), None));
+        return Err(Reject::new(413, format!("{n} images; at most {} per request", shared.info.max_batch)));
     }
     let len = n as usize * shared.image_bytes;
     match (input.binary_size(), &input.data) {

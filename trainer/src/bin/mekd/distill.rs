@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mekd_runtime::cli::{ApiKeyArgs, V2Args};
+use mekd_runtime::cli::{ApiKeyArgs, CaCertArgs, V2Args};
 use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
@@ -38,6 +38,8 @@ pub struct DistillArgs {
     key: ApiKeyArgs,
     #[command(flatten)]
     v2: V2Args,
+    #[command(flatten)]
+    ca_cert: CaCertArgs,
     /// A local ONNX teacher (ONNX Runtime, no server).
     #[arg(long, group = "teacher_source")]
     teacher_onnx: Option<PathBuf>,

@@ -8,7 +8,7 @@ use mekd_runtime::cli::NormArgs;
 use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::schedule::default_milestones;
-use mekd_trainer::teacher::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, ServeConfig, serve};
+use mekd_trainer::teacher::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, ServeConfig, TlsFiles, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 #[derive(Subcommand)]
@@ -159,6 +159,12 @@ pub struct ServeArgs {
     /// name without extension].
     #[arg(long)]
     model_name: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM, the server's certificate first).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(flatten)]
     ort_library: crate::OrtArgs,
 }
@@ -176,6 +182,7 @@ impl ServeArgs {
         config.read_timeout = std::time::Duration::from_secs(self.read_timeout);
         config.ort_library = self.ort_library.path;
         config.model_name = self.model_name;
+        config.tls = self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles { cert, key });
         serve(&config)
     }
 }

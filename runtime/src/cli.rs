@@ -3,7 +3,7 @@
 
 use crate::data::preprocess::Normalisation;
 use crate::protocol::API_KEY_ENV;
-use crate::teacher_client::V2Options;
+use crate::teacher_client::{V2_SCHEME_PREFIX, V2Options};
 use std::path::PathBuf;
 
 /// `--mean`/`--std` for models that carry no normalisation metadata.
@@ -34,9 +34,15 @@ pub struct ApiKeyArgs {
 }
 
 impl ApiKeyArgs {
-    /// The key, or a clear error naming both ways to give it.
-    pub fn require(&self) -> anyhow::Result<String> {
-        self.api_key.clone().ok_or_else(|| anyhow::anyhow!("--teacher needs --api-key KEY (or {API_KEY_ENV})"))
+    /// The key for the teacher at `url`, or a clear error naming both ways to give it. This
+    /// project's API always needs one; a v2 teacher (`v2+http...`) only if its server asks
+    /// (without one, none is sent: the empty key).
+    pub fn for_teacher(&self, url: &str) -> anyhow::Result<String> {
+        match &self.api_key {
+            Some(key) => Ok(key.clone()),
+            None if url.starts_with(V2_SCHEME_PREFIX) => Ok(String::new()),
+            None => anyhow::bail!("--teacher needs --api-key KEY (or {API_KEY_ENV})"),
+        }
     }
 }
 

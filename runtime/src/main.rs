@@ -191,7 +191,7 @@ fn run(cli: Cli) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let teacher = match (&args.teacher, &args.teacher_onnx) {
         (Some(url), None) => {
-            let (key, v2, ca_cert) = (args.key.require()?, args.v2.clone().options(), args.ca_cert.read()?);
+            let (key, v2, ca_cert) = (args.key.for_teacher(url)?, args.v2.clone().options(), args.ca_cert.read()?);
             Some(TeacherSource::Http { url: url.clone(), key, v2, ca_cert })
         }
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),

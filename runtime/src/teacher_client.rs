@@ -279,13 +279,17 @@ impl HttpClient {
         })
     }
 
+    /// `Authorization: Bearer KEY`, unless the key is empty (a v2 server that asks for none).
+    fn authorization(&self) -> Option<String> {
+        (!self.key.is_empty()).then(|| format!("Bearer {}", self.key))
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let response = self
-            .agent
-            .get(self.url(path))
-            .header("Authorization", format!("Bearer {}", self.key))
-            .call()
-            .map_err(|e| self.call_failed(path, e))?;
+        let mut request = self.agent.get(self.url(path));
+        if let Some(auth) = self.authorization() {
+            request = request.header("Authorization", auth);
+        }
+        let response = request.call().map_err(|e| self.call_failed(path, e))?;
         let body = self.read(path, response)?;
         serde_json::from_slice(&body.bytes).map_err(|e| ClientError::Protocol(format!("{path}: {e}")))
     }
@@ -357,12 +361,11 @@ impl HttpClient {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
-            let mut request = self
-                .agent
-                .post(self.url(path))
-                .header("Authorization", format!("Bearer {}", self.key))
-                .header(protocol::IDEMPOTENCY_KEY, key)
-                .content_type(content_type);
+            let mut request =
+                self.agent.post(self.url(path)).header(protocol::IDEMPOTENCY_KEY, key).content_type(content_type);
+            if let Some(auth) = self.authorization() {
+                request = request.header("Authorization", auth);
+            }
             for (name, value) in headers {
                 request = request.header(*name, value);
             }

@@ -100,7 +100,7 @@ fn kserve_serves_a_foreign_model_to_the_v2_client_bench_and_distill() {
     assert!(transfer.up > 3 * 1024 && transfer.down > 0, "{transfer:?}");
 
     // The edge benchmark against it: tract's answers on the same file agree with ONNX Runtime's.
-    let common = ["--teacher", url.as_str(), "--teacher-mean", MEAN, "--teacher-std", STD, "--api-key", "unused"];
+    let common = ["--teacher", url.as_str(), "--teacher-mean", MEAN, "--teacher-std", STD];
     let out = Command::new(binary("mekd-edge"))
         .args(["bench", "--json", "--limit", "200", "--iterations", "5", "--mean", MEAN, "--std", STD, "--model"])
         .arg(repo().join("fixtures/foreign-teacher.onnx"))

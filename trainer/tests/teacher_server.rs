@@ -608,6 +608,25 @@ fn https_serves_both_protocols_and_untrusted_certificates_are_refused_at_once() 
     assert_eq!(a.logits, b.logits);
     assert_eq!(own.usage().unwrap().used, 4);
 
+    // The command line: `mekd distill --ca-cert` over HTTPS.
+    let run = dir.path().join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mekd"))
+        .args(["distill", "--teacher", &server.url(), "--ca-cert"])
+        .arg(&cert)
+        .arg("--data")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/mnist-slice"))
+        .args(["--edge-fraction", "0.01", "--gan-epochs", "1", "--generator-width", "8", "--discriminator-width", "4"])
+        .args(["--batch", "16", "--limit-test", "20", "--steps", "1", "--epochs", "1", "--budget", "16", "--out"])
+        .arg(&run)
+        .env("MEKD_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let charged = summary["queries"].as_u64().unwrap();
+    assert_eq!(own.usage().unwrap().used, 4 + charged);
+
     // Not trusted (the system's roots; another CA): refused at once, not retried for a minute.
     let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
     let started = std::time::Instant::now();
@@ -623,7 +642,7 @@ fn https_serves_both_protocols_and_untrusted_certificates_are_refused_at_once() 
     // Plain HTTP to the TLS port gets nothing; the server serves on.
     let plain = exchange(server.addr(), "GET", "/v1/health", &[], b"");
     assert!(!plain.starts_with(b"HTTP/1.1 200"));
-    assert_eq!(own.usage().unwrap().used, 4);
+    assert_eq!(own.usage().unwrap().used, 4 + charged);
     assert!(HttpClient::new(&server.url(), KEY).unwrap().with_ca_cert(b"not a certificate").is_err());
     server.shutdown().unwrap();
 

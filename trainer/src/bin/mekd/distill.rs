@@ -175,9 +175,12 @@ impl DistillArgs {
             match (&args.teacher, &args.teacher_onnx, &args.teacher_run) {
                 (Some(url), _, _) => {
                     let retry = RetryPolicy { deadline: Duration::from_secs(args.retry_secs), ..Default::default() };
-                    let client = HttpClient::new(url, &args.key.require()?)?
+                    let mut client = HttpClient::new(url, &args.key.for_teacher(url)?)?
                         .with_retry(retry)
                         .with_v2(args.v2.clone().options());
+                    if let Some(pem) = args.ca_cert.read()? {
+                        client = client.with_ca_cert(&pem)?;
+                    }
                     let teacher = HttpTeacher::from_client(client, args.max_queries)?;
                     (Box::new(teacher), url.clone())
                 }

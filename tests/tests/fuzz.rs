@@ -329,10 +329,30 @@ fn fuzz_server_requests() {
 Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n"
         .to_vec();
     query.extend((0..1024).map(|i| i as u8));
+    // The Open Inference Protocol's infer, as JSON (nested rows) and as binary tensor data.
+    let v2 = |headers: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST /v2/models/foreign-teacher/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fuzz-key\r\n{headers}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+    let rows: Vec<Vec<u8>> = (0..32).map(|r| (0..32).map(|c| (r * 32 + c) as u8).collect()).collect();
+    let json = serde_json::json!({"id": "f", "inputs": [{"name": "images", "datatype": "UINT8",
+        "shape": [1, 1, 32, 32], "data": rows}], "outputs": [{"name": "logits"}]})
+    .to_string();
+    let head = r#"{"inputs":[{"name":"images","datatype":"UINT8","shape":[1,1,32,32],"parameters":{"binary_data_size":1024}}],"parameters":{"binary_data_output":true}}"#;
+    let mut binary = head.as_bytes().to_vec();
+    binary.extend((0..1024).map(|i| (i * 7) as u8));
     let seeds = [
         query,
         b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Api-Key: fuzz-key\r\n\r\n".to_vec(),
         b"GET /v1/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fuzz-key\r\n\r\n".to_vec(),
+        v2("Content-Type: application/json\r\n", json.as_bytes()),
+        v2(&format!("Inference-Header-Content-Length: {}\r\n", head.len()), &binary),
+        b"GET /v2/models/foreign-teacher HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fuzz-key\r\n\r\n".to_vec(),
     ];
     let mut rng = rng(4);
     let rss_before = resident_bytes();
@@ -376,34 +396,13 @@ fn resident_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-#[test]
-fn fuzz_client_answers() {
-    use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
-    use mekd_trainer::blackbox::{HttpTeacher, Teacher};
-    let info = serde_json::json!({
-        "input_shape": [1, 32, 32], "num_classes": 10, "class_names": null, "response": "soft",
-        "mean": [0.5], "std": [0.5], "max_batch": 16
-    })
-    .to_string();
-    let answer = |status: &str, body: &str, extra: &str| {
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
-    };
-    let logits: Vec<String> = (0..10).map(|i| format!("{}.5", i - 5)).collect();
-    let seeds = [
-        answer("200 OK", &format!(r#"{{"count":1,"logits":[{}],"remaining":null}}"#, logits.join(",")), ""),
-        answer("200 OK", r#"{"count":1,"labels":[3],"remaining":7}"#, ""),
-        answer("429 Too Many Requests", r#"{"error":"query budget exhausted","remaining":0}"#, ""),
-        answer("503 Service Unavailable", r#"{"error":"busy"}"#, "Retry-After: 0\r\n"),
-        answer("400 Bad Request", r#"{"error":"bad"}"#, ""),
-    ];
+/// An HTTP server on loopback that answers requests whose head starts with one of `fixed`'s
+/// prefixes (lower case) with its answer, and every other request with the next answer sent
+/// on the returned channel.
+fn scripted_server(fixed: Vec<(&'static str, Vec<u8>)>) -> (String, std::sync::mpsc::Sender<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (send, answers) = std::sync::mpsc::channel::<Vec<u8>>();
-    let info_answer = answer("200 OK", &info, "");
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
@@ -432,10 +431,41 @@ fn fuzz_client_answers() {
                     Ok(n) => request.extend_from_slice(&buf[..n]),
                 }
             }
-            let reply = if head.starts_with("get /v1/info") { info_answer.clone() } else { answers.recv().unwrap() };
+            let reply = match fixed.iter().find(|(prefix, _)| head.starts_with(prefix)) {
+                Some((_, answer)) => answer.clone(),
+                None => answers.recv().unwrap(),
+            };
             let _ = stream.write_all(&reply);
         }
     });
+    (url, send)
+}
+
+#[test]
+fn fuzz_client_answers() {
+    use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
+    use mekd_trainer::blackbox::{HttpTeacher, Teacher};
+    let info = serde_json::json!({
+        "input_shape": [1, 32, 32], "num_classes": 10, "class_names": null, "response": "soft",
+        "mean": [0.5], "std": [0.5], "max_batch": 16
+    })
+    .to_string();
+    let answer = |status: &str, body: &str, extra: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let logits: Vec<String> = (0..10).map(|i| format!("{}.5", i - 5)).collect();
+    let seeds = [
+        answer("200 OK", &format!(r#"{{"count":1,"logits":[{}],"remaining":null}}"#, logits.join(",")), ""),
+        answer("200 OK", r#"{"count":1,"labels":[3],"remaining":7}"#, ""),
+        answer("429 Too Many Requests", r#"{"error":"query budget exhausted","remaining":0}"#, ""),
+        answer("503 Service Unavailable", r#"{"error":"busy"}"#, "Retry-After: 0\r\n"),
+        answer("400 Bad Request", r#"{"error":"bad"}"#, ""),
+    ];
+    let (url, send) = scripted_server(vec![("get /v1/info", answer("200 OK", &info, ""))]);
     let mut teacher = HttpTeacher::connect(&url, "k", None)
         .unwrap()
         .with_retry(RetryPolicy { deadline: Duration::ZERO, ..Default::default() });
@@ -460,6 +490,53 @@ fn fuzz_client_answers() {
                     Err(e) => format!("client: {}", kind(e)),
                 }
             }
+        });
+    }
+    tally.report();
+}
+
+/// Hostile answers to the v2 client's queries (JSON and binary tensor data, mutated): an error
+/// or an answer of the right size, never a panic.
+#[test]
+fn fuzz_client_v2_answers() {
+    use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
+    let answer = |extra: &str, body: &[u8]| {
+        let mut reply = format!("HTTP/1.1 200 OK\r\n{extra}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        reply.extend_from_slice(body);
+        reply
+    };
+    let server = answer("", br#"{"name":"s","version":"1","extensions":["binary_tensor_data"]}"#);
+    let metadata = answer(
+        "",
+        br#"{"name":"m","versions":null,"platform":"","inputs":[{"name":"x","datatype":"UINT8","shape":[-1,1,32,32]}],"outputs":[{"name":"y","datatype":"FP32","shape":[-1,10]}]}"#,
+    );
+    let (url, send) = scripted_server(vec![("get /v2/models/m", metadata), ("get /v2", server)]);
+    let logits: Vec<f32> = (0..10).map(|i| i as f32 - 4.5).collect();
+    let json = serde_json::json!({"model_name": "m", "outputs": [{"name": "y", "shape": [1, 10],
+        "datatype": "FP32", "data": logits}], "parameters": {"remaining": 3}})
+    .to_string();
+    let head = r#"{"model_name":"m","outputs":[{"name":"y","shape":[1,10],"datatype":"FP32","parameters":{"binary_data_size":40}}]}"#;
+    let mut binary = head.as_bytes().to_vec();
+    binary.extend(logits.iter().flat_map(|v| v.to_le_bytes()));
+    let seeds = [
+        answer("Content-Type: application/json\r\n", json.as_bytes()),
+        answer(&format!("Inference-Header-Content-Length: {}\r\n", head.len()), &binary),
+    ];
+    let client = HttpClient::new(&format!("v2+{url}/v2/models/m"), "k")
+        .unwrap()
+        .with_retry(RetryPolicy { deadline: Duration::ZERO, ..Default::default() });
+    assert_eq!(client.info().unwrap().num_classes, 10);
+    let image = vec![0u8; 1024];
+    let mut rng = rng(6);
+    let mut tally = Tally::new("v2 client parsing of answers");
+    for case in 0..cases() {
+        send.send(mutate(&seeds[rng.below(seeds.len())], &mut rng, 200)).unwrap();
+        tally.case(case, Duration::from_secs(10), || match client.query(&image, None) {
+            Ok((a, _)) => {
+                assert_eq!(a.logits.map(|l| l.len()), Some(10), "case {case}");
+                "ok".into()
+            }
+            Err(e) => format!("error: {}", kind(e)),
         });
     }
     tally.report();

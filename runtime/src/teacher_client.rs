@@ -439,7 +439,7 @@ impl HttpClient {
                 return Err(ClientError::Protocol(format!("{part_key:?} is not a valid idempotency key")));
             }
             let n = chunk.len() / per_image;
-            let (body, header) = v2_request_body(spec, chunk, n, &part_key)?;
+            let (body, header) = v2_request_body(spec, chunk, n, &part_key);
             let headers: Vec<(&str, String)> =
                 header.map(|len| (v2::HEADER_LENGTH, len.to_string())).into_iter().collect();
             let path = format!("{model}/infer");
@@ -533,44 +533,23 @@ fn read_v2_metadata(metadata: &v2::ModelMetadata, options: &V2Options, binary: b
 }
 
 /// The body of a v2 request for `n` images (its `id`: the request's idempotency key, which
-/// some servers require and log), and the JSON part's length when the tensor travels
-/// as binary data.
-fn v2_request_body(spec: &V2Model, images: &[u8], n: usize, id: &str) -> Result<(Vec<u8>, Option<usize>), ClientError> {
+/// some servers require and log), and the JSON part's length when the tensor travels as binary
+/// data.
+fn v2_request_body(spec: &V2Model, images: &[u8], n: usize, id: &str) -> (Vec<u8>, Option<usize>) {
     let [c, h, w] = spec.info.input_shape;
-    let (datatype, data) = match &spec.norm {
-        None => ("UINT8", v2::Data::U8(images.to_vec())),
-        Some(norm) => ("FP32", v2::Data::F32(to_model_input(images, spec.info.input_shape, norm))),
+    let data = match &spec.norm {
+        None => v2::Data::U8(images.to_vec()),
+        Some(norm) => v2::Data::F32(to_model_input(images, spec.info.input_shape, norm)),
     };
     let shape = vec![n as u64, c as u64, h as u64, w as u64];
-    let binary_flag = |name: &str| Some(v2::Parameters::from_iter([(name.to_string(), true.into())]));
+    let (input, tail) = v2::Tensor::carrying(&spec.input, shape, data, spec.binary);
     let outputs = Some(vec![v2::RequestedOutput {
         name: spec.output.clone(),
-        parameters: if spec.binary { binary_flag(v2::BINARY_DATA) } else { None },
+        parameters: spec.binary.then(|| v2::parameter(v2::BINARY_DATA, true)),
     }]);
-    let write = |request: &v2::InferRequest<v2::Data>| serde_json::to_vec(request).expect("serialisable");
-    if !spec.binary {
-        let input = v2::Tensor {
-            name: spec.input.clone(),
-            shape,
-            datatype: datatype.into(),
-            parameters: None,
-            data: Some(data),
-        };
-        return Ok((
-            write(&v2::InferRequest { id: Some(id.to_string()), parameters: None, inputs: vec![input], outputs }),
-            None,
-        ));
-    }
-    let bytes = match data {
-        v2::Data::U8(values) => values,
-        v2::Data::F32(values) => v2::f32_bytes(&values),
-        v2::Data::I64(values) => v2::i64_bytes(&values),
-    };
-    let size = v2::Parameters::from_iter([(v2::BINARY_DATA_SIZE.to_string(), bytes.len().into())]);
-    let input =
-        v2::Tensor { name: spec.input.clone(), shape, datatype: datatype.into(), parameters: Some(size), data: None };
-    let json = write(&v2::InferRequest { id: Some(id.to_string()), parameters: None, inputs: vec![input], outputs });
-    Ok((v2::with_binary(&json, &bytes), Some(json.len())))
+    let request = v2::InferRequest { id: Some(id.to_string()), parameters: None, inputs: vec![input], outputs };
+    let json = serde_json::to_vec(&request).expect("serialisable");
+    if spec.binary { (v2::with_binary(&json, &tail), Some(json.len())) } else { (json, None) }
 }
 
 /// The logits (`n x K`) and the key's remaining queries (this project's server) in a v2 answer.
@@ -675,7 +654,7 @@ mod tests {
         for binary in [false, true] {
             let spec =
                 read_v2_metadata(&meta, &V2Options { norm: Some(norm.clone()), ..Default::default() }, binary).unwrap();
-            let (body, header) = v2_request_body(&spec, &images, 2, "q-1").unwrap();
+            let (body, header) = v2_request_body(&spec, &images, 2, "q-1");
             let header = header.map(|n| n.to_string());
             let (json, tail) = v2::split_body(&body, header.as_deref()).unwrap();
             let request: v2::InferRequest<v2::Values> = serde_json::from_slice(json).unwrap();
@@ -694,8 +673,8 @@ mod tests {
 
             let logits = [0.25f32, -1.5, 3.0, 0.125];
             let (answer, header_length) = if binary {
-                let bytes = v2::f32_bytes(&logits);
-                let size = v2::Parameters::from_iter([(v2::BINARY_DATA_SIZE.to_string(), bytes.len().into())]);
+                let bytes = v2::Data::F32(logits.to_vec()).to_le_bytes();
+                let size = v2::parameter(v2::BINARY_DATA_SIZE, bytes.len());
                 let out = v2::Tensor::<v2::Data> {
                     name: "y".into(),
                     shape: vec![2, 2],

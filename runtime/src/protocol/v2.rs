@@ -160,6 +160,45 @@ pub enum Data {
     I64(Vec<i64>),
 }
 
+impl Data {
+    /// The protocol's name of the element type.
+    pub fn datatype(&self) -> &'static str {
+        match self {
+            Data::U8(_) => "UINT8",
+            Data::F32(_) => "FP32",
+            Data::I64(_) => "INT64",
+        }
+    }
+
+    /// The elements as binary tensor data (little-endian).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Data::U8(values) => values.clone(),
+            Data::F32(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Data::I64(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl Tensor<Data> {
+    /// A tensor of `data`, its elements in the JSON, or (`binary`) named by size in its
+    /// parameters and returned as the bytes to send after the JSON.
+    pub fn carrying(name: &str, shape: Vec<u64>, data: Data, binary: bool) -> (Self, Vec<u8>) {
+        let datatype = data.datatype().to_string();
+        if !binary {
+            return (Tensor { name: name.into(), shape, datatype, parameters: None, data: Some(data) }, Vec::new());
+        }
+        let bytes = data.to_le_bytes();
+        let parameters = Some(parameter(BINARY_DATA_SIZE, bytes.len()));
+        (Tensor { name: name.into(), shape, datatype, parameters, data: None }, bytes)
+    }
+}
+
+/// Parameters holding one `name: value`.
+pub fn parameter(name: &str, value: impl Into<serde_json::Value>) -> Parameters {
+    Parameters::from_iter([(name.to_string(), value.into())])
+}
+
 /// Tensor elements read from JSON, flat or nested, as `f64` (exact for every `UINT8`, `INT32`
 /// and `FP32` value; `INT64` beyond 2^53 is not a class index or a pixel).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -246,16 +285,6 @@ pub fn flag(parameters: Option<&Parameters>, name: &str) -> bool {
     parameters.and_then(|p| p.get(name)).and_then(serde_json::Value::as_bool).unwrap_or(false)
 }
 
-/// Little-endian `f32`s to bytes (binary tensor data).
-pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Little-endian `i64`s to bytes (binary tensor data).
-pub fn i64_bytes(values: &[i64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Elements of binary tensor data of `datatype`, as `f64`; `None` for a type this project does
 /// not read or a length that is not whole elements.
 pub fn decode_binary(datatype: &str, bytes: &[u8]) -> Option<Vec<f64>> {
@@ -307,8 +336,8 @@ mod tests {
 
     #[test]
     fn binary_data_decodes_each_type() {
-        assert_eq!(decode_binary("FP32", &f32_bytes(&[1.5, -2.0])).unwrap(), [1.5, -2.0]);
-        assert_eq!(decode_binary("INT64", &i64_bytes(&[7, -1])).unwrap(), [7.0, -1.0]);
+        assert_eq!(decode_binary("FP32", &Data::F32(vec![1.5, -2.0]).to_le_bytes()).unwrap(), [1.5, -2.0]);
+        assert_eq!(decode_binary("INT64", &Data::I64(vec![7, -1]).to_le_bytes()).unwrap(), [7.0, -1.0]);
         assert_eq!(decode_binary("UINT8", &[0, 255]).unwrap(), [0.0, 255.0]);
         // Half precision: 1.0, -2.0, 0.5, the smallest subnormal.
         let halves = [0x3c00u16, 0xc000, 0x3800, 0x0001];

@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use mekd_runtime::engine::argmax_rows;
 use mekd_runtime::protocol::v2::{
-    self, Data, InferRequest, InferResponse, ModelMetadata, Parameters, ServerMetadata, Tensor, TensorMetadata, Values,
+    self, Data, InferRequest, InferResponse, ModelMetadata, ServerMetadata, Tensor, TensorMetadata, Values,
 };
 use mekd_runtime::protocol::{self, ResponseMode};
 
@@ -157,30 +157,19 @@ fn answer(
     }
     let Answered { count, logits, remaining, replayed } =
         charge_and_run(shared, key, idempotency, protocol::fnv1a(body), &pixels)?;
-    let (shape, datatype, data) = match shared.info.response {
-        ResponseMode::Soft => (vec![count as u64, shared.info.num_classes as u64], "FP32", Data::F32(logits)),
+    let (shape, data) = match shared.info.response {
+        ResponseMode::Soft => (vec![count as u64, shared.info.num_classes as u64], Data::F32(logits)),
         ResponseMode::Hard => {
             let labels = argmax_rows(&logits, shared.info.num_classes).into_iter().map(|l| l as i64).collect();
-            (vec![count as u64], "INT64", Data::I64(labels))
+            (vec![count as u64], Data::I64(labels))
         }
     };
-    let (data, parameters, tail) = if binary_output {
-        let bytes = match &data {
-            Data::F32(values) => v2::f32_bytes(values),
-            Data::I64(values) => v2::i64_bytes(values),
-            Data::U8(values) => values.clone(),
-        };
-        let parameters = Parameters::from_iter([(v2::BINARY_DATA_SIZE.to_string(), bytes.len().into())]);
-        (None, Some(parameters), bytes)
-    } else {
-        (Some(data), None, Vec::new())
-    };
-    let output = Tensor { name: output_name.into(), shape, datatype: datatype.into(), parameters, data };
+    let (output, tail) = Tensor::carrying(output_name, shape, data, binary_output);
     let answer = InferResponse {
         model_name: shared.model_name.clone(),
         model_version: Some(VERSION.into()),
         id: request.id,
-        parameters: remaining.map(|r| Parameters::from_iter([(v2::REMAINING.to_string(), r.into())])),
+        parameters: remaining.map(|r| v2::parameter(v2::REMAINING, r)),
         outputs: vec![output],
     };
     let response = if binary_output {

@@ -10,24 +10,10 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use burn_onnx::export::{AxisSpec, InputSpec, OnnxExporter};
 
+use mekd_contract::metadata as keys;
+
 use crate::error::ModelError;
 use crate::zoo::{Classifier, ClassifierSpec};
-
-/// Metadata keys written into exported models.
-pub mod keys {
-    /// Zoo architecture name, e.g. `resnet8`.
-    pub const ARCHITECTURE: &str = "mekd.architecture";
-    /// Number of classes.
-    pub const NUM_CLASSES: &str = "mekd.num_classes";
-    /// Input shape of one image, `C,H,W`.
-    pub const INPUT_SHAPE: &str = "mekd.input_shape";
-    /// Per-channel mean applied to pixels scaled to [0, 1], comma-separated.
-    pub const MEAN: &str = "mekd.mean";
-    /// Per-channel standard deviation applied to pixels scaled to [0, 1], comma-separated.
-    pub const STD: &str = "mekd.std";
-    /// Class names, comma-separated (optional).
-    pub const CLASS_NAMES: &str = "mekd.class_names";
-}
 
 /// What the exported model tells its users about its input and output.
 #[derive(Clone, Debug, PartialEq)]

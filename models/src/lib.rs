@@ -8,6 +8,7 @@ pub mod cost;
 pub mod error;
 pub mod export;
 pub mod gan;
+mod head;
 pub mod lenet;
 pub mod mobilenet;
 pub mod params;

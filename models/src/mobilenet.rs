@@ -96,9 +96,7 @@ impl MobileNet {
         for block in &self.blocks {
             x = block.forward(x);
         }
-        let x = self.pool.forward(x);
-        let [batch, channels, _, _] = x.dims();
-        self.fc.forward(x.reshape([batch, channels]))
+        crate::head::pooled_logits(&self.pool, &self.fc, x)
     }
 
     /// Multiply-adds per image of size `input`.

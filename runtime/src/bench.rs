@@ -8,57 +8,18 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::data::Dataset;
-use crate::data::preprocess::{Normalisation, to_model_input};
 use crate::engine::{Engine, EngineError, argmax_rows};
-use crate::teacher_client::{HttpClient, V2Options};
-
-/// p50/p90/p99 and mean of a set of durations, in milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Percentiles {
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Mean.
-    pub mean: f64,
-    /// Samples.
-    pub samples: usize,
-}
-
-impl Percentiles {
-    /// Percentiles of `ms` (nearest rank).
-    pub fn of(mut ms: Vec<f64>) -> Self {
-        if ms.is_empty() {
-            return Self::default();
-        }
-        ms.sort_by(f64::total_cmp);
-        let at = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
-        Self {
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            mean: ms.iter().sum::<f64>() / ms.len() as f64,
-            samples: ms.len(),
-        }
-    }
-}
+use crate::teacher_client::HttpClient;
+use mekd_contract::{Normalisation, Percentiles, to_model_input};
 
 /// The teacher to compare with.
-#[derive(Clone, Debug)]
 pub enum TeacherSource {
-    /// A teacher over HTTP at `url` (the own API, or `v2+http://...` for the Open Inference
-    /// Protocol), with `key`.
+    /// A teacher over HTTP (the own API, or the Open Inference Protocol).
     Http {
-        /// The teacher's URL.
+        /// Where it is, for the report.
         url: String,
-        /// API key.
-        key: String,
-        /// How to read a v2 teacher.
-        v2: V2Options,
-        /// PEM certificate authorities to trust instead of the system's, for `https://`.
-        ca_cert: Option<Vec<u8>>,
+        /// Its client.
+        client: Box<HttpClient>,
     },
     /// A local ONNX teacher run with tract.
     Onnx {
@@ -116,13 +77,16 @@ pub struct BenchReport {
     pub params: u64,
     /// Parse + optimise + make runnable, batch 1 (ms).
     pub load_ms: f64,
+    /// The same for the throughput run's batch size (ms).
+    pub batch_load_ms: f64,
     /// Batch-1 latency after warm-up.
     pub latency_ms: Percentiles,
     /// Images per second at `throughput_batch`.
     pub throughput_ips: f64,
     /// Batch size of the throughput run.
     pub throughput_batch: usize,
-    /// Peak resident memory of the process (bytes; Linux `VmHWM`).
+    /// Peak resident memory of the process up to the end of the student's runs, before any
+    /// teacher pass (bytes; Linux `VmHWM`): the engine, both plans and the prepared images.
     pub peak_rss_bytes: Option<u64>,
     /// Top-1 accuracy (percent).
     pub accuracy: f64,
@@ -151,6 +115,9 @@ pub enum BenchError {
     /// Something the user must supply.
     #[error("{0}")]
     Usage(String),
+    /// The normalisation cannot apply to the model.
+    #[error(transparent)]
+    Normalisation(#[from] mekd_contract::NormalisationError),
 }
 
 /// Peak resident set size of this process, from `/proc/self/status` (Linux).
@@ -180,19 +147,6 @@ pub fn kernels(engine: &Engine) -> (String, Vec<String>) {
     (isa_text, found)
 }
 
-/// Normalisation to use: flags first, then the model's metadata.
-pub fn resolve_norm(
-    flag: Option<Normalisation>,
-    meta: Option<&Normalisation>,
-    model: &Path,
-    channels: usize,
-) -> Result<Normalisation, BenchError> {
-    let norm = flag.or_else(|| meta.cloned()).ok_or_else(|| {
-        BenchError::Usage(format!("{} carries no normalisation metadata: give --mean and --std", model.display()))
-    })?;
-    Ok(norm.for_channels(channels)?)
-}
-
 /// Benchmark `model` on `data` (labeled, any size; converted to the model's input).
 pub fn run(
     model: &Path,
@@ -209,7 +163,7 @@ pub fn run(
     if h != w {
         return Err(BenchError::Usage(format!("model input {h}x{w} is not square")));
     }
-    let norm = resolve_norm(norm, info.normalisation.as_ref(), model, c)?;
+    let norm = Normalisation::choose(norm, info.normalisation.as_ref(), c, model)?;
     let images = data.prepare(c, h)?;
     let input = to_model_input(&images.pixels, images.shape, &norm);
     let per_image = c * h * w;
@@ -228,10 +182,15 @@ pub fn run(
     let (isa, kernels) = kernels(&single);
     drop(single);
 
+    let t = Instant::now();
     let mut batched = Engine::load(model, options.batch)?;
+    let batch_load_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let logits = batched.run_many(&input)?;
     let batched_s = t.elapsed().as_secs_f64();
+    drop(batched);
+    // Before the teacher pass: a local teacher's engine is not the student's memory.
+    let peak_rss = peak_rss_bytes();
     let predictions = argmax_rows(&logits, info.num_classes);
     let correct = images.correct(&predictions);
     let accuracy = 100.0 * correct as f64 / n as f64;
@@ -246,10 +205,11 @@ pub fn run(
         model_bytes: info.file_bytes,
         params: info.params,
         load_ms,
+        batch_load_ms,
         latency_ms: Percentiles::of(times),
         throughput_ips: n as f64 / batched_s,
         throughput_batch: options.batch,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: peak_rss,
         accuracy,
         images: n,
         isa,
@@ -266,11 +226,7 @@ fn compare_teacher(
 ) -> Result<TeacherReport, BenchError> {
     let teacher_error = |e: &dyn std::fmt::Display| BenchError::Teacher(e.to_string());
     let (labels, rtt, queries, name) = match source {
-        TeacherSource::Http { url, key, v2, ca_cert } => {
-            let mut client = HttpClient::new(url, key).map_err(|e| teacher_error(&e))?.with_v2(v2.clone());
-            if let Some(pem) = ca_cert {
-                client = client.with_ca_cert(pem).map_err(|e| teacher_error(&e))?;
-            }
+        TeacherSource::Http { url, client } => {
             let info = client.info().map_err(|e| teacher_error(&e))?;
             let [c, h, w] = info.input_shape;
             if h != w {
@@ -278,7 +234,7 @@ fn compare_teacher(
             }
             let images = data.prepare(c, h)?;
             let per_image = c * h * w;
-            let answer_labels = |r: crate::protocol::QueryResponse| -> Vec<usize> {
+            let answer_labels = |r: mekd_contract::protocol::QueryResponse| -> Vec<usize> {
                 r.labels.unwrap_or_else(|| argmax_rows(&r.logits.unwrap_or_default(), info.num_classes))
             };
             let mut rtt = Vec::new();
@@ -303,7 +259,7 @@ fn compare_teacher(
             let mut engine = Engine::load(path, 1)?;
             let info = engine.info().clone();
             let [c, h, _] = info.input_shape;
-            let norm = resolve_norm(norm.clone(), info.normalisation.as_ref(), path, c)?;
+            let norm = Normalisation::choose(norm.clone(), info.normalisation.as_ref(), c, path)?;
             let images = data.prepare(c, h)?;
             let input = to_model_input(&images.pixels, images.shape, &norm);
             let per_image = input.len() / images.len();
@@ -333,14 +289,6 @@ fn compare_teacher(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let p = Percentiles::of((1..=100).map(f64::from).collect());
-        assert_eq!((p.p50, p.p90, p.p99, p.samples), (50.0, 90.0, 99.0, 100));
-        assert!((p.mean - 50.5).abs() < 1e-12);
-        assert_eq!(Percentiles::of(vec![]).samples, 0);
-    }
 
     #[test]
     fn peak_rss_is_read_on_linux() {

@@ -1,10 +1,42 @@
 //! Command-line argument groups that mean the same in both binaries (`mekd` and `mekd-edge`),
 //! declared once.
 
-use crate::data::preprocess::Normalisation;
-use crate::protocol::API_KEY_ENV;
-use crate::teacher_client::{V2_SCHEME_PREFIX, V2Options};
 use std::path::PathBuf;
+
+use mekd_contract::Normalisation;
+use mekd_contract::protocol::API_KEY_ENV;
+
+use crate::teacher_client::{HttpClient, V2_SCHEME_PREFIX, V2Options};
+
+/// `--teacher URL` and how to reach it: its API key, how to read a v2 teacher, and the
+/// certificate authority of an `https://` one.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct HttpTeacherArgs {
+    /// The teacher over HTTP(S): this project's API (`mekd teacher serve`, e.g.
+    /// http://127.0.0.1:8080) or a model served over the Open Inference Protocol by KServe,
+    /// Triton, MLServer or `mekd teacher serve` (v2+http://HOST:PORT/v2/models/NAME; see the
+    /// --teacher-* flags).
+    #[arg(long, group = "teacher_source")]
+    pub teacher: Option<String>,
+    #[command(flatten)]
+    pub key: ApiKeyArgs,
+    #[command(flatten)]
+    pub v2: V2Args,
+    #[command(flatten)]
+    pub ca_cert: CaCertArgs,
+}
+
+impl HttpTeacherArgs {
+    /// A client of the teacher, if --teacher was given.
+    pub fn client(&self) -> anyhow::Result<Option<HttpClient>> {
+        let Some(url) = &self.teacher else { return Ok(None) };
+        let mut client = HttpClient::new(url, &self.key.for_teacher(url)?)?.with_v2(self.v2.clone().options());
+        if let Some(pem) = self.ca_cert.read()? {
+            client = client.with_ca_cert(&pem)?;
+        }
+        Ok(Some(client))
+    }
+}
 
 /// `--mean`/`--std` for models that carry no normalisation metadata.
 #[derive(Clone, Debug, Default, clap::Args)]

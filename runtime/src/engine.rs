@@ -7,23 +7,8 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-pub use crate::data::preprocess::Normalisation;
-
-/// Metadata keys written by this project's exporter (`mekd-models`).
-pub mod keys {
-    /// Zoo architecture name.
-    pub const ARCHITECTURE: &str = "mekd.architecture";
-    /// Number of classes.
-    pub const NUM_CLASSES: &str = "mekd.num_classes";
-    /// `C,H,W` of one image.
-    pub const INPUT_SHAPE: &str = "mekd.input_shape";
-    /// Per-channel mean on [0, 1] pixels.
-    pub const MEAN: &str = "mekd.mean";
-    /// Per-channel std on [0, 1] pixels.
-    pub const STD: &str = "mekd.std";
-    /// Comma-separated class names.
-    pub const CLASS_NAMES: &str = "mekd.class_names";
-}
+use mekd_contract::Normalisation;
+use mekd_contract::metadata as keys;
 
 /// Why a model cannot be loaded or run.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! The edge side of MEKD: dataset readers shared with the trainer, ONNX inference with tract,
-//! the teacher's wire protocol and HTTP client.
+//! the teacher's HTTP client (the wire protocol itself is `mekd-contract`'s).
 //!
 //! This crate must stay small and must not depend on burn: it cross-compiles to the boards.
 
@@ -9,9 +9,8 @@ pub mod data;
 pub mod display;
 pub mod engine;
 pub mod fsutil;
-pub mod protocol;
 pub mod rng;
 pub mod teacher_client;
 
 pub use data::{DataError, Dataset, Split};
-pub use engine::{Engine, EngineError, ModelInfo, Normalisation};
+pub use engine::{Engine, EngineError, ModelInfo};

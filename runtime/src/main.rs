@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource, resolve_norm};
-use mekd_runtime::cli::{ApiKeyArgs, CaCertArgs, NormArgs, V2Args};
+use mekd_contract::{Normalisation, to_model_input};
+use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource};
+use mekd_runtime::cli::{HttpTeacherArgs, NormArgs};
 use mekd_runtime::data::decode_image;
-use mekd_runtime::data::preprocess::{convert_image, to_model_input};
+use mekd_runtime::data::preprocess::convert_image;
 use mekd_runtime::display::Screen;
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
 use mekd_runtime::{Dataset, Split};
@@ -48,18 +49,8 @@ enum Command {
     },
     /// Top-1 accuracy of a model on a labeled dataset.
     Eval {
-        /// The ONNX model.
-        #[arg(long)]
-        model: PathBuf,
-        /// Dataset folder or archive (IDX, CIFAR-10 batches, image folders, .tar.gz).
-        #[arg(long)]
-        data: PathBuf,
-        /// Split to evaluate.
-        #[arg(long, default_value = "test")]
-        split: Split,
-        /// Evaluate only the first N images.
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        on: ModelOnData,
         #[command(flatten)]
         norm: NormArgs,
         /// Batch size for inference.
@@ -71,12 +62,13 @@ enum Command {
     },
 }
 
+/// A model and the labeled data to run it on.
 #[derive(clap::Args)]
-struct BenchArgs {
-    /// The ONNX student.
+struct ModelOnData {
+    /// The ONNX model.
     #[arg(long)]
     model: PathBuf,
-    /// Labeled test data: IDX folder, CIFAR-10 batches, image folders or .tar.gz.
+    /// Labeled data: IDX folder, CIFAR-10 batches, image folders or .tar.gz.
     #[arg(long)]
     data: PathBuf,
     /// Split to use.
@@ -85,19 +77,24 @@ struct BenchArgs {
     /// Use only the first N images.
     #[arg(long)]
     limit: Option<usize>,
-    /// The teacher over HTTP: this project's API (e.g. http://127.0.0.1:8080), or a model served
-    /// over the Open Inference Protocol by KServe, Triton, MLServer or `mekd teacher serve`
-    /// (v2+http://HOST:PORT/v2/models/NAME).
-    #[arg(long)]
-    teacher: Option<String>,
+}
+
+impl ModelOnData {
+    /// The data's split, cut to --limit.
+    fn dataset(&self) -> Result<Dataset> {
+        let data = Dataset::load(&self.data, self.split).with_context(|| format!("reading {}", self.data.display()))?;
+        Ok(data.take(self.limit.unwrap_or(usize::MAX)))
+    }
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
     #[command(flatten)]
-    key: ApiKeyArgs,
+    on: ModelOnData,
     #[command(flatten)]
-    v2: V2Args,
-    #[command(flatten)]
-    ca_cert: CaCertArgs,
-    /// A local ONNX teacher (run with tract) instead of the HTTP API.
-    #[arg(long, conflicts_with = "teacher")]
+    teacher: HttpTeacherArgs,
+    /// A local ONNX teacher instead of one over HTTP (run with tract here, the board's engine).
+    #[arg(long, group = "teacher_source")]
     teacher_onnx: Option<PathBuf>,
     #[command(flatten)]
     norm: NormArgs,
@@ -147,7 +144,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut engine = Engine::load(&model, 1)?;
             let info = engine.info().clone();
             let [c, h, w] = info.input_shape;
-            let norm = resolve_norm(norm.get(), info.normalisation.as_ref(), &model, c)?;
+            let norm = Normalisation::choose(norm.get(), info.normalisation.as_ref(), c, &model)?;
             for path in images {
                 let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
                 let (pixels, shape) = decode_image(&path, &bytes)?;
@@ -163,13 +160,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { model, data, split, limit, norm, batch, json } => {
-            let mut engine = Engine::load(&model, batch)?;
+        Command::Eval { on, norm, batch, json } => {
+            let mut engine = Engine::load(&on.model, batch)?;
             let info = engine.info().clone();
             let [c, h, w] = info.input_shape;
-            let norm = resolve_norm(norm.get(), info.normalisation.as_ref(), &model, c)?;
-            let dataset = Dataset::load(&data, split).with_context(|| format!("reading {}", data.display()))?;
-            let dataset = dataset.take(limit.unwrap_or(usize::MAX)).prepare(c, h.max(w))?;
+            let norm = Normalisation::choose(norm.get(), info.normalisation.as_ref(), c, &on.model)?;
+            let dataset = on.dataset()?.prepare(c, h.max(w))?;
             if dataset.shape != [c, h, w] {
                 bail!("model input {h}x{w} is not square; resize is to squares only");
             }
@@ -189,20 +185,19 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    let teacher = match (&args.teacher, &args.teacher_onnx) {
-        (Some(url), None) => {
-            let (key, v2, ca_cert) = (args.key.for_teacher(url)?, args.v2.clone().options(), args.ca_cert.read()?);
-            Some(TeacherSource::Http { url: url.clone(), key, v2, ca_cert })
-        }
+    let teacher = match (args.teacher.client()?, &args.teacher_onnx) {
+        (Some(client), _) => Some(TeacherSource::Http {
+            url: args.teacher.teacher.clone().unwrap_or_default(),
+            client: Box::new(client),
+        }),
         (None, Some(path)) => Some(TeacherSource::Onnx { path: path.clone(), norm: None }),
-        _ => None,
+        (None, None) => None,
     };
-    let data = Dataset::load(&args.data, args.split).with_context(|| format!("reading {}", args.data.display()))?;
-    let data = data.take(args.limit.unwrap_or(usize::MAX));
+    let data = args.on.dataset()?;
     let options =
         BenchOptions { iterations: args.iterations.max(1), batch: args.batch.max(1), ..BenchOptions::default() };
     let norm = args.norm.get();
-    let report = mekd_runtime::bench::run(&args.model, &data, norm, &options, teacher.as_ref())?;
+    let report = mekd_runtime::bench::run(&args.on.model, &data, norm, &options, teacher.as_ref())?;
     let screen = Screen::from_report(&report);
     if let Some(png) = &args.png {
         mekd_runtime::fsutil::write_atomic(png, &screen.render().to_png(4))
@@ -224,7 +219,7 @@ fn print_report(r: &BenchReport, verbose: bool) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("model          {} ({})", r.model, r.architecture.as_deref().unwrap_or("no metadata"));
     println!("size           {:.1} KiB, {} weights", r.model_bytes as f64 / 1024.0, r.params);
-    println!("load+optimise  {:.1} ms", r.load_ms);
+    println!("load+optimise  {:.1} ms (batch 1), {:.1} ms (batch {})", r.load_ms, r.batch_load_ms, r.throughput_batch);
     println!(
         "latency b=1    p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  ({} runs)",
         r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.samples

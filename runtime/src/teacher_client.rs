@@ -14,9 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::data::preprocess::{Normalisation, to_model_input};
-use crate::protocol::{self, ErrorBody, QueryResponse, TeacherInfo, Usage, v2};
 use crate::rng::os_random_u64;
+use mekd_contract::Usage;
+use mekd_contract::protocol::{self, ErrorBody, KeyUsage, QueryResponse, TeacherInfo, v2};
+use mekd_contract::{Normalisation, to_model_input};
 use ureq::tls::{RootCerts, TlsConfig};
 
 /// A failed call to the teacher server.
@@ -167,15 +168,6 @@ pub struct HttpClient {
     retry: RetryPolicy,
 }
 
-/// Bytes that crossed the wire for one call (HTTP bodies, in both protocols).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Transfer {
-    /// Request body bytes.
-    pub up: u64,
-    /// Response body bytes.
-    pub down: u64,
-}
-
 /// A 200 answer's body and the v2 binary header's value.
 struct Body {
     bytes: Vec<u8>,
@@ -314,18 +306,14 @@ impl HttpClient {
     }
 
     /// `GET /v1/usage` (this project's server, whichever protocol its queries used).
-    pub fn usage(&self) -> Result<Usage, ClientError> {
+    pub fn usage(&self) -> Result<KeyUsage, ClientError> {
         self.get(protocol::USAGE)
     }
 
     /// Ask the teacher about `images` (`u8`, CHW, back to back), under `idempotency_key` (a
     /// fresh random one when `None`), retried as the [`RetryPolicy`] says. The transfer counts
-    /// the request and answer bodies of the attempts that were answered.
-    pub fn query(
-        &self,
-        images: &[u8],
-        idempotency_key: Option<&str>,
-    ) -> Result<(QueryResponse, Transfer), ClientError> {
+    /// the images and the request and answer bodies of the attempts that were answered.
+    pub fn query(&self, images: &[u8], idempotency_key: Option<&str>) -> Result<(QueryResponse, Usage), ClientError> {
         let fresh;
         let key = match idempotency_key {
             Some(key) => key,
@@ -342,7 +330,13 @@ impl HttpClient {
                 let body = self.post(protocol::QUERY, "application/octet-stream", &[], images, key)?;
                 let answer = serde_json::from_slice(&body.bytes)
                     .map_err(|e| ClientError::Protocol(format!("{}: {e}", protocol::QUERY)))?;
-                Ok((answer, Transfer { up: images.len() as u64, down: body.bytes.len() as u64 }))
+                let answer: QueryResponse = answer;
+                let cost = Usage {
+                    queries: answer.count as u64,
+                    bytes_up: images.len() as u64,
+                    bytes_down: body.bytes.len() as u64,
+                };
+                Ok((answer, cost))
             }
             Api::V2 { model } => self.v2_query(model, images, key),
         }
@@ -418,7 +412,7 @@ impl HttpClient {
     }
 
     /// A query over the Open Inference Protocol: one request per batch the model takes.
-    fn v2_query(&self, model: &str, images: &[u8], key: &str) -> Result<(QueryResponse, Transfer), ClientError> {
+    fn v2_query(&self, model: &str, images: &[u8], key: &str) -> Result<(QueryResponse, Usage), ClientError> {
         let spec = self.v2_model(model)?;
         let [c, h, w] = spec.info.input_shape;
         let per_image = c * h * w;
@@ -431,7 +425,7 @@ impl HttpClient {
         let chunks: Vec<&[u8]> = images.chunks(spec.info.max_batch.max(1) * per_image).collect();
         let mut logits = Vec::with_capacity(images.len() / per_image * spec.info.num_classes);
         let mut remaining = None;
-        let mut transfer = Transfer::default();
+        let mut cost = Usage::default();
         for (i, chunk) in chunks.iter().enumerate() {
             // One idempotency key per request: the caller's, numbered when the query is split.
             let part_key = if chunks.len() == 1 { key.to_string() } else { format!("{key}.{i}") };
@@ -448,11 +442,10 @@ impl HttpClient {
             let (part, left) = read_v2_answer(spec, &got, n)?;
             logits.extend(part);
             remaining = left;
-            transfer.up += body.len() as u64;
-            transfer.down += got.bytes.len() as u64;
+            cost = cost + Usage { queries: n as u64, bytes_up: body.len() as u64, bytes_down: got.bytes.len() as u64 };
         }
         let answer = QueryResponse { count: images.len() / per_image, logits: Some(logits), labels: None, remaining };
-        Ok((answer, transfer))
+        Ok((answer, cost))
     }
 }
 

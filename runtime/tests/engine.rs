@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
 
 fn fixture(name: &str) -> PathBuf {

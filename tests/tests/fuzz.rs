@@ -14,9 +14,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mekd_contract::Normalisation;
+use mekd_contract::protocol::{ResponseMode, fnv1a};
 use mekd_e2e::repo;
-use mekd_runtime::data::preprocess::Normalisation;
-use mekd_runtime::protocol::{ResponseMode, fnv1a};
 use mekd_runtime::{Dataset, Split};
 
 fn cases() -> u64 {
@@ -274,7 +274,7 @@ fn journal_seed() -> Vec<u8> {
 
 #[test]
 fn fuzz_query_journal() {
-    use mekd_trainer::blackbox::Usage;
+    use mekd_contract::Usage;
     use mekd_trainer::journal::Journal;
     let seed = journal_seed();
     let dir = tempfile::tempdir().unwrap();

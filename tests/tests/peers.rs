@@ -9,12 +9,12 @@
 //! script and CI), where a missing peer fails.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mekd_contract::Normalisation;
 use mekd_e2e::{binary, repo};
-use mekd_runtime::data::preprocess::Normalisation;
 use mekd_runtime::teacher_client::{HttpClient, V2Options};
 
 /// The peers' Python, or `None` (after saying why) when the peers are not installed here.
@@ -41,9 +41,41 @@ impl Drop for Process {
     }
 }
 
-/// A port free a moment ago (KServe cannot report a port it picked itself).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// KServe serving the foreign teacher as `foreign`, ready, with its port and a v2 client of it.
+/// KServe cannot report a port it picked itself, so the test picks a port that was free a moment
+/// ago; when KServe exits because another process took it meanwhile, it tries another.
+fn start_kserve(python: &Path) -> (Process, u16, HttpClient) {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut kserve = Process(
+            Command::new(python)
+                .arg(repo().join("scripts/peer-kserve.py"))
+                .env("MODEL", repo().join("fixtures/foreign-teacher.onnx"))
+                .env("NAME", "foreign")
+                .env("PORT", port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let url = format!("v2+http://127.0.0.1:{port}/v2/models/foreign");
+        let norm = Normalisation { mean: vec![0.1307], std: vec![0.3081] };
+        let client =
+            HttpClient::new(&url, "unused").unwrap().with_v2(V2Options { norm: Some(norm), ..Default::default() });
+        let started = Instant::now();
+        loop {
+            if let Some(status) = kserve.0.try_wait().unwrap() {
+                eprintln!("KServe exited ({status}) before it was ready on port {port}; trying another port");
+                break;
+            }
+            if client.health().is_ok() {
+                return (kserve, port, client);
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "KServe did not become ready in 120 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    panic!("KServe exited five times before it was ready");
 }
 
 /// The golden case: `u8` images of the foreign teacher and ONNX Runtime's (Python) logits.
@@ -71,33 +103,15 @@ const STD: &str = "0.3081";
 #[test]
 fn kserve_serves_a_foreign_model_to_the_v2_client_bench_and_distill() {
     let Some(python) = peer_python() else { return };
-    let port = free_port();
-    let _kserve = Process(
-        Command::new(&python)
-            .arg(repo().join("scripts/peer-kserve.py"))
-            .env("MODEL", repo().join("fixtures/foreign-teacher.onnx"))
-            .env("NAME", "foreign")
-            .env("PORT", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_kserve, port, client) = start_kserve(&python);
     let url = format!("v2+http://127.0.0.1:{port}/v2/models/foreign");
-    let norm = Normalisation { mean: vec![0.1307], std: vec![0.3081] };
-    let client = HttpClient::new(&url, "unused").unwrap().with_v2(V2Options { norm: Some(norm), ..Default::default() });
-    let started = Instant::now();
-    while client.health().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(120), "KServe did not become ready in 120 s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
     let info = client.info().unwrap();
     assert_eq!((info.input_shape, info.num_classes), ([1, 32, 32], 10));
     let (pixels, logits) = golden();
-    let (answer, transfer) = client.query(&pixels, None).unwrap();
+    let (answer, cost) = client.query(&pixels, None).unwrap();
     assert_eq!(answer.count, 3);
     assert_close(&answer.logits.unwrap(), &logits);
-    assert!(transfer.up > 3 * 1024 && transfer.down > 0, "{transfer:?}");
+    assert!(cost.queries == 3 && cost.bytes_up > 3 * 1024 && cost.bytes_down > 0, "{cost:?}");
 
     // The edge benchmark against it: tract's answers on the same file agree with ONNX Runtime's.
     let common = ["--teacher", url.as_str(), "--teacher-mean", MEAN, "--teacher-std", STD];

@@ -1,8 +1,8 @@
 //! Turning `u8` datasets into burn tensors, batch by batch.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::Dataset;
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::rng::SplitMix64;
 
 /// Images of `indices` as a `[n, C, H, W]` tensor scaled to [-1, 1].

@@ -5,12 +5,12 @@
 
 use std::path::Path;
 
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
-use mekd_runtime::engine::{argmax_rows, inspect};
-use mekd_runtime::protocol::{QueryResponse, ResponseMode, TeacherInfo};
+use mekd_contract::protocol::{QueryResponse, ResponseMode, TeacherInfo};
+use mekd_contract::{Normalisation, Usage, to_model_input};
+use mekd_runtime::engine::argmax_rows;
 use mekd_runtime::teacher_client::{ClientError, HttpClient, RetryPolicy};
 
-use crate::onnxruntime::OrtClassifier;
+use crate::onnxruntime::{OrtClassifier, OrtTeacherModel};
 
 /// Per-image answers of the teacher.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,40 +61,6 @@ impl Responses {
     }
 }
 
-/// Queries and bytes exchanged with the teacher.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Usage {
-    /// Images sent (one query per image).
-    pub queries: u64,
-    /// Bytes sent (request bodies).
-    pub bytes_up: u64,
-    /// Bytes received (response bodies).
-    pub bytes_down: u64,
-}
-
-impl std::ops::Add for Usage {
-    type Output = Usage;
-    fn add(self, other: Usage) -> Usage {
-        Usage {
-            queries: self.queries + other.queries,
-            bytes_up: self.bytes_up + other.bytes_up,
-            bytes_down: self.bytes_down + other.bytes_down,
-        }
-    }
-}
-
-impl std::ops::Sub for Usage {
-    type Output = Usage;
-    /// What was used between `other` (earlier) and `self`.
-    fn sub(self, other: Usage) -> Usage {
-        Usage {
-            queries: self.queries - other.queries,
-            bytes_up: self.bytes_up - other.bytes_up,
-            bytes_down: self.bytes_down - other.bytes_down,
-        }
-    }
-}
-
 /// A teacher that cannot answer.
 #[derive(Debug, thiserror::Error)]
 pub enum TeacherError {
@@ -124,7 +90,7 @@ pub trait Teacher: Send {
     fn query(&mut self, images: &[u8]) -> Result<Responses, TeacherError>;
     /// [`Teacher::query`] under an idempotency key, unique to this request of this client: a
     /// teacher that charges remotely charges the key once, however often it is sent (see
-    /// `mekd_runtime::protocol`). Local teachers charge nobody and ignore it.
+    /// `mekd_contract::protocol`). Local teachers charge nobody and ignore it.
     fn query_keyed(&mut self, images: &[u8], key: &str) -> Result<Responses, TeacherError> {
         let _ = key;
         self.query(images)
@@ -250,7 +216,7 @@ impl HttpTeacher {
             },
             other => TeacherError::Backend(other.into()),
         })?;
-        self.meter.record(n, transfer.up, transfer.down);
+        self.meter.record(n, transfer.bytes_up, transfer.bytes_down);
         let k = self.info.num_classes;
         match (answer.logits, answer.labels) {
             (Some(logits), _) if logits.len() == n as usize * k => Ok(Responses::Soft(logits)),
@@ -279,32 +245,9 @@ impl OnnxTeacher {
         norm: Option<Normalisation>,
         budget: Option<u64>,
     ) -> Result<Self, TeacherError> {
-        let (model_info, _) = inspect(path).map_err(|e| TeacherError::Backend(e.into()))?;
-        let [c, _, _] = model_info.input_shape;
-        let norm = norm
-            .or(model_info.normalisation.clone())
-            .ok_or_else(|| {
-                TeacherError::Backend(anyhow::anyhow!(
-                    "{} has no normalisation metadata: give mean and std",
-                    path.display()
-                ))
-            })?
-            .for_channels(c)
-            .map_err(|e| TeacherError::Backend(e.into()))?;
-        let mut model = OrtClassifier::open(path, None).map_err(|e| TeacherError::Backend(e.into()))?;
-        let num_classes = model
-            .run(&vec![0.0; model_info.input_shape.iter().product()], model_info.input_shape)
-            .map_err(|e| TeacherError::Backend(e.into()))?
-            .len();
-        let info = TeacherInfo {
-            input_shape: model_info.input_shape,
-            num_classes,
-            class_names: model_info.class_names,
-            response,
-            mean: norm.mean.clone(),
-            std: norm.std.clone(),
-            max_batch: usize::MAX,
-        };
+        let opened = OrtTeacherModel::open(path, norm, None).map_err(|e| TeacherError::Backend(e.into()))?;
+        let info = opened.teacher_info(response, usize::MAX);
+        let OrtTeacherModel { session: model, norm, .. } = opened;
         Ok(Self { model, info, norm, meter: Meter { usage: Usage::default(), budget } })
     }
 }

@@ -13,24 +13,25 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use mekd_contract::protocol::ResponseMode;
 use mekd_models::Architecture;
 use mekd_runtime::bench::{BenchOptions, BenchReport, TeacherSource};
 use mekd_runtime::display::Screen;
 use mekd_runtime::fsutil::write_atomic;
-use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::teacher_client::HttpClient;
 use mekd_runtime::{Dataset, Split};
 
 use crate::blackbox::HttpTeacher;
 use crate::device::DeviceKind;
 use crate::methods::Method;
+use crate::methods::config::{DistillConfig, QueryMode};
 use crate::methods::deprivatize::GanConfig;
 use crate::methods::losses::ImWeight;
-use crate::methods::mekd::{DistillConfig, QueryMode};
 use crate::methods::run::{RunConfig, RunSummary, run_method};
 use crate::numerics::CpuNumerics;
 use crate::report;
 use crate::rundir::RunDir;
+use crate::schedule::Sgd;
 use crate::teacher::server::{ServeConfig, start};
 use crate::teacher::train::{TrainConfig, TrainSummary, train};
 
@@ -159,7 +160,7 @@ impl DemoConfig {
                 steps_per_epoch: (method == Method::Mekd).then_some(self.steps),
                 batch: self.batch,
                 // One decay, three quarters in: short runs need the high rate longest.
-                milestones: vec![(self.epochs * 3).div_ceil(4)],
+                sgd: Sgd { milestones: vec![(self.epochs * 3).div_ceil(4)], ..Sgd::reference(self.epochs) },
                 queries: QueryMode::Budget(match method {
                     Method::Mekd => self.mekd_pool,
                     _ => self.budget as usize,
@@ -291,8 +292,7 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     eprintln!("[5/5] benchmarking the students with tract against the served teacher");
     let test = Dataset::load(&config.data, Split::Test)?.take(config.limit_test.unwrap_or(usize::MAX));
     let options = BenchOptions { warmup: 10, iterations: 200, batch: 64, teacher_rtt_queries: 30 };
-    let source =
-        TeacherSource::Http { url: url.clone(), key: KEYS[2].to_string(), v2: Default::default(), ca_cert: None };
+    let source = TeacherSource::Http { url: url.clone(), client: Box::new(HttpClient::new(&url, KEYS[2])?) };
     let bench = |summary: &RunSummary| -> Result<BenchReport> {
         let report = mekd_runtime::bench::run(&summary.onnx, &test, None, &options, Some(&source))
             .with_context(|| format!("benchmarking {}", summary.onnx.display()))?;

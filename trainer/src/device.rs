@@ -1,9 +1,9 @@
 //! Choosing the burn device (backend) that training runs on: `flex`, `ndarray`, `wgpu[:N]`
-//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`), or
+//! (the N-th discrete GPU, through burn-wgpu with autotune and fusion; feature `wgpu`),
 //! `wgpu:cpu` (the same burn-wgpu code on a software Vulkan driver such as Mesa's lavapipe:
-//! slow, but it runs the GPU path, fusion included, on a machine without a GPU).
-//! burn's CUDA backend is left out on purpose: cubecl-cuda 0.11 depends on cubecl-llvm, whose
-//! build script downloads LLVM (tracel-llvm-bundler), and builds here must fetch nothing.
+//! slow, but it runs the GPU path, fusion included, on a machine without a GPU), or `cuda[:N]`
+//! (the N-th NVIDIA GPU through burn-cuda, TF32 tensor cores on sm_80+; feature `cuda`, whose
+//! build links the LLVM that `scripts/fetch-llvm.sh` installs from PyPI).
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,6 +22,8 @@ pub enum DeviceKind {
     Wgpu(usize),
     /// burn-wgpu on a CPU adapter (a software Vulkan driver, e.g. Mesa's lavapipe).
     WgpuCpu,
+    /// The NVIDIA GPU with this index, through burn-cuda.
+    Cuda(usize),
 }
 
 /// A device that cannot be used, and why.
@@ -43,8 +45,21 @@ pub enum DeviceError {
         /// What wgpu said.
         reason: String,
     },
+    /// No NVIDIA driver, or no GPU of that index.
+    #[error(
+        "no usable NVIDIA GPU for `--device {device}`: {reason}\n\
+         (burn-cuda needs the NVIDIA driver's libcuda.so.1; kernels with transcendental functions \
+         also need libdevice.10.bc from a CUDA toolkit ($CUDA_PATH/nvvm/libdevice) or the PyPI \
+         wheel nvidia-cuda-nvcc-cu12. Use `--device flex` to train on the CPU.)"
+    )]
+    NoCuda {
+        /// The requested device.
+        device: DeviceKind,
+        /// What is missing.
+        reason: String,
+    },
     /// The device name could not be parsed.
-    #[error("unknown device `{0}`: expected flex, ndarray, wgpu, wgpu:N (N = GPU index) or wgpu:cpu")]
+    #[error("unknown device `{0}`: expected flex, ndarray, wgpu, wgpu:N (N = GPU index), wgpu:cpu, cuda or cuda:N")]
     Unknown(String),
 }
 
@@ -57,11 +72,13 @@ impl FromStr for DeviceKind {
             "ndarray" => Ok(DeviceKind::Ndarray),
             "wgpu" | "gpu" => Ok(DeviceKind::Wgpu(0)),
             "wgpu:cpu" => Ok(DeviceKind::WgpuCpu),
-            other => other
-                .strip_prefix("wgpu:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceKind::Wgpu)
-                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+            "cuda" => Ok(DeviceKind::Cuda(0)),
+            other => {
+                let index = |prefix: &str| other.strip_prefix(prefix).and_then(|n| n.parse().ok());
+                (index("wgpu:").map(DeviceKind::Wgpu))
+                    .or_else(|| index("cuda:").map(DeviceKind::Cuda))
+                    .ok_or_else(|| DeviceError::Unknown(s.to_string()))
+            }
         }
     }
 }
@@ -73,6 +90,7 @@ impl fmt::Display for DeviceKind {
             DeviceKind::Ndarray => f.write_str("ndarray"),
             DeviceKind::Wgpu(index) => write!(f, "wgpu:{index}"),
             DeviceKind::WgpuCpu => f.write_str("wgpu:cpu"),
+            DeviceKind::Cuda(index) => write!(f, "cuda:{index}"),
         }
     }
 }
@@ -98,6 +116,7 @@ impl DeviceKind {
             DeviceKind::Flex => Ok(Device::flex()),
             DeviceKind::Ndarray => ndarray_device(),
             DeviceKind::Wgpu(_) | DeviceKind::WgpuCpu => gpu::wgpu_device(self),
+            DeviceKind::Cuda(index) => cuda::cuda_device(index),
         }
     }
 
@@ -146,7 +165,9 @@ mod gpu {
         let device = WgpuDevice::from(match kind {
             DeviceKind::WgpuCpu => WgpuDeviceKind::Cpu,
             DeviceKind::Wgpu(index) => WgpuDeviceKind::DiscreteGpu(index),
-            DeviceKind::Flex | DeviceKind::Ndarray => unreachable!("{kind} is not a wgpu device"),
+            DeviceKind::Flex | DeviceKind::Ndarray | DeviceKind::Cuda(_) => {
+                unreachable!("{kind} is not a wgpu device")
+            }
         });
         let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let outcome = opened.get_or_insert_with(HashMap::new).entry(kind).or_insert_with(|| {
@@ -172,21 +193,65 @@ mod gpu {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod cuda {
+    use burn::tensor::Device;
+
+    use super::{DeviceError, DeviceKind};
+
+    /// The burn-cuda device of the GPU `index`, after checking that the driver loads and has
+    /// such a GPU (cubecl would panic instead).
+    pub fn cuda_device(index: usize) -> Result<Device, DeviceError> {
+        let missing = |reason: String| DeviceError::NoCuda { device: DeviceKind::Cuda(index), reason };
+        // SAFETY: only tries to open the driver's shared library by its usual names.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(missing("the NVIDIA driver library (libcuda.so.1) is not on this machine".into()));
+        }
+        cudarc::driver::result::init().map_err(|e| missing(format!("the driver did not start: {e}")))?;
+        let count = cudarc::driver::result::device::get_count()
+            .map_err(|e| missing(format!("the driver cannot count its GPUs: {e}")))?;
+        if index >= count.max(0) as usize {
+            return Err(missing(format!("the driver sees {count} GPUs, so no index {index}")));
+        }
+        Ok(Device::cuda(index))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use burn::tensor::Device;
+
+    use super::DeviceError;
+
+    /// This build has no CUDA backend.
+    pub fn cuda_device(_index: usize) -> Result<Device, DeviceError> {
+        Err(DeviceError::NotCompiled("cuda"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_round_trip() {
-        for kind in
-            [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Wgpu(0), DeviceKind::Wgpu(3), DeviceKind::WgpuCpu]
-        {
+        for kind in [
+            DeviceKind::Flex,
+            DeviceKind::Ndarray,
+            DeviceKind::Wgpu(0),
+            DeviceKind::Wgpu(3),
+            DeviceKind::WgpuCpu,
+            DeviceKind::Cuda(0),
+            DeviceKind::Cuda(2),
+        ] {
             assert_eq!(kind.to_string().parse::<DeviceKind>().unwrap(), kind);
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(serde_json::from_str::<DeviceKind>(&json).unwrap(), kind);
         }
         assert_eq!("wgpu".parse::<DeviceKind>().unwrap(), DeviceKind::Wgpu(0));
+        assert_eq!("cuda".parse::<DeviceKind>().unwrap(), DeviceKind::Cuda(0));
         assert!("wgpu:x".parse::<DeviceKind>().is_err());
+        assert!("cuda:-1".parse::<DeviceKind>().is_err());
         assert!("tpu".parse::<DeviceKind>().is_err());
     }
 }

@@ -23,10 +23,12 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use mekd_runtime::protocol::{TeacherInfo, fnv1a};
+use mekd_contract::protocol::{TeacherInfo, fnv1a};
 use mekd_runtime::rng::os_random_u64;
 
-use crate::blackbox::{Responses, Teacher, TeacherError, Usage};
+use mekd_contract::Usage;
+
+use crate::blackbox::{Responses, Teacher, TeacherError};
 
 const MAGIC: &[u8; 8] = b"MEKDQJ02";
 const HEADER_LEN: usize = 48;

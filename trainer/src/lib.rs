@@ -5,16 +5,16 @@
 //! (run directories, training commands) reports with `anyhow` context chains.
 
 pub mod batches;
-pub mod bench_train;
 pub mod blackbox;
 pub mod demo;
 pub mod device;
-pub mod engines;
+pub mod experiment;
 pub mod export;
 pub mod journal;
 pub mod methods;
 pub mod numerics;
 pub mod onnxruntime;
+pub mod perf;
 pub mod progress;
 pub mod report;
 pub mod rundir;

@@ -8,6 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use mekd_contract::protocol::{ResponseMode, TeacherInfo};
+use mekd_contract::{Normalisation, NormalisationError};
+use mekd_runtime::EngineError;
+use mekd_runtime::engine::inspect;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
@@ -42,6 +46,20 @@ pub enum OrtError {
     /// A session could not be created or run.
     #[error("ONNX Runtime: {0}")]
     Session(String),
+    /// The file is not an image classifier this project can read.
+    #[error(transparent)]
+    Model(#[from] EngineError),
+    /// The normalisation cannot apply to the model.
+    #[error(transparent)]
+    Normalisation(#[from] NormalisationError),
+    /// The model does not answer a score per class.
+    #[error("{path} answers {values} values per image; not a classifier")]
+    NotAClassifier {
+        /// The model.
+        path: PathBuf,
+        /// Values per image.
+        values: usize,
+    },
 }
 
 fn library_in(dir: &Path) -> Option<PathBuf> {
@@ -176,6 +194,52 @@ impl OrtClassifier {
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input]).map_err(run_error)?;
         let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(run_error)?;
         Ok(logits.to_vec())
+    }
+}
+
+/// An ONNX image classifier opened with ONNX Runtime to serve as a teacher (`mekd teacher
+/// serve`, `mekd distill --teacher-onnx`), with what serving it needs, learnt once: the input
+/// shape, class names and normalisation (the given one, else the model's metadata) from the
+/// file, and the class count from its answer to a blank image (a model may leave it dynamic).
+pub struct OrtTeacherModel {
+    /// The session.
+    pub session: OrtClassifier,
+    /// `[C, H, W]` of one image.
+    pub input_shape: [usize; 3],
+    /// Scores per image.
+    pub num_classes: usize,
+    /// Class names from the metadata, if any.
+    pub class_names: Option<Vec<String>>,
+    /// How pixels become its input.
+    pub norm: Normalisation,
+}
+
+impl OrtTeacherModel {
+    /// Open `path` with the library at `library` (or found as [`locate_library`] says).
+    pub fn open(path: &Path, given: Option<Normalisation>, library: Option<&Path>) -> Result<Self, OrtError> {
+        let (info, _) = inspect(path)?;
+        let [c, h, w] = info.input_shape;
+        let norm = Normalisation::choose(given, info.normalisation.as_ref(), c, path)?;
+        let mut session = OrtClassifier::open(path, library)?;
+        let num_classes = session.run(&vec![0.0; c * h * w], [c, h, w])?.len();
+        if num_classes < 2 || (info.num_classes != 0 && info.num_classes != num_classes) {
+            return Err(OrtError::NotAClassifier { path: path.to_path_buf(), values: num_classes });
+        }
+        Ok(Self { session, input_shape: info.input_shape, num_classes, class_names: info.class_names, norm })
+    }
+
+    /// What a teacher serving this model answering in `response` mode, `max_batch` images per
+    /// request, says of itself.
+    pub fn teacher_info(&self, response: ResponseMode, max_batch: usize) -> TeacherInfo {
+        TeacherInfo {
+            input_shape: self.input_shape,
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+            response,
+            mean: self.norm.mean.clone(),
+            std: self.norm.std.clone(),
+            max_batch,
+        }
     }
 }
 

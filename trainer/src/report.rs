@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use mekd_runtime::fsutil::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::methods::run::RunSummary;
@@ -223,6 +224,16 @@ fn key(run: &RunRecord) -> GroupKey {
         summary.steps_per_epoch,
         run.settings.to_string(),
     )
+}
+
+/// Write `report.md`, `report.json` and `accuracy.svg` of `rows` (over `runs`) into `dir`.
+pub fn write(dir: &Path, rows: &[ReportRow], runs: &[RunRecord]) -> Result<()> {
+    let out = RunDir::create(dir)?;
+    write_atomic(&out.file("report.md"), markdown(rows).as_bytes())?;
+    out.write_json("report.json", &rows)?;
+    write_atomic(&out.file("accuracy.svg"), accuracy_svg(rows, runs).as_bytes())?;
+    eprintln!("wrote report.md, report.json and accuracy.svg to {}", dir.display());
+    Ok(())
 }
 
 /// Mean and sample standard deviation.

@@ -19,14 +19,14 @@ use serde::Serialize;
 
 use mekd_models::{Architecture, Classifier, ClassifierSpec, Generator, GeneratorConfig};
 
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::rng::SplitMix64;
 
 use crate::device::DeviceKind;
+use crate::methods::config::DistillConfig;
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
-use crate::methods::mekd::{DistillConfig, MekdObjective, mekd_loss};
+use crate::methods::mekd::{MekdObjective, mekd_loss};
 use crate::methods::student::StudentStep;
-use crate::schedule::reference_sgd;
 
 /// One compared quantity.
 #[derive(Clone, Debug, Serialize)]
@@ -39,8 +39,7 @@ pub struct Check {
     pub got: Vec<f32>,
     /// The absolute difference of the element furthest outside its tolerance.
     pub worst_diff: f32,
-    /// That element's tolerance: 1e-3 times its reference magnitude plus 1e-5 times the largest
-    /// reference magnitude (so a small term next to a large one is still checked).
+    /// That element's tolerance ([`Tolerance::allowed`]).
     pub tolerance: f32,
     /// Within tolerance.
     pub pass: bool,
@@ -144,9 +143,9 @@ fn probe(generator: &Generator, full: Option<&Generator>, plain: &Device, device
     let student = reference_student(&spec).to_device(device);
     let pixels: Vec<u8> = (0..BATCH * 32 * 32).map(|i| ((i * 37 + i / 1024 * 11) % 256) as u8).collect();
     let config = DistillConfig::default();
-    let objective = MekdObjective { generator: &generator, config: &config };
+    let objective = MekdObjective { generator: generator.clone(), config: &config };
     let step = StudentStep { spec: &spec, objective: &objective, device };
-    let mut optim = reference_sgd(config.momentum, config.weight_decay);
+    let mut optim = config.sgd.optimizer();
     let (student, loss, terms) = step.run(student, &mut optim, &pixels, t.clone(), 0.1);
     let mut reported = values(loss);
     reported.extend(terms.into_iter().flat_map(values));
@@ -167,11 +166,45 @@ fn reference_student(spec: &ClassifierSpec) -> Classifier {
     student
 }
 
-/// Run the probes on flex and on `device`, and compare them.
+/// How far a device's value may be from flex's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    /// Times the element's own reference magnitude.
+    pub relative: f32,
+    /// Times the largest reference magnitude of the check (so a small term next to a large one is
+    /// still checked).
+    pub of_largest: f32,
+}
+
+impl Tolerance {
+    /// f32 arithmetic in another order: 1e-3 of the element plus 1e-5 of the largest.
+    pub const F32: Tolerance = Tolerance { relative: 1e-3, of_largest: 1e-5 };
+    /// TF32 tensor cores (10-bit mantissas in the products of matmuls and convolutions, as
+    /// PyTorch's default `cudnn.allow_tf32`): 1e-2 of the element plus 2e-3 of the largest.
+    pub const TF32: Tolerance = Tolerance { relative: 1e-2, of_largest: 2e-3 };
+
+    /// The tolerance `device` is held to.
+    pub fn of(device: DeviceKind) -> Tolerance {
+        match device {
+            DeviceKind::Cuda(_) => Tolerance::TF32,
+            _ => Tolerance::F32,
+        }
+    }
+
+    /// What an element whose reference is `reference` may differ by, in a check whose largest
+    /// reference magnitude is `largest`.
+    pub fn allowed(self, reference: f32, largest: f32) -> f32 {
+        (self.relative * reference.abs() + self.of_largest * largest).max(1e-12)
+    }
+}
+
+/// Run the probes on flex and on `device`, and compare them within [`Tolerance::of`] `device`.
 pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
     let generator = reference_generator(16)?;
     // The full-size probe costs seconds on a CPU backend: GPUs only.
-    let full = matches!(device, DeviceKind::Wgpu(_)).then(|| reference_generator(FULL_WIDTH)).transpose()?;
+    let gpu = matches!(device, DeviceKind::Wgpu(_) | DeviceKind::Cuda(_));
+    let full = gpu.then(|| reference_generator(FULL_WIDTH)).transpose()?;
+    let tolerance = Tolerance::of(device);
     let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff());
     let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?);
     Ok(reference
@@ -179,7 +212,7 @@ pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
         .zip(got)
         .map(|((name, reference), (_, got))| {
             let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let allowed = |r: f32| (1e-3 * r.abs() + 1e-5 * scale).max(1e-12);
+            let allowed = |r: f32| tolerance.allowed(r, scale);
             // The element furthest outside (or least inside) its own tolerance.
             let (worst_diff, tolerance) = if reference.len() == got.len() {
                 reference

@@ -1,5 +1,5 @@
-//! Devices: `--device wgpu` on a machine without a usable GPU adapter (CI) is a clear message at
-//! once, no panic, no hang (without the `wgpu` feature the message says how to rebuild); and
+//! Devices: `--device wgpu` or `--device cuda` on a machine without a usable GPU (CI) is a clear
+//! message at once, no panic, no hang (without the feature the message says how to rebuild); and
 //! `mekd self-test` compares a backend's numbers with flex.
 
 use std::process::Command;
@@ -25,8 +25,28 @@ fn wgpu_without_an_adapter_is_a_clear_error() {
     let bad = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["bench-train", "--device", "tpu"]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&bad.stderr)
-            .contains("expected flex, ndarray, wgpu, wgpu:N (N = GPU index) or wgpu:cpu")
+            .contains("expected flex, ndarray, wgpu, wgpu:N (N = GPU index), wgpu:cpu, cuda or cuda:N")
     );
+}
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mekd"))
+        .args(["bench-train", "--device", "cuda:0", "--warmup", "0", "--steps", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if out.status.success() {
+        // An NVIDIA GPU answered: the benchmark must then have run on it.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"device\": \"cuda:0\""));
+        return;
+    }
+    if cfg!(feature = "cuda") {
+        assert!(err.contains("no usable NVIDIA GPU for `--device cuda:0`") && err.contains("--device flex"), "{err}");
+    } else {
+        assert!(err.contains("rebuild with `--features cuda`"), "{err}");
+    }
 }
 
 #[test]

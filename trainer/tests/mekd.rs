@@ -6,15 +6,16 @@ use std::path::Path;
 
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
+use mekd_contract::protocol::ResponseMode;
 use mekd_models::{Architecture, ClassifierSpec};
-use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::{Dataset, Split};
 use mekd_trainer::blackbox::{BurnTeacher, Teacher};
-use mekd_trainer::methods::Method;
+use mekd_trainer::methods::config::{DistillConfig, QueryMode};
 use mekd_trainer::methods::deprivatize::{GanConfig, deprivatize, freeze};
-use mekd_trainer::methods::mekd::{DistillConfig, MekdObjective, QueryMode, mekd_loss};
-use mekd_trainer::methods::student::{Pool, StudentJob, Transfer, train_student};
+use mekd_trainer::methods::mekd::{MekdObjective, mekd_loss};
+use mekd_trainer::methods::student::{EpochLength, Pool, StudentJob, Transfer, train_student};
 use mekd_trainer::rundir::RunDir;
+use mekd_trainer::schedule::Sgd;
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 #[test]
@@ -26,7 +27,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     config.limit_train = Some(1500);
     config.limit_test = Some(200);
     config.batch = 64;
-    config.lr = 0.05;
+    config.sgd.lr = 0.05;
     train(dir.path(), &config, false).unwrap();
     let device = Device::flex().autodiff();
     let mut teacher = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Soft, None).unwrap();
@@ -85,7 +86,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         epochs: 2,
         steps_per_epoch: Some(5),
         batch: 32,
-        milestones: vec![1],
+        sgd: Sgd { milestones: vec![1], ..Sgd::reference(2) },
         queries: QueryMode::Budget(96),
         ..DistillConfig::default()
     };
@@ -96,13 +97,13 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     };
     let pool = Pool::query(pool_images, &mut teacher, 32, |_| ()).unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
-    let objective = MekdObjective { generator: &generator, config: &budgeted };
+    let objective = MekdObjective { generator: generator.clone(), config: &budgeted };
     let runs = tempfile::tempdir().unwrap();
     let run = RunDir::create(&runs.path().join("budgeted")).unwrap();
     let job = StudentJob {
         spec: &spec,
         config: &budgeted,
-        epoch_length: budgeted.epoch_length(Method::Mekd),
+        epoch_length: EpochLength::Steps(5),
         test: &test,
         device: &device,
         run: &run,
@@ -122,7 +123,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let fresh_job = |run| StudentJob {
         spec: &spec,
         config: &fresh,
-        epoch_length: fresh.epoch_length(Method::Mekd),
+        epoch_length: EpochLength::Steps(3),
         test: &test,
         device: &device,
         run,
@@ -130,15 +131,17 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let start = teacher.usage().queries;
     let run = RunDir::create(&runs.path().join("fresh")).unwrap();
     let job = fresh_job(&run);
-    let objective = MekdObjective { generator: &generator, config: &fresh };
+    let objective = MekdObjective { generator: generator.clone(), config: &fresh };
     let (_, first) =
-        train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
+        train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut teacher, &job, |_, _| Ok(()))
+            .unwrap();
     assert_eq!(teacher.usage().queries - start, 48);
     // The teacher answers the next batch on a thread during each step: still deterministic.
     let run = RunDir::create(&runs.path().join("fresh-again")).unwrap();
     let job = fresh_job(&run);
     let (_, again) =
-        train_student(&objective, &Transfer::Fresh(&generator), &mut teacher, &job, |_, _| Ok(())).unwrap();
+        train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut teacher, &job, |_, _| Ok(()))
+            .unwrap();
     assert_eq!(teacher.usage().queries - start, 96);
     let values = |rows: &[mekd_trainer::methods::student::StudentEpoch]| {
         rows.iter().map(|r| (r.loss, r.test_acc, r.terms.clone())).collect::<Vec<_>>()
@@ -151,6 +154,9 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     let mut limited = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Hard, Some(20)).unwrap();
     let run = RunDir::create(&runs.path().join("limited")).unwrap();
     let job = fresh_job(&run);
-    let err = train_student(&objective, &Transfer::Fresh(&generator), &mut limited, &job, |_, _| Ok(())).err().unwrap();
+    let err =
+        train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut limited, &job, |_, _| Ok(()))
+            .err()
+            .unwrap();
     assert!(err.to_string().contains("query budget exhausted"), "{err}");
 }

@@ -6,11 +6,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use mekd_contract::Usage;
+use mekd_contract::protocol::ResponseMode;
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, ClassifierSpec};
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
-use mekd_runtime::protocol::ResponseMode;
-use mekd_runtime::teacher_client::{ClientError, HttpClient, Transfer};
+use mekd_runtime::teacher_client::{ClientError, HttpClient};
 use mekd_runtime::{Dataset, Split};
 use mekd_trainer::blackbox::{HttpTeacher, Responses, Teacher, TeacherError};
 use mekd_trainer::export::{Agreement, burn_logits, export_verified};
@@ -455,11 +456,11 @@ fn both_protocols_answer_charge_and_count_bytes_alike() {
     let mut answers = Vec::new();
     for client in [&own, &v2] {
         let before = log.lock().unwrap().clone().map(|way| body_lengths(&way).len());
-        let (answer, transfer) = client.query(&images, None).unwrap();
+        let (answer, cost) = client.query(&images, None).unwrap();
         let seen = log.lock().unwrap().clone().map(|way| body_lengths(&way));
         // One request and its answer crossed the wire for this query.
         assert_eq!([seen[0].len() - before[0], seen[1].len() - before[1]], [1, 1]);
-        assert_eq!(transfer, Transfer { up: seen[0][before[0]], down: seen[1][before[1]] });
+        assert_eq!(cost, Usage { queries: 5, bytes_up: seen[0][before[0]], bytes_down: seen[1][before[1]] });
         assert_eq!(answer.count, 5);
         answers.push(answer.logits.unwrap());
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mekd_runtime::protocol::ResponseMode;
+use mekd_contract::protocol::ResponseMode;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Responses, Teacher};
 use mekd_trainer::export::Agreement;
 use mekd_trainer::teacher::server::{ServeConfig, start};
@@ -78,7 +78,7 @@ fn teacher_learns_exports_and_resumes_after_a_kill() {
         .prepare(1, 32)
         .unwrap();
     let norm = engine.info().normalisation.clone().unwrap();
-    let input = mekd_runtime::data::preprocess::to_model_input(&test.pixels, test.shape, &norm);
+    let input = mekd_contract::to_model_input(&test.pixels, test.shape, &norm);
     let predicted = mekd_runtime::engine::argmax_rows(&engine.run_many(&input).unwrap(), 10);
     let correct = predicted.iter().zip(&test.labels).filter(|(p, l)| **p == **l as usize).count();
     let tract_acc = 100.0 * correct as f64 / 500.0;

@@ -8,30 +8,31 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use mekd_contract::Usage;
 use mekd_models::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig};
 use mekd_runtime::Dataset;
 
 use super::MethodError;
 use super::losses::{ImWeight, bce_with_logits, im_weights, information_maximisation};
 use crate::batches::{self, epoch_order};
-use crate::blackbox::{Teacher, Usage};
+use crate::blackbox::Teacher;
 
-/// Hyperparameters of deprivatization (reference defaults).
+/// Hyperparameters of deprivatization; [`GanConfig::default`] holds the reference's values.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GanConfig {
-    /// Epochs over the edge images (reference: 200, generator taken after 175).
+    /// Epochs over the edge images (the reference takes its generator after 175 of 200).
     pub epochs: usize,
-    /// Batch size (64).
+    /// Batch size.
     pub batch: usize,
-    /// Adam learning rate (2e-4) for both networks.
+    /// Adam learning rate of both networks.
     pub lr: f64,
-    /// Weight of the IM term (0.5).
+    /// Weight of the IM term.
     pub alpha: f64,
     /// How the IM weight is read from the teacher's answer.
     pub im_weight: ImWeight,
-    /// Generator width (reference 128).
+    /// Generator width.
     pub generator_width: usize,
-    /// Discriminator width (reference 16).
+    /// Discriminator width.
     pub discriminator_width: usize,
     /// Cap on the teacher queries of deprivatization: the IM term is then computed on every
     /// k-th generator step only (k chosen so the cap holds, spread over the whole run) and left
@@ -207,7 +208,7 @@ pub fn deprivatize(
     device: &Device,
     mut on_epoch: impl FnMut(&GanEpoch, &Generator, Usage) -> anyhow::Result<()>,
 ) -> Result<Generator, MethodError> {
-    let hard = teacher.info().response == mekd_runtime::protocol::ResponseMode::Hard;
+    let hard = teacher.info().response == mekd_contract::protocol::ResponseMode::Hard;
     let mut gan = Gan::new(config, teacher.info().num_classes, edge.shape[0], hard, device)?;
     gan.plan_queries((config.epochs * edge.len()) as u64);
     for epoch in 0..config.epochs {

@@ -1,109 +1,63 @@
-//! MEKD step 2: align student and teacher logits through the frozen generator, using only
-//! synthetic images (the edge images never leave the board); and the student-stage settings
-//! that every method shares.
+//! MEKD: deprivatization (step 1, [`super::deprivatize`]), then the student's logits aligned
+//! with the teacher's through the frozen generator, on synthetic images only (the edge images
+//! never leave the board).
 
-use burn::tensor::Tensor;
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::{Distribution, Tensor};
 
-use mekd_models::Generator;
+use mekd_models::{Generator, GeneratorConfig};
 
-use super::Method;
+use super::config::{DistillConfig, QueryMode};
+use super::deprivatize::{GanEpoch, deprivatize, freeze, to_pixels};
 use super::losses::{ImageDistance, image_alignment, image_alignment_grad, kd_kl};
-use super::student::{BatchLoss, EpochLength, Objective};
-
-/// How many teacher queries the student stage may use.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase", tag = "mode", content = "images")]
-pub enum QueryMode {
-    /// MEKD: a new synthetic batch and new queries every step (the reference). Baselines: every
-    /// edge image of the method's transfer set, queried once.
-    Fresh,
-    /// MEKD: a fixed pool of this many synthetic images, each queried once, reused for every
-    /// step. Baselines: at most this many edge images (a seeded random subset), queried once.
-    Budget(usize),
-}
+use super::run::{RunConfig, Stage};
+use super::student::{BatchLoss, EpochLength, Objective, Transfer};
+use super::{DistillMethod, Prepared};
+use crate::progress;
 
 /// Steps per student epoch of MEKD in the reference (the baselines make one pass over their
 /// transfer set instead).
 pub const MEKD_STEPS_PER_EPOCH: usize = 500;
 
-/// Hyperparameters of the student stage of every method (reference defaults).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct DistillConfig {
-    /// Epochs (240).
-    pub epochs: usize,
-    /// Steps per epoch; `None` is each method's reference schedule ([`DistillConfig::epoch_length`]):
-    /// MEKD [`MEKD_STEPS_PER_EPOCH`], a baseline one pass over its transfer set.
-    pub steps_per_epoch: Option<usize>,
-    /// Batch size (128).
-    pub batch: usize,
-    /// SGD learning rate (0.1), momentum (0.9), weight decay (5e-4).
-    pub lr: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
-    /// Epochs (0-based) where the rate is multiplied by `gamma` (80, 160).
-    pub milestones: Vec<usize>,
-    /// Decay factor (0.1).
-    pub gamma: f64,
-    /// KL temperature (5).
-    pub tau: f64,
-    /// Temperature dividing logits before they enter the generator (5).
-    pub tau_g: f64,
-    /// Weight of the image alignment (1).
-    pub w_f: f64,
-    /// Weight of the KL term (1).
-    pub w_kl: f64,
-    /// L1 (reference) or L2 image distance.
-    pub distance: ImageDistance,
-    /// Fresh queries every step, or a fixed budgeted pool.
-    pub queries: QueryMode,
-    /// DKD: weight of the target-class term (1).
-    pub dkd_alpha: f64,
-    /// DKD: weight of the non-target term (8).
-    pub dkd_beta: f64,
-    /// KN: fraction of the edge set in the one-shot transfer set (0.2).
-    pub kn_fraction: f64,
-    /// Seed.
-    pub seed: u64,
-}
+/// Images generated per forward pass when a budgeted pool is drawn: the generator's activations
+/// for a whole pool would not fit in memory.
+const POOL_CHUNK: usize = 256;
 
-impl DistillConfig {
-    /// How long one student epoch of `method` is: the explicit step count if one was given,
-    /// else the reference's schedule (MEKD: [`MEKD_STEPS_PER_EPOCH`] steps; the baselines:
-    /// one pass over their transfer set, as KD.py, KN.py, DKD.py and ML.py run).
-    pub fn epoch_length(&self, method: Method) -> EpochLength {
-        match (self.steps_per_epoch, method) {
-            (Some(steps), _) => EpochLength::Steps(steps),
-            (None, Method::Mekd) => EpochLength::Steps(MEKD_STEPS_PER_EPOCH),
-            (None, _) => EpochLength::OnePass,
-        }
+/// The MEKD method.
+pub struct Mekd;
+
+impl DistillMethod for Mekd {
+    fn settings_error(&self, config: &RunConfig) -> Option<&'static str> {
+        let g = &config.gan;
+        (g.epochs == 0 || g.batch == 0 || g.generator_width == 0)
+            .then_some("MEKD needs at least one GAN epoch, a GAN batch and a generator width of at least 1")
     }
-}
 
-impl Default for DistillConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 240,
-            steps_per_epoch: None,
-            batch: 128,
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            milestones: vec![80, 160],
-            gamma: 0.1,
-            tau: 5.0,
-            tau_g: 5.0,
-            w_f: 1.0,
-            w_kl: 1.0,
-            distance: ImageDistance::L1,
-            queries: QueryMode::Fresh,
-            dkd_alpha: 1.0,
-            dkd_beta: 8.0,
-            kn_fraction: 0.2,
-            seed: 0,
-        }
+    fn reference_epoch_length(&self) -> EpochLength {
+        EpochLength::Steps(MEKD_STEPS_PER_EPOCH)
+    }
+
+    fn prepare<'a>(&self, stage: &mut Stage<'a, '_>) -> Result<Prepared<'a>> {
+        let generator = deprivatization_stage(stage)?;
+        let (config, device, classes) = (stage.config, stage.device, stage.info.num_classes);
+        let transfer = match config.distill.queries {
+            QueryMode::Fresh => Transfer::Fresh(Box::new(generator.clone())),
+            QueryMode::Budget(n) => Transfer::Pool(stage.cached_pool(|| {
+                device.seed(config.seed ^ 0xB0D6E7);
+                let mut pixels = Vec::new();
+                for start in (0..n).step_by(POOL_CHUNK) {
+                    let z = Tensor::<2>::random(
+                        [POOL_CHUNK.min(n - start), classes],
+                        Distribution::Normal(0.0, 1.0),
+                        device,
+                    );
+                    pixels.extend(to_pixels(generator.forward(z)));
+                }
+                Ok(pixels)
+            })?),
+        };
+        Ok(Prepared { transfer, objective: Box::new(MekdObjective { generator, config: &config.distill }) })
     }
 }
 
@@ -164,7 +118,7 @@ pub fn image_term(generator: &Generator, latents: Tensor<2>, distance: ImageDist
 /// MEKD's objective: logits aligned through the frozen generator, plus the temperature KL.
 pub struct MekdObjective<'a> {
     /// The frozen generator.
-    pub generator: &'a Generator,
+    pub generator: Generator,
     /// Temperatures and weights.
     pub config: &'a DistillConfig,
 }
@@ -175,8 +129,92 @@ impl Objective for MekdObjective<'_> {
     }
 
     fn loss(&self, student_logits: Tensor<2>, targets: Tensor<2>) -> BatchLoss {
-        mekd_loss(self.generator, student_logits, targets, self.config)
+        mekd_loss(&self.generator, student_logits, targets, self.config)
     }
+}
+
+/// MEKD step 1, or its finished result when a resumed run already holds it.
+fn deprivatization_stage(stage: &mut Stage) -> Result<Generator> {
+    let Stage { run, config, edge, device, resume, .. } = *stage;
+    let info = stage.info.clone();
+    let [c, h, w] = info.input_shape;
+    let done: Vec<GanEpoch> = run.read_jsonl("gan.jsonl")?;
+    if resume && done.len() == config.gan.epochs && run.file("generator.bpk").exists() {
+        eprintln!("deprivatization finished earlier: reusing {}", run.file("generator.bpk").display());
+        let generator = GeneratorConfig::new(info.num_classes, c)
+            .with_width(config.gan.generator_width)
+            .init(device)?
+            .try_load_file(run.file("generator.bpk"))
+            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", run.file("generator.bpk").display()))?;
+        return Ok(freeze(&generator));
+    }
+    if resume && !done.is_empty() {
+        eprintln!(
+            "deprivatization was interrupted after epoch {}: it restarts, taking the answers it paid for from the journal",
+            done.len()
+        );
+    }
+    std::fs::create_dir_all(run.file("samples"))?;
+    let mut gan_rows = Vec::new();
+    let bar = progress::bar(config.gan.epochs as u64, "deprivatize");
+    let generator =
+        deprivatize(edge, &mut *stage.teacher, &config.gan, device, |row, generator: &Generator, usage| {
+            bar.inc(1);
+            bar.set_message(format!(
+                "d {:.3} g {:.3} im {:.3} queries {}",
+                row.d_loss, row.g_loss, row.im_loss, row.queries
+            ));
+            bar.suspend(|| {
+                let classes = if row.teacher_labels.is_empty() {
+                    String::new()
+                } else {
+                    let seen = row.teacher_labels.iter().filter(|&&n| n > 0).count();
+                    format!(", teacher labels {seen}/{} classes {:?}", row.teacher_labels.len(), row.teacher_labels)
+                };
+                eprintln!(
+                    "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}{classes} ({:.1}s)",
+                    row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries, row.seconds
+                )
+            });
+            gan_rows.push(row.clone());
+            let z = Tensor::<2>::random([64, info.num_classes], Distribution::Normal(0.0, 1.0), device);
+            let samples = to_pixels(freeze(generator).forward(z));
+            mekd_runtime::fsutil::write_atomic(
+                &run.file(&format!("samples/epoch-{}.png", row.epoch)),
+                &sample_grid(&samples, [c, h, w]),
+            )?;
+            generator
+                .clone()
+                .save_file(run.file("generator.bpk.tmp"))
+                .map_err(|e| anyhow::anyhow!("saving the generator: {e:?}"))?;
+            std::fs::rename(run.file("generator.bpk.tmp"), run.file("generator.bpk"))?;
+            run.write_jsonl("gan.jsonl", &gan_rows)?;
+            run.write_json("usage.json", &usage)
+        })?;
+    bar.finish_and_clear();
+    Ok(freeze(&generator))
+}
+
+/// A grid of up to 64 images (8 per row) as PNG bytes.
+pub fn sample_grid(pixels: &[u8], shape: [usize; 3]) -> Vec<u8> {
+    let [c, h, w] = shape;
+    let n = (pixels.len() / (c * h * w)).min(64);
+    let cols = 8.min(n.max(1));
+    let rows = n.div_ceil(cols);
+    let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
+    for i in 0..n {
+        let img = &pixels[i * c * h * w..(i + 1) * c * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let px = |ch: usize| img[(ch.min(c - 1)) * h * w + y * w + x];
+                let (gx, gy) = ((i % cols) * w + x, (i / cols) * h + y);
+                grid.put_pixel(gx as u32, gy as u32, image::Rgb([px(0), px(1), px(2)]));
+            }
+        }
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    grid.write_to(&mut out, image::ImageFormat::Png).expect("PNG to memory");
+    out.into_inner()
 }
 
 #[cfg(test)]

@@ -1,8 +1,12 @@
 //! Distillation methods: MEKD (deprivatization, then logit alignment through the frozen
-//! generator) and its baselines, sharing one student loop ([`student`]) and one run driver
-//! ([`run`]); every loss is checked against hand-computed values.
+//! generator) and its baselines, each behind [`DistillMethod`], sharing one student loop
+//! ([`student`]) and one run driver ([`run`]); every loss is checked against hand-computed values.
+//!
+//! Adding a method: a file that implements [`DistillMethod`] (or [`baselines::Baseline`], for a
+//! method on the real edge images), a [`Method`] variant and its line in [`Method::implementation`].
 
 pub mod baselines;
+pub mod config;
 pub mod deprivatize;
 pub mod losses;
 pub mod mekd;
@@ -11,7 +15,47 @@ pub mod student;
 
 use std::fmt;
 
-use baselines::Baseline;
+use mekd_contract::protocol::ResponseMode;
+
+use run::Stage;
+use student::{EpochLength, Objective, Transfer};
+
+/// What a distillation method decides; the run driver ([`run::run_method`]) does the rest
+/// (the run directory, the journal, the student loop, the export).
+pub trait DistillMethod {
+    /// Why this method cannot run on a teacher answering in `response` mode, if it cannot.
+    fn unsupported(&self, _response: ResponseMode) -> Option<&'static str> {
+        None
+    }
+
+    /// Why `config` cannot run with this method, if it cannot (checked with the settings every
+    /// method shares, before anything runs).
+    fn settings_error(&self, _config: &run::RunConfig) -> Option<&'static str> {
+        None
+    }
+
+    /// Whether the student learns from the teacher's answers (false: from true labels).
+    fn queries_teacher(&self) -> bool {
+        true
+    }
+
+    /// How long a student epoch is when no step count is given: the reference's schedule.
+    fn reference_epoch_length(&self) -> EpochLength {
+        EpochLength::OnePass
+    }
+
+    /// Run the method's own stages, then say what the student learns from and what it
+    /// minimises.
+    fn prepare<'a>(&self, stage: &mut Stage<'a, '_>) -> anyhow::Result<Prepared<'a>>;
+}
+
+/// A method's student stage, ready to run.
+pub struct Prepared<'a> {
+    /// Where the student's batches come from.
+    pub transfer: Transfer,
+    /// What the student minimises.
+    pub objective: Box<dyn Objective + 'a>,
+}
 
 /// Why a method stopped.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +107,15 @@ pub enum Method {
 }
 
 impl Method {
-    /// The baseline behind this method (`None` for MEKD).
-    pub fn baseline(self) -> Option<Box<dyn Baseline>> {
+    /// The method's implementation (its registration).
+    pub fn implementation(self) -> Box<dyn DistillMethod> {
         match self {
-            Method::Mekd => None,
-            Method::Kd => Some(Box::new(baselines::kd::Kd)),
-            Method::Ml => Some(Box::new(baselines::ml::Ml)),
-            Method::Dkd => Some(Box::new(baselines::dkd::Dkd)),
-            Method::Kn => Some(Box::new(baselines::kn::Kn)),
-            Method::Scratch => Some(Box::new(baselines::scratch::Scratch)),
+            Method::Mekd => Box::new(mekd::Mekd),
+            Method::Kd => Box::new(baselines::kd::Kd),
+            Method::Ml => Box::new(baselines::ml::Ml),
+            Method::Dkd => Box::new(baselines::dkd::Dkd),
+            Method::Kn => Box::new(baselines::kn::Kn),
+            Method::Scratch => Box::new(baselines::scratch::Scratch),
         }
     }
 

@@ -11,21 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::module::Module;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use mekd_contract::Usage;
+use mekd_contract::protocol::ResponseMode;
+use mekd_contract::protocol::TeacherInfo;
 use mekd_models::export::ExportMetadata;
-use mekd_models::{Architecture, ClassifierSpec, Generator, GeneratorConfig};
+use mekd_models::{Architecture, ClassifierSpec};
 use mekd_runtime::data::edge_subset;
-use mekd_runtime::protocol::ResponseMode;
 use mekd_runtime::{Dataset, Split};
 
-use super::Method;
-use super::deprivatize::{GanConfig, GanEpoch, deprivatize, freeze, to_pixels};
-use super::mekd::{DistillConfig, MekdObjective, QueryMode};
-use super::student::{Objective, Pool, StudentJob, Transfer, train_student};
-use crate::blackbox::{Teacher, Usage};
+use super::config::{DistillConfig, QueryMode};
+use super::deprivatize::GanConfig;
+use super::student::{EpochLength, Pool, StudentJob, Transfer, train_student};
+use super::{Method, Prepared};
+use crate::blackbox::Teacher;
 use crate::device::DeviceKind;
 use crate::export::export_verified;
 use crate::journal::{self, Journal, JournaledTeacher, SharedJournal};
@@ -109,45 +110,20 @@ pub struct RunSummary {
     pub numerics: Option<CpuNumerics>,
 }
 
-/// A grid of up to 64 images (8 per row) as PNG bytes.
-pub fn sample_grid(pixels: &[u8], shape: [usize; 3]) -> Vec<u8> {
-    let [c, h, w] = shape;
-    let n = (pixels.len() / (c * h * w)).min(64);
-    let cols = 8.min(n.max(1));
-    let rows = n.div_ceil(cols);
-    let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
-    for i in 0..n {
-        let img = &pixels[i * c * h * w..(i + 1) * c * h * w];
-        for y in 0..h {
-            for x in 0..w {
-                let px = |ch: usize| img[(ch.min(c - 1)) * h * w + y * w + x];
-                let (gx, gy) = ((i % cols) * w + x, (i / cols) * h + y);
-                grid.put_pixel(gx as u32, gy as u32, image::Rgb([px(0), px(1), px(2)]));
-            }
-        }
-    }
-    let mut out = std::io::Cursor::new(Vec::new());
-    grid.write_to(&mut out, image::ImageFormat::Png).expect("PNG to memory");
-    out.into_inner()
-}
-
 impl RunConfig {
     /// Reject settings that cannot run.
     pub fn validate(&self) -> Result<()> {
-        let (g, d) = (&self.gan, &self.distill);
+        let d = &self.distill;
         if d.epochs == 0 || d.steps_per_epoch == Some(0) || d.batch == 0 {
             bail!("epochs, steps and batch size must be at least 1");
         }
-        if self.method == Method::Mekd && (g.epochs == 0 || g.batch == 0 || g.generator_width == 0) {
-            bail!("MEKD needs at least one GAN epoch, a GAN batch and a generator width of at least 1");
+        if let Some(reason) = self.method.implementation().settings_error(self) {
+            bail!("{reason}");
         }
         if !(d.tau > 0.0 && d.tau_g > 0.0) {
             bail!("temperatures must be positive");
         }
-        let sgd_ok = d.lr > 0.0 && d.lr.is_finite() && (0.0..1.0).contains(&d.momentum) && d.weight_decay >= 0.0;
-        if !sgd_ok {
-            bail!("SGD needs lr > 0, 0 <= momentum < 1 and weight decay >= 0");
-        }
+        d.sgd.validate().map_err(anyhow::Error::msg)?;
         if !(self.edge_fraction > 0.0 && self.edge_fraction <= 1.0) {
             bail!("--edge-fraction must be in (0, 1], got {}", self.edge_fraction);
         }
@@ -219,8 +195,8 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
     if h != w {
         bail!("the teacher's input {h}x{w} is not square");
     }
-    let baseline = config.method.baseline();
-    if let Some(reason) = baseline.as_ref().and_then(|b| b.unsupported(info.response)) {
+    let method = config.method.implementation();
+    if let Some(reason) = method.unsupported(info.response) {
         bail!("{reason}");
     }
     let train =
@@ -247,48 +223,17 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
     let device = config.device.training_device()?;
     let spec = ClassifierSpec { architecture: config.student, in_channels: c, num_classes: info.num_classes };
 
-    let generator = match config.method {
-        Method::Mekd => Some(deprivatization_stage(&run, config, &edge, teacher, &device, resume)?),
-        _ => None,
-    };
-    let transfer = match (&generator, &baseline) {
-        (Some(generator), _) => match config.distill.queries {
-            QueryMode::Fresh => Transfer::Fresh(generator),
-            QueryMode::Budget(n) => Transfer::Pool(cached_pool(&run, teacher, || {
-                device.seed(config.seed ^ 0xB0D6E7);
-                // In batches: the generator's activations for a whole pool would not fit in memory.
-                let mut pixels = Vec::with_capacity(n * c * h * w);
-                for start in (0..n).step_by(256) {
-                    let b = 256.min(n - start);
-                    let z = Tensor::<2>::random([b, info.num_classes], Distribution::Normal(0.0, 1.0), &device);
-                    pixels.extend(to_pixels(generator.forward(z)));
-                }
-                Ok(pixels)
-            })?),
-        },
-        (None, Some(baseline)) => {
-            let picks = baseline.transfer_indices(edge.len(), &config.distill);
-            if baseline.queries_teacher() {
-                Transfer::Pool(cached_pool(&run, teacher, || Ok(Pool::gather(&edge, &picks)))?)
-            } else {
-                Transfer::Pool(Pool::labelled(&edge, &picks, info.num_classes))
-            }
-        }
-        (None, None) => unreachable!("every method but MEKD is a baseline"),
-    };
+    let mut stage =
+        Stage { run: &run, config, edge: &edge, teacher: &mut *teacher, info: info.clone(), device: &device, resume };
+    let Prepared { transfer, objective } = method.prepare(&mut stage)?;
     let transfer_images = match &transfer {
         Transfer::Pool(pool) => Some(pool.len()),
         Transfer::Fresh(_) => None,
     };
     run.write_json("usage.json", &teacher.usage())?;
 
-    let objective: Box<dyn Objective + '_> = match (&generator, &baseline) {
-        (Some(generator), _) => Box::new(MekdObjective { generator, config: &config.distill }),
-        (None, Some(baseline)) => baseline.objective(&config.distill),
-        (None, None) => unreachable!("every method but MEKD is a baseline"),
-    };
     let bar = progress::bar(config.distill.epochs as u64, &format!("{} student", config.method));
-    let epoch_length = config.distill.epoch_length(config.method);
+    let epoch_length = config.distill.steps_per_epoch.map_or(method.reference_epoch_length(), EpochLength::Steps);
     let steps_per_epoch = epoch_length.steps(&transfer, config.distill.batch)?;
     eprintln!("{}: {} epochs of {steps_per_epoch} steps ({epoch_length})", config.method, config.distill.epochs);
     let job =
@@ -323,7 +268,7 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
     let usage: Usage = teacher.usage();
     let summary = RunSummary {
         method: config.method.to_string(),
-        response: if config.method == Method::Scratch { "labels".into() } else { info.response.to_string() },
+        response: if method.queries_teacher() { info.response.to_string() } else { "labels".into() },
         dataset: config.data.display().to_string(),
         teacher: config.teacher.clone(),
         student: config.student.to_string(),
@@ -349,87 +294,40 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
     Ok(summary)
 }
 
-/// The transfer pool cached in `transfer.pool`, or `images()` queried once and cached.
-fn cached_pool(run: &RunDir, teacher: &mut dyn Teacher, images: impl FnOnce() -> Result<Vec<u8>>) -> Result<Pool> {
-    let path = run.file("transfer.pool");
-    if path.exists() {
-        let pool = Pool::load(&path)?;
-        eprintln!("reusing {} cached teacher answers from {}", pool.len(), path.display());
-        return Ok(pool);
-    }
-    let pixels = images()?;
-    let per_image: usize = teacher.info().input_shape.iter().product();
-    let bar = progress::bar((pixels.len() / per_image) as u64, "querying the teacher");
-    let pool = Pool::query(pixels, teacher, 256, |n| bar.inc(n as u64))?;
-    bar.finish_and_clear();
-    pool.save(&path).with_context(|| format!("writing {}", path.display()))?;
-    run.write_json("usage.json", &teacher.usage())?;
-    Ok(pool)
+/// What a method's [`super::DistillMethod::prepare`] works with.
+pub struct Stage<'a, 't> {
+    /// The run directory.
+    pub run: &'a RunDir,
+    /// The run's settings.
+    pub config: &'a RunConfig,
+    /// The unlabeled edge images, prepared to the teacher's input shape.
+    pub edge: &'a Dataset,
+    /// The teacher (every answer journaled).
+    pub teacher: &'t mut dyn Teacher,
+    /// What the teacher said of itself.
+    pub info: TeacherInfo,
+    /// The training device.
+    pub device: &'a Device,
+    /// Whether the run continues an interrupted one.
+    pub resume: bool,
 }
 
-/// MEKD step 1, or its finished result when a resumed run already holds it.
-fn deprivatization_stage(
-    run: &RunDir,
-    config: &RunConfig,
-    edge: &Dataset,
-    teacher: &mut dyn Teacher,
-    device: &Device,
-    resume: bool,
-) -> Result<Generator> {
-    let info = teacher.info().clone();
-    let [c, h, w] = info.input_shape;
-    let done: Vec<GanEpoch> = run.read_jsonl("gan.jsonl")?;
-    if resume && done.len() == config.gan.epochs && run.file("generator.bpk").exists() {
-        eprintln!("deprivatization finished earlier: reusing {}", run.file("generator.bpk").display());
-        let generator = GeneratorConfig::new(info.num_classes, c)
-            .with_width(config.gan.generator_width)
-            .init(device)?
-            .try_load_file(run.file("generator.bpk"))
-            .map_err(|e| anyhow::anyhow!("loading {}: {e:?}", run.file("generator.bpk").display()))?;
-        return Ok(freeze(&generator));
+impl Stage<'_, '_> {
+    /// The transfer pool cached in `transfer.pool`, or `images()` queried once and cached.
+    pub fn cached_pool(&mut self, images: impl FnOnce() -> Result<Vec<u8>>) -> Result<Pool> {
+        let path = self.run.file("transfer.pool");
+        if path.exists() {
+            let pool = Pool::load(&path)?;
+            eprintln!("reusing {} cached teacher answers from {}", pool.len(), path.display());
+            return Ok(pool);
+        }
+        let pixels = images()?;
+        let per_image: usize = self.info.input_shape.iter().product();
+        let bar = progress::bar((pixels.len() / per_image) as u64, "querying the teacher");
+        let pool = Pool::query(pixels, self.teacher, 256, |n| bar.inc(n as u64))?;
+        bar.finish_and_clear();
+        pool.save(&path).with_context(|| format!("writing {}", path.display()))?;
+        self.run.write_json("usage.json", &self.teacher.usage())?;
+        Ok(pool)
     }
-    if resume && !done.is_empty() {
-        eprintln!(
-            "deprivatization was interrupted after epoch {}: it restarts, taking the answers it paid for from the journal",
-            done.len()
-        );
-    }
-    std::fs::create_dir_all(run.file("samples"))?;
-    let mut gan_rows = Vec::new();
-    let bar = progress::bar(config.gan.epochs as u64, "deprivatize");
-    let generator = deprivatize(edge, teacher, &config.gan, device, |row, generator: &Generator, usage| {
-        bar.inc(1);
-        bar.set_message(format!(
-            "d {:.3} g {:.3} im {:.3} queries {}",
-            row.d_loss, row.g_loss, row.im_loss, row.queries
-        ));
-        bar.suspend(|| {
-            let classes = if row.teacher_labels.is_empty() {
-                String::new()
-            } else {
-                let seen = row.teacher_labels.iter().filter(|&&n| n > 0).count();
-                format!(", teacher labels {seen}/{} classes {:?}", row.teacher_labels.len(), row.teacher_labels)
-            };
-            eprintln!(
-                "deprivatize epoch {:>3}/{}: d {:.4} g {:.4} im {:.4} queries {}{classes} ({:.1}s)",
-                row.epoch, config.gan.epochs, row.d_loss, row.g_loss, row.im_loss, row.queries, row.seconds
-            )
-        });
-        gan_rows.push(row.clone());
-        let z = Tensor::<2>::random([64, info.num_classes], Distribution::Normal(0.0, 1.0), device);
-        let samples = to_pixels(freeze(generator).forward(z));
-        mekd_runtime::fsutil::write_atomic(
-            &run.file(&format!("samples/epoch-{}.png", row.epoch)),
-            &sample_grid(&samples, [c, h, w]),
-        )?;
-        generator
-            .clone()
-            .save_file(run.file("generator.bpk.tmp"))
-            .map_err(|e| anyhow::anyhow!("saving the generator: {e:?}"))?;
-        std::fs::rename(run.file("generator.bpk.tmp"), run.file("generator.bpk"))?;
-        run.write_jsonl("gan.jsonl", &gan_rows)?;
-        run.write_json("usage.json", &usage)
-    })?;
-    bar.finish_and_clear();
-    Ok(freeze(&generator))
 }

@@ -12,18 +12,18 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use mekd_contract::Usage;
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_models::{Classifier, ClassifierSpec, Generator};
 use mekd_runtime::Dataset;
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
 use mekd_runtime::fsutil::write_atomic;
 
 use super::MethodError;
+use super::config::DistillConfig;
 use super::deprivatize::to_pixels;
-use super::mekd::DistillConfig;
 use crate::batches::epoch_order;
-use crate::blackbox::{Responses, Teacher, TeacherError, Usage};
+use crate::blackbox::{Responses, Teacher, TeacherError};
 use crate::rundir::RunDir;
-use crate::schedule::{multi_step, reference_sgd};
 use crate::teacher::train::accuracy;
 
 /// What a method minimises on one batch, given the student's logits and the batch's targets
@@ -163,10 +163,10 @@ impl Pool {
 }
 
 /// Where the student's batches come from.
-pub enum Transfer<'a> {
+pub enum Transfer {
     /// A new batch of synthetic images from the frozen generator every step, each queried
     /// (MEKD as the reference runs it; no query cap).
-    Fresh(&'a Generator),
+    Fresh(Box<Generator>),
     /// A fixed pool, cycled through in a seeded order per epoch.
     Pool(Pool),
 }
@@ -304,7 +304,8 @@ pub struct StudentJob<'a> {
     pub spec: &'a ClassifierSpec,
     /// Schedule and seed.
     pub config: &'a DistillConfig,
-    /// How long an epoch is ([`DistillConfig::epoch_length`] for the method).
+    /// How long an epoch is (the method's [`super::DistillMethod::reference_epoch_length`]
+    /// unless a step count is given).
     pub epoch_length: EpochLength,
     /// Scored after every epoch.
     pub test: &'a Dataset,
@@ -329,7 +330,7 @@ pub fn train_student(
     let stepper = StudentStep { spec, objective, device };
     device.seed(config.seed);
     let mut student = spec.init(device)?;
-    let mut optim = reference_sgd(config.momentum, config.weight_decay);
+    let mut optim = config.sgd.optimizer();
     let mut rows: Vec<StudentEpoch> = Vec::new();
     let mut start = 0;
     let checkpoint = run.load_checkpoint(student.clone(), optim.clone()).map_err(MethodError::Callback)?;
@@ -341,7 +342,7 @@ pub fn train_student(
         let started = Instant::now();
         // Seeded per epoch, so a resumed run draws the same noise as an uninterrupted one.
         device.seed(config.seed.wrapping_add(1_000_003 * (epoch as u64 + 1)));
-        let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
+        let lr = config.sgd.lr_at(epoch);
         let order = match transfer {
             Transfer::Pool(pool) => epoch_order(pool.len(), config.seed, epoch),
             Transfer::Fresh(_) => Vec::new(),

@@ -49,7 +49,7 @@ impl Charged {
 
     /// How an idempotency key is remembered.
     fn key_hash(key: &str) -> u64 {
-        mekd_runtime::protocol::fnv1a(key.as_bytes())
+        mekd_contract::protocol::fnv1a(key.as_bytes())
     }
 }
 

@@ -3,7 +3,8 @@
 
 pub mod accounts;
 pub mod batcher;
-pub mod bench;
+mod http;
 pub mod server;
 pub mod train;
+mod v1;
 mod v2;

@@ -21,7 +21,7 @@ use crate::device::DeviceKind;
 use crate::export::export_verified;
 use crate::progress;
 use crate::rundir::RunDir;
-use crate::schedule::{default_milestones, multi_step, reference_sgd};
+use crate::schedule::{REFERENCE_BATCH, Sgd};
 
 /// Everything a teacher training run depends on; saved as `config.json` in the run directory.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -36,16 +36,9 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Batch size.
     pub batch: usize,
-    /// Initial learning rate.
-    pub lr: f64,
-    /// SGD momentum.
-    pub momentum: f64,
-    /// L2 weight decay.
-    pub weight_decay: f64,
-    /// Epochs (0-based) at which the rate is multiplied by `gamma`.
-    pub milestones: Vec<usize>,
-    /// Decay factor.
-    pub gamma: f64,
+    /// The optimiser and its schedule.
+    #[serde(flatten)]
+    pub sgd: Sgd,
     /// Seed of weights and batch order.
     pub seed: u64,
     /// Backend.
@@ -64,12 +57,8 @@ impl TrainConfig {
             data,
             channels: 1,
             epochs,
-            batch: 128,
-            lr: 0.1,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            milestones: default_milestones(epochs),
-            gamma: 0.1,
+            batch: REFERENCE_BATCH,
+            sgd: Sgd::reference(epochs),
             seed: 0,
             device: DeviceKind::Flex,
             limit_train: None,
@@ -85,17 +74,7 @@ impl TrainConfig {
         if self.epochs == 0 || self.batch == 0 {
             bail!("epochs and batch must be at least 1");
         }
-        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
-        let weight_decay_ok = self.weight_decay >= 0.0 && self.weight_decay.is_finite();
-        if !lr_ok || !(0.0..1.0).contains(&self.momentum) || !weight_decay_ok {
-            bail!("need lr > 0, momentum in [0, 1) and weight decay >= 0");
-        }
-        if !(self.gamma > 0.0 && self.gamma <= 1.0) {
-            bail!("gamma must be in (0, 1]");
-        }
-        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
-            bail!("milestones must increase: {:?}", self.milestones);
-        }
+        self.sgd.validate().map_err(anyhow::Error::msg)?;
         if !(1..=4).contains(&self.channels) {
             bail!("channels must be 1..=4");
         }
@@ -173,7 +152,7 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     let device = config.device.training_device()?;
     device.seed(config.seed);
     let mut model = spec.init(&device)?;
-    let mut optim = reference_sgd(config.momentum, config.weight_decay);
+    let mut optim = config.sgd.optimizer();
     let mut metrics: Vec<EpochMetrics> = Vec::new();
     let mut start_epoch = 0;
     if let Some(checkpoint) = run.load_checkpoint(model.clone(), optim.clone())? {
@@ -185,7 +164,7 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     for epoch in start_epoch..config.epochs {
         let started = Instant::now();
-        let lr = multi_step(config.lr, config.gamma, &config.milestones, epoch);
+        let lr = config.sgd.lr_at(epoch);
         let order = epoch_order(train_set.len(), config.seed, epoch);
         let bar = progress::bar(order.len() as u64, &format!("epoch {}/{}", epoch + 1, config.epochs));
         // Running sums stay on the device: no host round trip inside a step.

@@ -1,5 +1,5 @@
 //! The server's Open Inference Protocol (KServe v2) endpoints: the same model, keys, budgets,
-//! idempotency keys, limits and counts as the own API (`mekd_runtime::protocol`), for standard
+//! idempotency keys, limits and counts as the own API (`mekd_contract::protocol`), for standard
 //! clients (`tritonclient`, KServe's and MLServer's clients, `curl`).
 //!
 //! The model has one input, [`INPUT`]: `UINT8` pixels `[N, C, H, W]` that the server normalises
@@ -14,13 +14,13 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use mekd_runtime::engine::argmax_rows;
-use mekd_runtime::protocol::v2::{
+use mekd_contract::protocol::v2::{
     self, Data, InferRequest, InferResponse, ModelMetadata, ServerMetadata, Tensor, TensorMetadata, Values,
 };
-use mekd_runtime::protocol::{self, ResponseMode};
+use mekd_contract::protocol::{self, ResponseMode};
+use mekd_runtime::engine::argmax_rows;
 
-use super::server::{
+use super::http::{
     Answer, Answered, Reject, Shared, charge_and_run, error, json, read_chargeable, replayed_if, unauthorized,
 };
 

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use mekd_trainer::bench_train::{BenchTrainConfig, bench_train};
 use mekd_trainer::device::DeviceKind;
+use mekd_trainer::perf::train_steps::{BenchTrainConfig, bench_train};
+use mekd_trainer::self_test::Tolerance;
 
 #[derive(clap::Args)]
 pub struct BenchTrainArgs {
@@ -56,6 +57,17 @@ impl SelfTestArgs {
     pub fn run(self) -> Result<()> {
         let device = self.device;
         let checks = mekd_trainer::self_test::self_test(device)?;
+        let tolerance = Tolerance::of(device);
+        println!(
+            "tolerance: {} of each value plus {} of the check's largest{}",
+            tolerance.relative,
+            tolerance.of_largest,
+            if tolerance == Tolerance::TF32 {
+                " (TF32 tensor cores, as PyTorch's default for convolutions)"
+            } else {
+                ""
+            }
+        );
         println!("{:<40} {:>12} {:>12}  result", "check (vs flex)", "worst |diff|", "its tolerance");
         for c in &checks {
             let verdict = if c.pass { "ok" } else { "MISMATCH" };
@@ -95,7 +107,7 @@ impl BenchEnginesArgs {
     pub fn run(self) -> Result<()> {
         let mut rows = Vec::new();
         for model in &self.models {
-            rows.extend(mekd_trainer::engines::compare(model, &self.batch, self.iterations.max(1))?);
+            rows.extend(mekd_trainer::perf::engines::compare(model, &self.batch, self.iterations.max(1))?);
         }
         if self.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);

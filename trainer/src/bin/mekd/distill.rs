@@ -4,43 +4,33 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use mekd_runtime::cli::{ApiKeyArgs, CaCertArgs, V2Args};
-use mekd_runtime::protocol::ResponseMode;
-use mekd_runtime::teacher_client::{HttpClient, RetryPolicy};
+use mekd_contract::protocol::ResponseMode;
+use mekd_runtime::cli::HttpTeacherArgs;
+use mekd_runtime::teacher_client::RetryPolicy;
 use mekd_trainer::blackbox::{BurnTeacher, HttpTeacher, OnnxTeacher, Teacher};
 use mekd_trainer::device::DeviceKind;
 use mekd_trainer::methods::Method;
+use mekd_trainer::methods::config::{DistillConfig, QueryMode};
 use mekd_trainer::methods::deprivatize::GanConfig;
 use mekd_trainer::methods::losses::{ImWeight, ImageDistance};
-use mekd_trainer::methods::mekd::{DistillConfig, QueryMode};
 use mekd_trainer::methods::run::{RunConfig, run_method};
 use mekd_trainer::rundir::read_json_file;
-use mekd_trainer::schedule::default_milestones;
+use mekd_trainer::schedule::{Sgd, default_milestones};
 
 #[derive(clap::Args)]
 pub struct DistillArgs {
     /// Method: mekd, or a baseline (kd, ml, dkd, kn, scratch).
     #[arg(long, value_enum, default_value_t = Method::Mekd)]
     method: Method,
-    /// The teacher over HTTP: this project's API (`mekd teacher serve`, e.g.
-    /// http://127.0.0.1:8080) or a model served over the Open Inference Protocol by KServe,
-    /// Triton, MLServer or `mekd teacher serve` (v2+http://HOST:PORT/v2/models/NAME; see the
-    /// --teacher-* flags). A query that fails in transport or finds
-    /// the server unavailable is sent again (see --retry-secs) under the same idempotency key, so
-    /// it is never charged twice; a resumed run's queries carry the keys of the interrupted run.
-    #[arg(long, group = "teacher_source")]
-    teacher: Option<String>,
-    /// How long a failed query to --teacher may be sent again (0: never), e.g. while the server
-    /// restarts.
+    #[command(flatten)]
+    teacher: HttpTeacherArgs,
+    /// How long a query to --teacher that failed in transport or found the server unavailable
+    /// (e.g. while it restarts) may be sent again (0: never). It goes under the same idempotency
+    /// key, so it is never charged twice; a resumed run's queries carry the keys of the
+    /// interrupted run.
     #[arg(long, default_value_t = mekd_runtime::teacher_client::DEFAULT_RETRY_DEADLINE.as_secs())]
     retry_secs: u64,
-    #[command(flatten)]
-    key: ApiKeyArgs,
-    #[command(flatten)]
-    v2: V2Args,
-    #[command(flatten)]
-    ca_cert: CaCertArgs,
-    /// A local ONNX teacher (ONNX Runtime, no server).
+    /// A local ONNX teacher instead of one over HTTP (run with ONNX Runtime, as the server would).
     #[arg(long, group = "teacher_source")]
     teacher_onnx: Option<PathBuf>,
     /// A `mekd teacher train` run directory, run in-process with burn on --device.
@@ -64,61 +54,61 @@ pub struct DistillArgs {
     /// Run directory.
     #[arg(long)]
     out: PathBuf,
-    /// Deprivatization epochs (reference 200).
-    #[arg(long, default_value_t = 200)]
+    /// Deprivatization epochs.
+    #[arg(long, default_value_t = GanConfig::default().epochs)]
     gan_epochs: usize,
     /// Deprivatization batch size.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = GanConfig::default().batch)]
     gan_batch: usize,
-    /// Adam learning rate of both GAN networks (reference 2e-4).
-    #[arg(long, default_value_t = 2e-4)]
+    /// Adam learning rate of both GAN networks.
+    #[arg(long, default_value_t = GanConfig::default().lr)]
     gan_lr: f64,
-    /// Generator width (reference 128; narrower is much cheaper on CPU).
-    #[arg(long, default_value_t = 128)]
+    /// Generator width (narrower is much cheaper on CPU).
+    #[arg(long, default_value_t = GanConfig::default().generator_width)]
     generator_width: usize,
-    /// Discriminator width (reference 16).
-    #[arg(long, default_value_t = 16)]
+    /// Discriminator width.
+    #[arg(long, default_value_t = GanConfig::default().discriminator_width)]
     discriminator_width: usize,
     /// IM weight: the paper's `max-response` or the reference code's `class-index`.
-    #[arg(long, value_enum, default_value_t = ImWeight::MaxResponse)]
+    #[arg(long, value_enum, default_value_t = GanConfig::default().im_weight)]
     im_weight: ImWeight,
     /// Weight of the IM term.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = GanConfig::default().alpha)]
     alpha: f64,
     /// Cap on deprivatization's teacher queries: the IM term then runs on every k-th generator
     /// step only, spread over the run (default: every step asks, as the reference).
     #[arg(long)]
     gan_queries: Option<u64>,
-    /// Distillation epochs (reference 240).
-    #[arg(long, default_value_t = 240)]
+    /// Distillation epochs.
+    #[arg(long, default_value_t = DistillConfig::default().epochs)]
     epochs: usize,
     /// Steps per student epoch [default: the reference's schedule: 500 for MEKD, one pass over
     /// the transfer set for the baselines (e.g. 47 steps of 128 for 6,000 edge images)].
     #[arg(long)]
     steps: Option<usize>,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = DistillConfig::default().batch)]
     batch: usize,
     /// SGD learning rate.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = DistillConfig::default().sgd.lr)]
     lr: f64,
     /// 0-based epochs where the rate drops x0.1 [default: 1/3 and 2/3 of --epochs].
     #[arg(long, value_delimiter = ',')]
     milestones: Option<Vec<usize>>,
     /// KL temperature.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = DistillConfig::default().tau)]
     tau: f64,
     /// Temperature of the logits fed to the generator.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = DistillConfig::default().tau_g)]
     tau_g: f64,
     /// Image-alignment weight.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = DistillConfig::default().w_f)]
     w_f: f64,
     /// KL weight.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = DistillConfig::default().w_kl)]
     w_kl: f64,
     /// Image distance.
-    #[arg(long, value_enum, default_value_t = ImageDistance::L1)]
+    #[arg(long, value_enum, default_value_t = DistillConfig::default().distance)]
     distance: ImageDistance,
     /// Budgeted mode. MEKD: a fixed pool of this many synthetic images, each queried once
     /// (default: fresh queries every step, as the reference). Baselines: at most this many edge
@@ -127,13 +117,13 @@ pub struct DistillArgs {
     #[arg(long)]
     budget: Option<usize>,
     /// DKD: weight of the target-class term.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = DistillConfig::default().dkd_alpha)]
     dkd_alpha: f64,
     /// DKD: weight of the non-target term.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = DistillConfig::default().dkd_beta)]
     dkd_beta: f64,
     /// KN: fraction of the edge images in the one-shot transfer set.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = DistillConfig::default().kn_fraction)]
     kn_fraction: f64,
     /// Take every setting from this JSON file (a run's config.json) instead of the flags
     /// (the teacher, --out and --resume still come from the command line).
@@ -148,7 +138,7 @@ pub struct DistillArgs {
     #[arg(long)]
     limit_test: Option<usize>,
     /// Seed (edge subset, noise, batch order, weights).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = DistillConfig::default().seed)]
     seed: u64,
     #[arg(
         long,
@@ -172,17 +162,11 @@ impl DistillArgs {
         let device_kind = args.device.or(saved.as_ref().map(|config| config.device)).unwrap_or_default();
         let device = device_kind.device()?;
         let (mut teacher, where_): (Box<dyn Teacher>, String) =
-            match (&args.teacher, &args.teacher_onnx, &args.teacher_run) {
-                (Some(url), _, _) => {
+            match (args.teacher.client()?, &args.teacher_onnx, &args.teacher_run) {
+                (Some(client), _, _) => {
                     let retry = RetryPolicy { deadline: Duration::from_secs(args.retry_secs), ..Default::default() };
-                    let mut client = HttpClient::new(url, &args.key.for_teacher(url)?)?
-                        .with_retry(retry)
-                        .with_v2(args.v2.clone().options());
-                    if let Some(pem) = args.ca_cert.read()? {
-                        client = client.with_ca_cert(&pem)?;
-                    }
-                    let teacher = HttpTeacher::from_client(client, args.max_queries)?;
-                    (Box::new(teacher), url.clone())
+                    let teacher = HttpTeacher::from_client(client.with_retry(retry), args.max_queries)?;
+                    (Box::new(teacher), args.teacher.teacher.clone().unwrap_or_default())
                 }
                 (_, Some(path), _) => (
                     Box::new(OnnxTeacher::open(path, args.response, None, args.max_queries)?),
@@ -223,8 +207,11 @@ impl DistillArgs {
                     epochs: args.epochs,
                     steps_per_epoch: args.steps,
                     batch: args.batch,
-                    lr: args.lr,
-                    milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+                    sgd: Sgd {
+                        lr: args.lr,
+                        milestones: args.milestones.unwrap_or_else(|| default_milestones(args.epochs)),
+                        ..Sgd::reference(args.epochs)
+                    },
                     tau: args.tau,
                     tau_g: args.tau_g,
                     w_f: args.w_f,
@@ -235,7 +222,6 @@ impl DistillArgs {
                     dkd_beta: args.dkd_beta,
                     kn_fraction: args.kn_fraction,
                     seed: args.seed,
-                    ..DistillConfig::default()
                 },
                 device: device_kind,
                 response: Some(teacher.info().response),

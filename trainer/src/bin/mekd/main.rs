@@ -4,14 +4,15 @@
 /// What every `--device` flag takes (a macro, so that `concat!` can extend it).
 macro_rules! device_help {
     () => {
-        "Backend: flex (CPU, the default), ndarray, wgpu[:N] (the N-th discrete GPU; feature `wgpu`) or \
-         wgpu:cpu (software Vulkan)"
+        "Backend: flex (CPU, the default), ndarray, wgpu[:N] (the N-th discrete GPU; feature `wgpu`), \
+         wgpu:cpu (software Vulkan) or cuda[:N] (the N-th NVIDIA GPU, TF32 tensor cores; feature `cuda`)"
     };
 }
 
 mod checks;
 mod demo;
 mod distill;
+mod experiment;
 mod models;
 mod report;
 mod teacher;
@@ -66,6 +67,10 @@ enum Command {
     /// samples/, generator.bpk, transfer.pool, metrics.jsonl, checkpoints/, student.onnx and
     /// summary.json into --out; `--resume` continues an interrupted run.
     Distill(Box<distill::DistillArgs>),
+    /// Run an experiment schedule (a TOML file, see experiments/): train its teacher once, then
+    /// every run and seed as its own `mekd distill` (in parallel with --jobs; finished runs are
+    /// kept, interrupted ones resumed when run again), then write the report.
+    Experiment(experiment::ExperimentArgs),
     /// Compare finished `mekd distill` runs: a table (markdown and JSON; mean and spread over
     /// seeds; queries; bytes) and the test accuracy per epoch (SVG). Directories are searched
     /// for runs three levels deep.
@@ -86,6 +91,7 @@ fn main() {
         Command::SelfTest(args) => args.run(),
         Command::BenchEngines(args) => args.run(),
         Command::Distill(args) => args.run(),
+        Command::Experiment(args) => args.run(),
         Command::Report(args) => args.run(),
         Command::Teacher { command } => command.run(),
     };

@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use mekd_runtime::fsutil::write_atomic;
 use mekd_trainer::report;
-use mekd_trainer::rundir::RunDir;
 
 #[derive(clap::Args)]
 pub struct ReportArgs {
@@ -32,11 +30,7 @@ impl ReportArgs {
             report::aggregate(&runs)
         };
         if let Some(out) = &self.out {
-            let run = RunDir::create(out)?;
-            write_atomic(&run.file("report.md"), report::markdown(&rows).as_bytes())?;
-            run.write_json("report.json", &rows)?;
-            write_atomic(&run.file("accuracy.svg"), report::accuracy_svg(&rows, &runs).as_bytes())?;
-            eprintln!("wrote report.md, report.json and accuracy.svg to {}", out.display());
+            report::write(out, &rows, &runs)?;
         }
         if self.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);

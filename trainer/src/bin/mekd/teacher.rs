@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
+use mekd_contract::protocol::ResponseMode;
 use mekd_runtime::cli::NormArgs;
-use mekd_runtime::protocol::ResponseMode;
 use mekd_trainer::device::DeviceKind;
-use mekd_trainer::schedule::default_milestones;
+use mekd_trainer::schedule::{
+    REFERENCE_BATCH, REFERENCE_GAMMA, REFERENCE_LR, REFERENCE_MOMENTUM, REFERENCE_WEIGHT_DECAY, Sgd, default_milestones,
+};
 use mekd_trainer::teacher::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, ServeConfig, TlsFiles, serve};
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
@@ -55,22 +57,22 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 15)]
     epochs: usize,
     /// Batch size.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = REFERENCE_BATCH)]
     batch: usize,
     /// Initial learning rate (SGD).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = REFERENCE_LR)]
     lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = REFERENCE_MOMENTUM)]
     momentum: f64,
     /// L2 weight decay.
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = REFERENCE_WEIGHT_DECAY)]
     weight_decay: f64,
     /// 0-based epochs where the rate is multiplied by --gamma [default: 1/3 and 2/3 of --epochs].
     #[arg(long, value_delimiter = ',')]
     milestones: Option<Vec<usize>>,
     /// Learning-rate decay factor at each milestone.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = REFERENCE_GAMMA)]
     gamma: f64,
     /// Seed of the weights and the batch order.
     #[arg(long, default_value_t = 0)]
@@ -93,11 +95,13 @@ impl TrainArgs {
             channels: self.channels,
             epochs: self.epochs,
             batch: self.batch,
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
-            milestones: self.milestones.unwrap_or_else(|| default_milestones(self.epochs)),
-            gamma: self.gamma,
+            sgd: Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                milestones: self.milestones.unwrap_or_else(|| default_milestones(self.epochs)),
+                gamma: self.gamma,
+            },
             seed: self.seed,
             device: self.device,
             limit_train: self.limit_train,
@@ -215,7 +219,7 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     fn run(self) -> Result<()> {
-        let rows = mekd_trainer::teacher::bench::run(
+        let rows = mekd_trainer::perf::server::run(
             &self.model,
             self.norm.get(),
             &self.batch,

@@ -5,8 +5,8 @@
 use burn::tensor::Tensor;
 
 use super::Baseline;
+use crate::methods::config::DistillConfig;
 use crate::methods::losses::dkd_terms;
-use crate::methods::mekd::DistillConfig;
 use crate::methods::student::{BatchLoss, Objective};
 
 /// The DKD baseline.

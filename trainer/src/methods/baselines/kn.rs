@@ -3,7 +3,7 @@
 
 use super::kd::KdObjective;
 use super::{Baseline, seeded_subset};
-use crate::methods::mekd::{DistillConfig, QueryMode};
+use crate::methods::config::{DistillConfig, QueryMode};
 use crate::methods::student::Objective;
 
 /// The KN baseline.

@@ -2,11 +2,11 @@
 //! logits on real edge images. Needs soft answers.
 
 use burn::tensor::Tensor;
-use mekd_runtime::protocol::ResponseMode;
+use mekd_contract::protocol::ResponseMode;
 
 use super::Baseline;
+use crate::methods::config::DistillConfig;
 use crate::methods::losses::logit_mse;
-use crate::methods::mekd::DistillConfig;
 use crate::methods::student::{BatchLoss, Objective};
 
 /// The ML baseline.

@@ -11,13 +11,16 @@ pub mod kn;
 pub mod ml;
 pub mod scratch;
 
-use mekd_runtime::protocol::ResponseMode;
+use mekd_contract::protocol::ResponseMode;
 use mekd_runtime::rng::SplitMix64;
 
-use super::mekd::{DistillConfig, QueryMode};
-use super::student::Objective;
+use super::config::{DistillConfig, QueryMode};
+use super::run::Stage;
+use super::student::{Objective, Pool, Transfer};
+use super::{DistillMethod, Prepared};
 
-/// A baseline method on the real edge images.
+/// A baseline method on the real edge images: its transfer set is a subset of them, answered
+/// once each by the teacher (or labelled), cached in the run directory.
 pub trait Baseline {
     /// Which of the `edge_len` edge images form the transfer set (queried once each, or
     /// labelled for `scratch`). By default: all of them, or a seeded random subset of the
@@ -42,6 +45,27 @@ pub trait Baseline {
 
     /// What the student minimises.
     fn objective(&self, config: &DistillConfig) -> Box<dyn Objective>;
+}
+
+impl<B: Baseline> DistillMethod for B {
+    fn unsupported(&self, response: ResponseMode) -> Option<&'static str> {
+        Baseline::unsupported(self, response)
+    }
+
+    fn queries_teacher(&self) -> bool {
+        Baseline::queries_teacher(self)
+    }
+
+    fn prepare<'a>(&self, stage: &mut Stage<'a, '_>) -> anyhow::Result<Prepared<'a>> {
+        let (config, edge) = (&stage.config.distill, stage.edge);
+        let picks = self.transfer_indices(edge.len(), config);
+        let pool = if Baseline::queries_teacher(self) {
+            stage.cached_pool(|| Ok(Pool::gather(edge, &picks)))?
+        } else {
+            Pool::labelled(edge, &picks, stage.info.num_classes)
+        };
+        Ok(Prepared { transfer: Transfer::Pool(pool), objective: self.objective(config) })
+    }
 }
 
 /// `k` of `0..n`, drawn without replacement by a seeded shuffle (all of them, in order, when

@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::log_softmax;
 
 use super::Baseline;
-use crate::methods::mekd::DistillConfig;
+use crate::methods::config::DistillConfig;
 use crate::methods::student::{BatchLoss, Objective};
 
 /// The from-scratch reference.

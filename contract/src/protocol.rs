@@ -3,7 +3,7 @@
 //!
 //! - `GET /v1/health` (no key): `{"status":"ok"}`.
 //! - `GET /v1/info` (key): [`TeacherInfo`].
-//! - `GET /v1/usage` (key): [`Usage`].
+//! - `GET /v1/usage` (key): [`KeyUsage`].
 //! - `POST /v1/query` (key): body = `N` images of the model's input shape, `u8`, CHW, back to
 //!   back (`N * C * H * W` bytes, `Content-Type: application/octet-stream`); answer
 //!   [`QueryResponse`]. `N` counts against the key's budget.
@@ -60,7 +60,7 @@ pub const API_KEY_ENV: &str = "MEKD_API_KEY";
 /// What the server answers per image: fixed by the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-#[derive(clap::ValueEnum)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ResponseMode {
     /// Class scores (the model's raw logits).
     Soft,
@@ -132,9 +132,9 @@ impl QueryResponse {
     }
 }
 
-/// `GET /v1/usage` answer.
+/// `GET /v1/usage` answer: the server's account of one API key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Usage {
+pub struct KeyUsage {
     /// Queries (images) answered for this key so far.
     pub used: u64,
     /// The key's budget (`None`: unlimited).

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use mekd_runtime::bench::Percentiles;
+use mekd_contract::Percentiles;
 use mekd_runtime::engine::{Engine, inspect};
 use serde::Serialize;
 

@@ -14,18 +14,22 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::Serialize;
 
+use mekd_contract::protocol::{ResponseMode, TeacherInfo};
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_models::{Architecture, ClassifierSpec};
-use mekd_runtime::data::preprocess::{Normalisation, to_model_input};
-use mekd_runtime::protocol::{ResponseMode, TeacherInfo};
 use mekd_runtime::rng::SplitMix64;
 
-use crate::blackbox::{BurnTeacher, HttpTeacher, Responses, Teacher, TeacherError, Usage};
+use mekd_contract::Usage;
+use mekd_contract::percentiles::nearest_rank;
+
+use crate::blackbox::{BurnTeacher, HttpTeacher, Responses, Teacher, TeacherError};
 use crate::device::DeviceKind;
+use crate::methods::config::DistillConfig;
 use crate::methods::deprivatize::{Gan, GanConfig, freeze};
 use crate::methods::losses::ImWeight;
-use crate::methods::mekd::{DistillConfig, MekdObjective};
+use crate::methods::mekd::MekdObjective;
 use crate::methods::student::{StudentStep, fresh_batch, synthetic_pixels};
-use crate::schedule::reference_sgd;
+use crate::schedule::Sgd;
 
 /// Timings of one kind of step.
 #[derive(Clone, Debug, Serialize)]
@@ -97,15 +101,6 @@ impl Teacher for Timed<'_> {
     }
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
-}
-
 /// Wait for `t` on the host. burn 0.22's `into_data` is lazy (the bytes are fetched when first
 /// read, and a GPU backend returns at once), so a timed step must read them, or it times only
 /// the launches and leaves the work to whatever syncs next.
@@ -137,8 +132,8 @@ fn time_steps(
     }
     times.sort_by(f64::total_cmp);
     waits.sort_by(f64::total_cmp);
-    let median_ms = percentile(&times, 0.5);
-    let teacher_ms = percentile(&waits, 0.5);
+    let median_ms = nearest_rank(&times, 0.5);
+    let teacher_ms = nearest_rank(&waits, 0.5);
     let row = StepTiming {
         step: name.to_string(),
         device: config.device.to_string(),
@@ -147,8 +142,8 @@ fn time_steps(
         warmup_s,
         steps: config.steps,
         median_ms,
-        p10_ms: percentile(&times, 0.1),
-        p90_ms: percentile(&times, 0.9),
+        p10_ms: nearest_rank(&times, 0.1),
+        p90_ms: nearest_rank(&times, 0.9),
         images_per_s: batch as f64 / (median_ms / 1e3),
         teacher_ms: (teacher_ms > 0.0).then_some(teacher_ms),
     };
@@ -184,7 +179,7 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     // from host u8 pixels each step, as in `mekd teacher train`.
     device.seed(0);
     let mut model = teacher_spec.init(&device)?;
-    let mut optim = reference_sgd(0.9, 5e-4);
+    let mut optim = Sgd::reference(1).optimizer();
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let pixels = random_pixels(128 * per_image, 1);
     let labels: Vec<i64> = (0..128).map(|i| i % 10).collect();
@@ -223,11 +218,11 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     // 3. MEKD distillation: fresh synthetic batch, teacher query, student step, batch 128.
     let generator = freeze(&gan.generator);
     let distill = DistillConfig::default();
-    let objective = MekdObjective { generator: &generator, config: &distill };
+    let objective = MekdObjective { generator: generator.clone(), config: &distill };
     let stepper = StudentStep { spec: &student_spec, objective: &objective, device: &device };
     let mekd_step = |teacher: &mut dyn Teacher, name: &str| -> Result<StepTiming> {
         let mut student = student_spec.init(&device)?;
-        let mut optim = reference_sgd(0.9, 5e-4);
+        let mut optim = Sgd::reference(1).optimizer();
         time_steps(name, config, 128, || {
             let mut timed = Timed { inner: teacher, spent: Duration::ZERO };
             let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
@@ -290,7 +285,7 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     let kd_stepper = StudentStep { spec: &student_spec, objective: &kd, device: &device };
     let targets: Vec<f32> = teacher.query(&synthetic)?.targets(10);
     let mut student = student_spec.init(&device)?;
-    let mut optim = reference_sgd(0.9, 5e-4);
+    let mut optim = Sgd::reference(1).optimizer();
     rows.push(time_steps("  part: student kd step, no generator", config, 128, || {
         let (next, loss, _) = kd_stepper.run(student.clone(), &mut optim, &synthetic, targets.clone(), 0.1);
         student = next;
@@ -316,7 +311,7 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         // As `mekd distill` runs it: the next batch's answers come on a thread during the step
         // (`teacher_ms` is then the query's own time, spent beside the step).
         let mut student = student_spec.init(&device)?;
-        let mut optim = reference_sgd(0.9, 5e-4);
+        let mut optim = Sgd::reference(1).optimizer();
         let mut batch = fresh_batch(&generator, &mut http, 128, &device)?;
         rows.push(time_steps("mekd step, http teacher, overlapped", config, 128, || {
             let mut timed = Timed { inner: &mut http, spent: Duration::ZERO };

@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use mekd_runtime::Normalisation;
-use mekd_runtime::bench::Percentiles;
-use mekd_runtime::protocol::ResponseMode;
+use mekd_contract::Normalisation;
+use mekd_contract::Percentiles;
+use mekd_contract::protocol::ResponseMode;
 use mekd_runtime::rng::SplitMix64;
 use mekd_runtime::teacher_client::HttpClient;
 use serde::Serialize;
 
-use super::server::{ServeConfig, start};
+use crate::teacher::server::{ServeConfig, start};
 
 /// One measured configuration.
 #[derive(Clone, Debug, Serialize)]

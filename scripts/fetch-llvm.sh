@@ -38,7 +38,9 @@ mkdir -p "$(dirname "$LINK")"
 if [[ -d "$LINK" && ! -L "$LINK" ]]; then
   echo "$LINK is a real folder (an LLVM the bundler installed itself?): left as it is" >&2
 else
-  ln -sfn "$PREFIX" "$LINK"
-  touch "$LINK/.tracel-llvm-installed"
+  # Only what is missing: the build scripts rerun (and burn-cuda rebuilds) when the marker's
+  # modification time changes.
+  [[ "$(readlink "$LINK" 2>/dev/null)" == "$PREFIX" ]] || ln -sfn "$PREFIX" "$LINK"
+  [[ -e "$LINK/.tracel-llvm-installed" ]] || touch "$LINK/.tracel-llvm-installed"
 fi
 echo "$LINK"

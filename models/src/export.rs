@@ -33,6 +33,12 @@ impl ExportMetadata {
     }
 }
 
+/// `model`'s weights in a copy on the CPU device the exporter works on: what the exported file
+/// computes, in f32 whatever device trained the model (a GPU may multiply in TF32).
+pub fn host_copy(model: &Classifier, spec: &ClassifierSpec) -> Result<Classifier, ModelError> {
+    Ok(spec.init(&host_device())?.load_record(model.clone().valid().into_record()).valid())
+}
+
 /// The CPU device the exporter builds its private copy on.
 fn host_device() -> Device {
     #[cfg(feature = "flex")]
@@ -65,7 +71,7 @@ pub fn export_classifier(
         )));
     }
     let device = host_device();
-    let copy = spec.init(&device)?.load_record(model.clone().valid().into_record()).valid();
+    let copy = host_copy(model, spec)?;
     let [c, h, w] = spec.image_shape();
     let sample = Tensor::<4>::zeros([2, c, h, w], &device);
     let validation = Tensor::<4>::zeros([3, c, h, w], &device);

@@ -99,10 +99,10 @@ struct BenchArgs {
     #[command(flatten)]
     norm: NormArgs,
     /// Timed batch-1 runs.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = BenchOptions::default().iterations)]
     iterations: usize,
     /// Batch size of the throughput run.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = BenchOptions::default().batch)]
     batch: usize,
     /// Draw the results screen (128x64) into this PNG.
     #[arg(long)]

@@ -23,6 +23,12 @@ use super::batcher::Batcher;
 use super::http::{Answer, Shared, api_key};
 use crate::onnxruntime::OrtTeacherModel;
 
+/// Default of [`ServeConfig::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 1024;
+/// Default of [`ServeConfig::model_batch`].
+pub const DEFAULT_MODEL_BATCH: usize = 256;
+/// Default of [`ServeConfig::threads`].
+pub const DEFAULT_THREADS: usize = 8;
 /// Default of [`ServeConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default of [`ServeConfig::read_timeout`].
@@ -81,9 +87,9 @@ impl ServeConfig {
             budget: None,
             usage_file: None,
             normalisation: None,
-            max_batch: 1024,
-            model_batch: 256,
-            threads: 8,
+            max_batch: DEFAULT_MAX_BATCH,
+            model_batch: DEFAULT_MODEL_BATCH,
+            threads: DEFAULT_THREADS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             read_timeout: DEFAULT_READ_TIMEOUT,
             ort_library: None,

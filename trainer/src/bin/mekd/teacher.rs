@@ -10,7 +10,10 @@ use mekd_trainer::device::DeviceKind;
 use mekd_trainer::schedule::{
     REFERENCE_BATCH, REFERENCE_GAMMA, REFERENCE_LR, REFERENCE_MOMENTUM, REFERENCE_WEIGHT_DECAY, Sgd, default_milestones,
 };
-use mekd_trainer::teacher::server::{DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, ServeConfig, TlsFiles, serve};
+use mekd_trainer::teacher::server::{
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_MODEL_BATCH, DEFAULT_READ_TIMEOUT, DEFAULT_THREADS,
+    ServeConfig, TlsFiles, serve,
+};
 use mekd_trainer::teacher::train::{TrainConfig, train};
 
 #[derive(Subcommand)]
@@ -143,13 +146,13 @@ pub struct ServeArgs {
     #[command(flatten)]
     norm: NormArgs,
     /// Most images per request (413 above).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// Most images per model call; concurrent requests are merged up to this.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULT_MODEL_BATCH)]
     model_batch: usize,
     /// HTTP worker threads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_THREADS)]
     threads: usize,
     /// Most open connections; connections over the cap are closed at once.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]

@@ -111,7 +111,7 @@ impl DemoConfig {
     }
 
     /// The same demo at another budget: deprivatization gets 16% of it and MEKD's pool 80%
-    /// (the defaults' split of 50,000).
+    /// (the defaults' split of their budget).
     pub fn with_budget(self, budget: u64) -> Self {
         Self { budget, gan_queries: budget * 4 / 25, mekd_pool: (budget * 4 / 5) as usize, ..self }
     }

@@ -4,24 +4,30 @@
 
 use std::process::Command;
 
-#[test]
-fn wgpu_without_an_adapter_is_a_clear_error() {
+/// `mekd bench-train --device DEVICE` on this machine: runs on a GPU that answers, else stops
+/// at once with `no_gpu` (with the feature) or the hint to rebuild with `feature`, never a panic.
+fn no_gpu_is_a_clear_error(device: &str, no_gpu: &str, feature: &str, compiled: bool) {
     let out = Command::new(env!("CARGO_BIN_EXE_mekd"))
-        .args(["bench-train", "--device", "wgpu", "--warmup", "0", "--steps", "1"])
+        .args(["bench-train", "--device", device, "--warmup", "0", "--steps", "1"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     if out.status.success() {
         // A GPU answered (a developer's workstation): the benchmark must then have run on it.
-        assert!(String::from_utf8_lossy(&out.stdout).contains("\"device\": \"wgpu:0\""));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("\"device\": \"{device}\"")));
         return;
     }
-    if cfg!(feature = "wgpu") {
-        assert!(err.contains("no usable GPU for `--device wgpu:0`") && err.contains("--device flex"), "{err}");
+    if compiled {
+        assert!(err.contains(&format!("{no_gpu} for `--device {device}`")) && err.contains("--device flex"), "{err}");
     } else {
-        assert!(err.contains("rebuild with `--features wgpu`"), "{err}");
+        assert!(err.contains(&format!("rebuild with `--features {feature}`")), "{err}");
     }
+}
+
+#[test]
+fn wgpu_without_an_adapter_is_a_clear_error() {
+    no_gpu_is_a_clear_error("wgpu:0", "no usable GPU", "wgpu", cfg!(feature = "wgpu"));
     let bad = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["bench-train", "--device", "tpu"]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&bad.stderr)
@@ -31,22 +37,7 @@ fn wgpu_without_an_adapter_is_a_clear_error() {
 
 #[test]
 fn cuda_without_a_driver_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mekd"))
-        .args(["bench-train", "--device", "cuda:0", "--warmup", "0", "--steps", "1"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
-    if out.status.success() {
-        // An NVIDIA GPU answered: the benchmark must then have run on it.
-        assert!(String::from_utf8_lossy(&out.stdout).contains("\"device\": \"cuda:0\""));
-        return;
-    }
-    if cfg!(feature = "cuda") {
-        assert!(err.contains("no usable NVIDIA GPU for `--device cuda:0`") && err.contains("--device flex"), "{err}");
-    } else {
-        assert!(err.contains("rebuild with `--features cuda`"), "{err}");
-    }
+    no_gpu_is_a_clear_error("cuda:0", "no usable NVIDIA GPU", "cuda", cfg!(feature = "cuda"));
 }
 
 #[test]

@@ -12,10 +12,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// Labeled dataset (its train split is the cloud's data and holds the edge subset).
-    #[arg(long, default_value = "data/mnist-slice")]
+    #[arg(long, default_value = mekd_runtime::data::EMBEDDED_DATA)]
     data: PathBuf,
-    /// Queries each method may make [default: 50,000; MEKD spends 16% of it deprivatizing
-    /// and 80% on its distillation pool].
+    /// Queries each method may make (MEKD spends 16% of it deprivatizing and 80% on its
+    /// distillation pool) [default: the demo's, or the tiny demo's with --tiny].
     #[arg(long)]
     budget: Option<u64>,
     /// A tiny configuration (one to two minutes; what the end-to-end test runs).

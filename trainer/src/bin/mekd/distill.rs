@@ -43,7 +43,7 @@ pub struct DistillArgs {
     #[arg(long)]
     max_queries: Option<u64>,
     /// Dataset: its training split provides the edge images (labels unused), its test split scores.
-    #[arg(long, default_value = "data/mnist-slice")]
+    #[arg(long, default_value = mekd_runtime::data::EMBEDDED_DATA)]
     data: PathBuf,
     /// Fraction of the training split held by the edge.
     #[arg(long, default_value_t = 0.1)]

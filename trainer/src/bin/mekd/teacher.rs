@@ -45,7 +45,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "lenet5")]
     arch: String,
     /// Labeled dataset: IDX folder, CIFAR-10 batches, image folders or .tar.gz.
-    #[arg(long, default_value = "data/mnist-slice")]
+    #[arg(long, default_value = mekd_runtime::data::EMBEDDED_DATA)]
     data: PathBuf,
     /// Run directory (config, metrics.jsonl, checkpoints, teacher.onnx, summary.json).
     #[arg(long)]

@@ -12,38 +12,46 @@
 # *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
 # profile: the step benchmark, then with cubecl's per-kernel and autotune logs, then tuned extensively.
 # probe: the self-test, then the step benchmark twice on one tuning cache.
+# cuda_soft SECONDS (issue 21): MEKD soft on the issue's schedule on burn-cuda, alone on GPU 0.
+# Backend: DEV=cuda for a `--features cuda` build (no Vulkan loaders needed), wgpu by default.
+# Data: DATA=DIR when MNIST travels apart from the binary (the carry limit): a first call carries
+# it and copies it to /tmp (carried folders do not outlive their call, /tmp does while the
+# machine stays warm), the next carries .device and runs with DATA=/tmp/mnist.
 # usage: bash scripts/gpu-runs.sh VERB [ARGS]
 set -u
 cd "$(dirname "$0")/.."  # repository root
 export ORT_DYLIB_PATH=/tmp/libonnxruntime.so
 M=${M:-/tmp/mekd}  # M=/tmp/mekd-vk keeps a second build apart from a running one
 D=${D:-.device}  # the carried folder with mekd.xz and libonnxruntime.so.xz (D=.device-vk: the `vulkan` build)
+DEV=${DEV:-wgpu}  # the --device backend: wgpu or cuda
+DATA=${DATA:-.device/mnist}
 setup() {
   # /tmp can outlive a lease: unpack again whenever the carried binary changed.
-  if [ ! -x $M ] || [ "$(cat $M.sum 2>/dev/null)" != "$(cksum < $D/mekd.xz)" ]; then
-    for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+  # A call that carries only data (the carry limit) keeps the binary unpacked by an earlier one.
+  if [ -f $D/mekd.xz ] && { [ ! -x $M ] || [ "$(cat $M.sum 2>/dev/null)" != "$(cksum < $D/mekd.xz)" ]; }; then
+    if [ "$DEV" = wgpu ]; then for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; fi
     xz -dc $D/mekd.xz > $M; chmod +x $M; cksum < $D/mekd.xz > $M.sum
-    xz -dc $D/libonnxruntime.so.xz > /tmp/libonnxruntime.so
+    [ -f $D/libonnxruntime.so.xz ] && xz -dc $D/libonnxruntime.so.xz > /tmp/libonnxruntime.so
   fi
-  if ! ldconfig -p | grep -q libvulkan; then echo "no libvulkan"; fi
+  if [ "$DEV" = wgpu ] && ! ldconfig -p | grep -q libvulkan; then echo "no libvulkan"; fi
   [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
   mkdir -p runs/gpu
 }
 teacher() {  # GPU $1
-  CUBECL_ENVIRONMENT=teacher setsid nohup $M teacher train --arch resnet32 --data .device/mnist --epochs 15 \
-    --milestones 8,12 --device wgpu:$1 --out runs/gpu/teacher > runs/gpu/teacher.log 2>&1 < /dev/null &
+  CUBECL_ENVIRONMENT=teacher setsid nohup $M teacher train --arch resnet32 --data $DATA --epochs 15 \
+    --milestones 8,12 --device $DEV:$1 --out runs/gpu/teacher > runs/gpu/teacher.log 2>&1 < /dev/null &
 }
 TEACHER=${TEACHER:-runs/gpu/teacher}
 distill() {  # NAME GPU ARGS...
   local name=$1 gpu=$2; shift 2
-  CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run $TEACHER --data .device/mnist \
-    --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device wgpu:$gpu --out runs/gpu/$name "$@" >> runs/gpu/$name.log 2>&1 < /dev/null &
+  CUBECL_ENVIRONMENT=$name setsid nohup $M distill --teacher-run $TEACHER --data $DATA \
+    --edge-fraction 0.1 --student resnet8 --epochs 30 --milestones 10,20 --device $DEV:$gpu --out runs/gpu/$name "$@" >> runs/gpu/$name.log 2>&1 < /dev/null &
 }
 json_off() {  # bench-train's stderr rows (the "  part:" ones too) without its JSON on stdout
   grep -v '^\s*[][{}"]'
 }
 bench() {  # GPU NAME
-  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | json_off
+  CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:$1 --http --warmup 20 --steps 50 --out $OUT/$2.json 2>&1 | json_off
 }
 chain() {  # run distill specs one after another in the background: "name gpu args;name gpu args"
   setsid nohup bash -c "$1" > /dev/null 2>&1 < /dev/null &
@@ -76,7 +84,7 @@ full() {  # everything of results/mnist-resnet32-resnet8-h200
 }
 self_test() {  # [--verbose]: the GPU's numbers against flex, printed and kept in $OUT/self-test.txt;
   # the exit status is the self-test's
-  CUBECL_ENVIRONMENT=bench $M self-test --device wgpu:0 "$@" > $OUT/self-test.txt 2>&1
+  CUBECL_ENVIRONMENT=bench $M self-test --device $DEV:0 "$@" > $OUT/self-test.txt 2>&1
   local ok=$?
   cat $OUT/self-test.txt
   return $ok
@@ -111,6 +119,11 @@ resume_pair() {  # SECONDS: continue the runs that resumeB returned (copied to .
   mekd_pair --resume
   resumeB $1
 }
+cuda_soft() {  # SECONDS: launch MEKD soft on the issue's schedule, wait, collect (resumeB)
+  TEACHER=results/mnist-resnet32-resnet8-h200-short/teacher
+  distill mekd-soft 0 $F --response soft --im-weight class-index
+  resumeB $1
+}
 profile() {  # why a step costs what it does: the step benchmark as `bench` tunes it (repo root, the
   # same persistent tuning), then again with cubecl's per-kernel log and autotune log (a cubecl.toml
   # in the repo root, removed after), then with a fresh, extensive autotune level; the self-test
@@ -118,17 +131,17 @@ profile() {  # why a step costs what it does: the step benchmark as `bench` tune
   self_test | tail -3
   bench 0 bench
   printf '[profiling.logger]\nlevel = "medium"\nfile = "/tmp/prof/kernels.log"\n[autotune.logger]\nlevel = "full"\nfile = "/tmp/prof/autotune.log"\n' > cubecl.toml
-  mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 5 --steps 5 2>&1 | json_off
+  mkdir -p /tmp/prof && CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --warmup 5 --steps 5 2>&1 | json_off
   rm cubecl.toml
   for f in kernels autotune; do gzip -c /tmp/prof/$f.log > $OUT/$f.log.gz; done
-  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device wgpu:0 --warmup 10 --steps 20 --out $OUT/bench-extensive.json 2>&1 | json_off
+  CUBECL_AUTOTUNE_LEVEL=extensive CUBECL_ENVIRONMENT=extensive $M bench-train --device $DEV:0 --warmup 10 --steps 20 --out $OUT/bench-extensive.json 2>&1 | json_off
   tar czf $OUT/tuning.tar.gz target/environment  # the tuning choices, by key (shapes), of both
 }
 probe() {  # the self-test (with its full-size generator check on a GPU), then the step benchmark
   # twice on one tuning cache (the second warm), to compare the loss's parts in isolation
   self_test
   for n in 1 2; do
-    CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:0 --warmup 20 --steps 50 --out $OUT/bench-$n.json 2>&1 | json_off
+    CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --warmup 20 --steps 50 --out $OUT/bench-$n.json 2>&1 | json_off
   done
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume
@@ -139,7 +152,7 @@ resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoin
 }
 phaseA() {
   teacher 0
-  CUBECL_ENVIRONMENT=bench $M bench-train --device wgpu:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | json_off
+  CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:1 --warmup 20 --steps 50 --out $OUT/bench-breakdown.json 2>&1 | json_off
   while [ ! -f runs/gpu/teacher/summary.json ] && [ $SECONDS -lt 560 ]; do sleep 3; done
   tail -3 runs/gpu/teacher.log
   if [ -f runs/gpu/teacher/summary.json ]; then

@@ -193,6 +193,17 @@ fn malformed(path: &Path) -> impl FnOnce(String) -> EngineError + '_ {
     }
 }
 
+/// Which code runs the convolutions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConvKernels {
+    /// This project's direct convolution ([`mekd_kernels::Conv2d`]) wherever it covers the
+    /// shape, tract's own elsewhere.
+    #[default]
+    Direct,
+    /// tract's own lowering (im2col and matrix products) everywhere.
+    Tract,
+}
+
 /// A classifier prepared by tract for one batch size, with a reusable run state.
 pub struct Engine {
     info: ModelInfo,
@@ -202,8 +213,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Load `path`, pin its batch axis to `batch`, optimise, and make it runnable.
+    /// Load `path`, pin its batch axis to `batch`, optimise, and make it runnable, with the
+    /// default convolution kernels.
     pub fn load(path: &Path, batch: usize) -> Result<Self, EngineError> {
+        Self::load_with(path, batch, ConvKernels::default())
+    }
+
+    /// [`Engine::load`] with a choice of convolution kernels.
+    pub fn load_with(path: &Path, batch: usize, kernels: ConvKernels) -> Result<Self, EngineError> {
         let (mut info, proto) = inspect(path)?;
         if batch == 0 {
             return Err(EngineError::NotAClassifier {
@@ -224,13 +241,19 @@ impl Engine {
         // file's error.
         let model = guard(
             || {
-                tract_onnx::onnx()
+                let mut model = tract_onnx::onnx()
                     .model_for_proto_model(&proto)
                     .map_err(unsupported)?
                     .with_input_fact(0, f32::fact([batch, c, h, w]).into())
                     .map_err(unsupported)?
-                    .into_optimized()
-                    .map_err(unsupported)
+                    .into_typed()
+                    .map_err(unsupported)?
+                    .into_decluttered()
+                    .map_err(unsupported)?;
+                if kernels == ConvKernels::Direct {
+                    crate::direct_conv::replace_convolutions(&mut model).map_err(unsupported)?;
+                }
+                model.into_optimized().map_err(unsupported)
             },
             malformed(path),
         )?;
@@ -277,6 +300,11 @@ impl Engine {
     /// The optimised tract plan (for introspection, e.g. the kernels chosen).
     pub fn plan(&self) -> &Arc<TypedSimplePlan> {
         &self.plan
+    }
+
+    /// The convolutions this project's kernel runs, each with its kernel and shape.
+    pub fn direct_convs(&self) -> Vec<String> {
+        crate::direct_conv::direct_convs(self.plan.model())
     }
 
     /// Values per image.

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod direct_conv;
 pub mod display;
 pub mod engine;
 pub mod fsutil;
@@ -13,4 +14,4 @@ pub mod rng;
 pub mod teacher_client;
 
 pub use data::{DataError, Dataset, Split};
-pub use engine::{Engine, EngineError, ModelInfo};
+pub use engine::{ConvKernels, Engine, EngineError, ModelInfo};

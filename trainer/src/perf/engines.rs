@@ -1,12 +1,13 @@
-//! tract (the board's engine) against ONNX Runtime on the same ONNX file and inputs
-//! (`mekd bench-engines`): median and spread of the time per call, batch by batch.
+//! tract (the board's engine; with this project's direct convolutions and with its own) against
+//! ONNX Runtime on the same ONNX file and inputs (`mekd bench-engines`): median and spread of the
+//! time per call, batch by batch.
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use mekd_contract::Percentiles;
-use mekd_runtime::engine::{Engine, inspect};
+use mekd_runtime::engine::{ConvKernels, Engine, inspect};
 use serde::Serialize;
 
 use crate::export::{Agreement, probe_batch};
@@ -19,18 +20,22 @@ pub struct EngineRow {
     pub model: String,
     /// Batch size.
     pub batch: usize,
-    /// tract time per call (ms).
+    /// tract with this project's direct convolutions (the runtime's default), time per call (ms).
     pub tract_ms: Percentiles,
+    /// tract with its own convolutions (im2col and matrix products), time per call (ms).
+    pub tract_im2col_ms: Percentiles,
     /// ONNX Runtime time per call (ms), one intra-op thread.
     pub ort_ms: Percentiles,
     /// tract median / ONNX Runtime median.
     pub ratio: f64,
-    /// The two engines' outputs on the benchmark input.
+    /// tract's outputs (direct convolutions) against ONNX Runtime's on the benchmark input.
     pub agreement: Agreement,
+    /// The convolutions the direct kernel ran, with the kernel chosen.
+    pub direct_convs: Vec<String>,
 }
 
-/// Time `iterations` calls of each engine per batch size, alternating engines in rounds so that
-/// machine noise hits both alike.
+/// Time `iterations` calls of each engine per batch size, rotating the engines in rounds so that
+/// machine noise hits all alike.
 pub fn compare(model: &Path, batches: &[usize], iterations: usize) -> Result<Vec<EngineRow>> {
     let (info, _) = inspect(model)?;
     let shape = info.input_shape;
@@ -40,36 +45,41 @@ pub fn compare(model: &Path, batches: &[usize], iterations: usize) -> Result<Vec
             bail!("batch sizes must be at least 1");
         }
         let input = probe_batch(batch, shape, batch as u64);
-        let mut tract = Engine::load(model, batch)?;
+        let mut direct = Engine::load_with(model, batch, ConvKernels::Direct)?;
+        let mut im2col = Engine::load_with(model, batch, ConvKernels::Tract)?;
         let mut ort = OrtClassifier::open(model, None)?;
         let expected = ort.run(&input, shape)?;
-        let agreement = Agreement::of(&expected, &tract.run(&input)?, tract.info().num_classes);
-        for _ in 0..iterations.div_ceil(10) {
-            tract.run(&input)?;
-            ort.run(&input, shape)?;
+        let agreement = Agreement::of(&expected, &direct.run(&input)?, direct.info().num_classes);
+        let mut calls: [(&mut dyn FnMut() -> Result<()>, Vec<f64>); 3] = [
+            (&mut || direct.run(&input).map(drop).map_err(Into::into), Vec::new()),
+            (&mut || im2col.run(&input).map(drop).map_err(Into::into), Vec::new()),
+            (&mut || ort.run(&input, shape).map(drop).map_err(Into::into), Vec::new()),
+        ];
+        for (call, _) in calls.iter_mut() {
+            for _ in 0..iterations.div_ceil(10) {
+                call()?;
+            }
         }
-        let (mut t_times, mut o_times) = (Vec::new(), Vec::new());
         let round = 50.min(iterations.max(1));
-        while t_times.len() < iterations {
-            for _ in 0..round {
-                let t = Instant::now();
-                tract.run(&input)?;
-                t_times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            for _ in 0..round {
-                let t = Instant::now();
-                ort.run(&input, shape)?;
-                o_times.push(t.elapsed().as_secs_f64() * 1e3);
+        while calls[0].1.len() < iterations {
+            for (call, times) in calls.iter_mut() {
+                for _ in 0..round {
+                    let t = Instant::now();
+                    call()?;
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
             }
         }
-        let (tract_ms, ort_ms) = (Percentiles::of(t_times), Percentiles::of(o_times));
+        let [tract_ms, tract_im2col_ms, ort_ms] = calls.map(|(_, times)| Percentiles::of(times));
         rows.push(EngineRow {
             model: model.display().to_string(),
             batch,
             ratio: tract_ms.p50 / ort_ms.p50,
             tract_ms,
+            tract_im2col_ms,
             ort_ms,
             agreement,
+            direct_convs: direct.direct_convs(),
         });
     }
     Ok(rows)

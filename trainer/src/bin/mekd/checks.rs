@@ -101,6 +101,9 @@ pub struct BenchEnginesArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Also list the convolutions tract ran with this project's direct kernel, and which kernel.
+    #[arg(long)]
+    verbose: bool,
 }
 
 impl BenchEnginesArgs {
@@ -114,14 +117,29 @@ impl BenchEnginesArgs {
             return Ok(());
         }
         println!(
-            "{:<32} {:>5} {:>12} {:>12} {:>12} {:>12} {:>7}",
-            "model", "batch", "tract p50", "tract p90", "ORT p50", "ORT p90", "ratio"
+            "{:<32} {:>5} {:>12} {:>12} {:>14} {:>12} {:>12} {:>7}",
+            "model", "batch", "tract p50", "tract p90", "tract-im2col", "ORT p50", "ORT p90", "ratio"
         );
-        for r in rows {
+        for r in &rows {
             println!(
-                "{:<32} {:>5} {:>9.4} ms {:>9.4} ms {:>9.4} ms {:>9.4} ms {:>7.2}",
-                r.model, r.batch, r.tract_ms.p50, r.tract_ms.p90, r.ort_ms.p50, r.ort_ms.p90, r.ratio
+                "{:<32} {:>5} {:>9.4} ms {:>9.4} ms {:>11.4} ms {:>9.4} ms {:>9.4} ms {:>7.2}",
+                r.model,
+                r.batch,
+                r.tract_ms.p50,
+                r.tract_ms.p90,
+                r.tract_im2col_ms.p50,
+                r.ort_ms.p50,
+                r.ort_ms.p90,
+                r.ratio
             );
+        }
+        if self.verbose {
+            for r in &rows {
+                println!("{} batch {}: {} direct convolutions", r.model, r.batch, r.direct_convs.len());
+                for conv in &r.direct_convs {
+                    println!("  {conv}");
+                }
+            }
         }
         Ok(())
     }

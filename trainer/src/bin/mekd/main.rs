@@ -58,7 +58,8 @@ enum Command {
     /// MEKD loss and its gradients (hand VJP and autodiff), the GAN's BCE gradient, compared
     /// with the CPU reference backend (flex). Exits with an error on any mismatch.
     SelfTest(checks::SelfTestArgs),
-    /// Compare tract (the board's engine) with ONNX Runtime on the same ONNX files and inputs.
+    /// Compare tract (the board's engine; with this project's direct convolutions and with its
+    /// own) with ONNX Runtime on the same ONNX files and inputs, one thread each.
     BenchEngines(checks::BenchEnginesArgs),
     /// Distill a student from a black-box teacher with MEKD (deprivatization on the unlabeled
     /// edge subset, then logit alignment through the frozen generator) or a baseline (KD, ML,

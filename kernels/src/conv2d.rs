@@ -101,10 +101,8 @@ impl Conv2dGeometry {
         if too_big(padded[0]) || too_big(padded[1]) || too_big(input) || too_big(weights) {
             return Err(Conv2dError::Geometry(format!("{self} is too large for this kernel")));
         }
-        for axis in 0..2 {
-            if padded[axis].unwrap_or(0) < self.kernel[axis] {
-                return Err(Conv2dError::Geometry(format!("{self}: the kernel is larger than the padded input")));
-            }
+        if padded.iter().zip(self.kernel).any(|(padded, kernel)| padded.unwrap_or(0) < kernel) {
+            return Err(Conv2dError::Geometry(format!("{self}: the kernel is larger than the padded input")));
         }
         let output = self.out_channels.checked_mul(self.out_height()).and_then(|v| v.checked_mul(self.out_width()));
         if too_big(output) {
@@ -305,7 +303,13 @@ impl Conv2d {
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
     /// `output` `[images, out_channels, out_height, out_width]`; `scratch` is resized as needed
     /// (keep it between calls to save the allocation).
-    pub fn run(&self, images: usize, input: &[f32], output: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), Conv2dError> {
+    pub fn run(
+        &self,
+        images: usize,
+        input: &[f32],
+        output: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Result<(), Conv2dError> {
         let (in_len, out_len) = (self.geometry.input_len(), self.geometry.output_len());
         check_len("input", input.len(), images.saturating_mul(in_len))?;
         check_len("output", output.len(), images.saturating_mul(out_len))?;
@@ -329,17 +333,27 @@ impl Conv2d {
                 for px in 0..sx {
                     let plane = (ci * sy + py) * sx + px;
                     let plane = &mut planes[plane * plane_len..][..plane_len];
+                    // Plane column c holds input column c * sx + px - left: the columns that
+                    // fall inside the image are one contiguous run, the rest are zero.
+                    let first = left.saturating_sub(px).div_ceil(sx).min(self.plane_width);
+                    let end = (w + left).saturating_sub(px).div_ceil(sx).min(self.plane_width).max(first);
                     for (r, row) in plane.chunks_exact_mut(self.plane_width).enumerate() {
-                        let y = (r * sy + py) as isize - top as isize;
-                        if y < 0 || y >= h as isize {
+                        let y = (r * sy + py).wrapping_sub(top);
+                        if y >= h || first == end {
                             row.fill(0.0);
                             continue;
                         }
-                        let src = &channel[y as usize * w..][..w];
-                        for (c, v) in row.iter_mut().enumerate() {
-                            let x = (c * sx + px) as isize - left as isize;
-                            *v = if x >= 0 && x < w as isize { src[x as usize] } else { 0.0 };
+                        let src = &channel[y * w..][..w];
+                        let x0 = first * sx + px - left;
+                        row[..first].fill(0.0);
+                        if sx == 1 {
+                            row[first..end].copy_from_slice(&src[x0..x0 + end - first]);
+                        } else {
+                            for (v, x) in row[first..end].iter_mut().zip(src[x0..].iter().step_by(sx)) {
+                                *v = *x;
+                            }
                         }
+                        row[end..].fill(0.0);
                     }
                 }
             }
@@ -657,7 +671,8 @@ mod tests {
                                     if iy < 0 || ix < 0 || iy >= g.in_height as isize || ix >= g.in_width as isize {
                                         continue;
                                     }
-                                    let i = ((n * g.in_channels + c) * g.in_height + iy as usize) * g.in_width + ix as usize;
+                                    let i = ((n * g.in_channels + c) * g.in_height + iy as usize) * g.in_width
+                                        + ix as usize;
                                     let w = ((o * g.in_channels + c) * kh + ky) * kw + kx;
                                     sum += input[i] as f64 * weights[w] as f64;
                                 }
@@ -712,6 +727,8 @@ mod tests {
             geometry(64, [8, 8], 64, [3, 3], [1, 1], [1, 1, 1, 1]),
             geometry(5, [9, 13], 11, [3, 2], [2, 3], [0, 2, 1, 0]),
             geometry(2, [5, 7], 1, [1, 1], [1, 1], [0, 0, 0, 0]),
+            // Padding wider than the image, on a strided axis.
+            geometry(2, [3, 2], 3, [1, 4], [1, 2], [0, 3, 0, 2]),
         ]
     }
 

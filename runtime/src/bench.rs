@@ -94,7 +94,8 @@ pub struct BenchReport {
     pub images: usize,
     /// CPU features tract detected.
     pub isa: String,
-    /// Matrix-multiply kernels tract picked (distinct).
+    /// Kernels the plan runs (distinct): this project's direct convolutions, then the
+    /// matrix-multiply kernels tract picked.
     pub kernels: Vec<String>,
     /// Teacher figures, when a teacher was given.
     pub teacher: Option<TeacherReport>,
@@ -128,11 +129,20 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The ISA tract detected and the distinct matmul kernels of a plan.
+/// The ISA tract detected and the distinct kernels of a plan: this project's direct
+/// convolutions, then tract's matmul kernels.
 pub fn kernels(engine: &Engine) -> (String, Vec<String>) {
     let isa = tract_linalg::isa::native();
     let isa_text = format!("{} [{}]", isa.nickname(), isa.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
     let mut found: Vec<String> = Vec::new();
+    for node in engine.plan().model().nodes() {
+        if let Some(conv) = node.op_as::<crate::direct_conv::DirectConv>() {
+            let name = conv.kernel_name();
+            if !found.contains(&name) {
+                found.push(name);
+            }
+        }
+    }
     for node in engine.plan().model().nodes() {
         if node.op.name() == "OptMatMul" {
             for line in node.op.info().unwrap_or_default() {

@@ -32,7 +32,12 @@ impl PartialEq for DirectConv {
 impl Eq for DirectConv {}
 
 impl DirectConv {
-    /// The compiled kernel this node runs (e.g. `direct-conv/avx512/8x16`) and its shape.
+    /// The compiled kernel this node runs, e.g. `direct-conv/avx512/8x2x16`.
+    pub fn kernel_name(&self) -> String {
+        self.conv.kernel_name()
+    }
+
+    /// The kernel and the convolution's shape.
     pub fn describe(&self) -> String {
         format!("{} on {}", self.conv.kernel_name(), self.conv.geometry())
     }
@@ -77,7 +82,9 @@ impl TypedOp for DirectConv {
         let g = self.conv.geometry();
         let expected = [self.batch, g.in_channels, g.in_height, g.in_width];
         ensure!(
-            inputs.len() == 1 && inputs[0].datum_type == f32::datum_type() && inputs[0].shape.as_concrete() == Some(&expected[..]),
+            inputs.len() == 1
+                && inputs[0].datum_type == f32::datum_type()
+                && inputs[0].shape.as_concrete() == Some(&expected[..]),
             "MekdDirectConv expects one f32 input of shape {expected:?}, got {inputs:?}"
         );
         Ok(tvec!(f32::fact([self.batch, g.out_channels, g.out_height(), g.out_width()])))
@@ -156,5 +163,9 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 
 /// The [`DirectConv`] nodes of an optimised plan, described (for `--verbose` output and tests).
 pub fn direct_convs(model: &TypedModel) -> Vec<String> {
-    model.nodes().iter().filter_map(|n| n.op_as::<DirectConv>().map(|op| format!("{}: {}", n.name, op.describe()))).collect()
+    model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<DirectConv>().map(|op| format!("{}: {}", n.name, op.describe())))
+        .collect()
 }

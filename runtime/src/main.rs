@@ -111,7 +111,8 @@ struct BenchArgs {
     #[cfg(feature = "ssd1306")]
     #[arg(long)]
     oled: Option<String>,
-    /// Print the CPU features and kernels tract selected.
+    /// Print the CPU features and the kernels the plan runs (the direct convolutions and the
+    /// matrix-multiply kernels tract selected).
     #[arg(long, short)]
     verbose: bool,
     /// Print JSON.

@@ -4,7 +4,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use mekd_models::export::{ExportMetadata, export_classifier};
 use mekd_models::{Architecture, ClassifierSpec};
-use mekd_runtime::engine::{Engine, inspect};
+use mekd_runtime::engine::{ConvKernels, Engine, inspect};
 use mekd_trainer::export::{Agreement, burn_logits, export_verified, probe_batch};
 use mekd_trainer::onnxruntime::OrtClassifier;
 
@@ -54,6 +54,13 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
             let agreement = Agreement::of(&expected, logits, 10);
             assert!(agreement.ok(), "{arch}: burn vs {engine}: {agreement:?}");
         }
+        // The direct convolutions against tract's own, within 1e-5 of the largest logit.
+        let mut own = Engine::load_with(&path, 5, ConvKernels::Tract).unwrap();
+        let own_logits = own.run(&images).unwrap();
+        let scale = own_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let gap = tract_logits.iter().zip(&own_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(gap <= 1e-5 * scale, "{arch}: direct convolutions differ from tract's by {gap} (scale {scale})");
+        assert!(!tract.direct_convs().is_empty(), "{arch}: no convolution ran the direct kernel");
         // The dynamic batch axis: batch 1 gives the first row.
         let mut single = Engine::load(&path, 1).unwrap();
         let first = single.run(&images[..shape.iter().product()]).unwrap();

@@ -386,6 +386,7 @@ impl Tile {
     /// The kernel for this vector unit: 4 output channels where there are that few, else 8;
     /// on AVX-512, two rows of 16 pixels, or two rows of 8 (256-bit registers, 32 of them with
     /// AVX-512VL) where the output is at most 8 wide.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the width matters on x86 only
     fn choose(simd: Simd, out_channels: usize, out_width: usize) -> Tile {
         let few = out_channels <= 4;
         let tile = |channels, rows, pixels, kernel| Tile { channels, rows, pixels, kernel };

@@ -34,6 +34,9 @@ pub struct EngineRow {
     pub direct_convs: Vec<String>,
 }
 
+/// One engine's inference on the benchmark input.
+type Call<'a> = dyn FnMut() -> Result<()> + 'a;
+
 /// Time `iterations` calls of each engine per batch size, rotating the engines in rounds so that
 /// machine noise hits all alike.
 pub fn compare(model: &Path, batches: &[usize], iterations: usize) -> Result<Vec<EngineRow>> {
@@ -50,7 +53,7 @@ pub fn compare(model: &Path, batches: &[usize], iterations: usize) -> Result<Vec
         let mut ort = OrtClassifier::open(model, None)?;
         let expected = ort.run(&input, shape)?;
         let agreement = Agreement::of(&expected, &direct.run(&input)?, direct.info().num_classes);
-        let mut calls: [(&mut dyn FnMut() -> Result<()>, Vec<f64>); 3] = [
+        let mut calls: [(&mut Call, Vec<f64>); 3] = [
             (&mut || direct.run(&input).map(drop).map_err(Into::into), Vec::new()),
             (&mut || im2col.run(&input).map(drop).map_err(Into::into), Vec::new()),
             (&mut || ort.run(&input, shape).map(drop).map_err(Into::into), Vec::new()),

@@ -3,12 +3,14 @@
 //! round-trip time per query.
 
 use std::path::{Path, PathBuf};
+use std::sync::Barrier;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::data::Dataset;
 use crate::engine::{Engine, EngineError, argmax_rows};
+use crate::runner::{EngineKind, Runner, RunnerError};
 use crate::teacher_client::HttpClient;
 use mekd_contract::{Normalisation, Percentiles, to_model_input};
 
@@ -41,12 +43,39 @@ pub struct BenchOptions {
     pub batch: usize,
     /// Batch-1 teacher requests timed for the round-trip latency.
     pub teacher_rtt_queries: usize,
+    /// The engine that runs the student.
+    pub engine: EngineKind,
+    /// Threads of the parallel throughput run (each its own state over one loaded model,
+    /// batch 1, `iterations` runs each); 1: no parallel run.
+    pub threads: usize,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { warmup: 20, iterations: 300, batch: 64, teacher_rtt_queries: 50 }
+        Self {
+            warmup: 20,
+            iterations: 300,
+            batch: 64,
+            teacher_rtt_queries: 50,
+            engine: EngineKind::default(),
+            threads: 1,
+        }
     }
+}
+
+/// Batch-1 throughput over several cores: independent run states over one loaded model, one
+/// per thread, all running at once.
+#[derive(Clone, Debug, Serialize)]
+pub struct ParallelReport {
+    /// Threads, each with its own state.
+    pub threads: usize,
+    /// Batch-1 runs timed, all threads together.
+    pub runs: usize,
+    /// Images per second, all threads together (runs over the wall time from the common start
+    /// to the last thread's end).
+    pub throughput_ips: f64,
+    /// Latency of each run while all threads run (ms).
+    pub latency_ms: Percentiles,
 }
 
 /// The teacher's figures.
@@ -71,6 +100,8 @@ pub struct BenchReport {
     pub model: String,
     /// Architecture from the metadata, if any.
     pub architecture: Option<String>,
+    /// The engine that ran the student.
+    pub engine: EngineKind,
     /// File size.
     pub model_bytes: u64,
     /// Stored float weights.
@@ -85,6 +116,8 @@ pub struct BenchReport {
     pub throughput_ips: f64,
     /// Batch size of the throughput run.
     pub throughput_batch: usize,
+    /// Batch-1 throughput over several threads, when asked for (`--threads N`, N > 1).
+    pub parallel: Option<ParallelReport>,
     /// Peak resident memory of the process up to the end of the student's runs, before any
     /// teacher pass (bytes; Linux `VmHWM`): the engine, both plans and the prepared images.
     pub peak_rss_bytes: Option<u64>,
@@ -94,8 +127,8 @@ pub struct BenchReport {
     pub images: usize,
     /// CPU features tract detected.
     pub isa: String,
-    /// Kernels the plan runs (distinct): this project's direct convolutions, then the
-    /// matrix-multiply kernels tract picked.
+    /// Kernels the plan runs (distinct): with tract, this project's direct convolutions, then
+    /// the matrix-multiply kernels tract picked; with ONNX Runtime, its release and provider.
     pub kernels: Vec<String>,
     /// Teacher figures, when a teacher was given.
     pub teacher: Option<TeacherReport>,
@@ -104,9 +137,12 @@ pub struct BenchReport {
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// The model.
+    /// The model, read by tract.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The model, in the engine that runs it.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
     /// The data.
     #[error(transparent)]
     Data(#[from] crate::DataError),
@@ -129,11 +165,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The ISA tract detected and the distinct kernels of a plan: this project's direct
-/// convolutions, then tract's matmul kernels.
-pub fn kernels(engine: &Engine) -> (String, Vec<String>) {
+/// The CPU and the features tract detected.
+pub fn isa() -> String {
     let isa = tract_linalg::isa::native();
-    let isa_text = format!("{} [{}]", isa.nickname(), isa.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
+    format!("{} [{}]", isa.nickname(), isa.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "))
+}
+
+/// The distinct kernels of a tract plan: this project's direct convolutions, then tract's
+/// matmul kernels.
+pub fn kernels(engine: &Engine) -> Vec<String> {
     let mut found: Vec<String> = Vec::new();
     for node in engine.plan().model().nodes() {
         if let Some(conv) = node.op_as::<crate::direct_conv::DirectConv>() {
@@ -154,7 +194,7 @@ pub fn kernels(engine: &Engine) -> (String, Vec<String>) {
             }
         }
     }
-    (isa_text, found)
+    found
 }
 
 /// Benchmark `model` on `data` (labeled, any size; converted to the model's input).
@@ -166,7 +206,7 @@ pub fn run(
     teacher: Option<&TeacherSource>,
 ) -> Result<BenchReport, BenchError> {
     let started = Instant::now();
-    let mut single = Engine::load(model, 1)?;
+    let mut single = crate::runner::load(options.engine, model, 1)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     let info = single.info().clone();
     let [c, h, w] = info.input_shape;
@@ -178,22 +218,27 @@ pub fn run(
     let input = to_model_input(&images.pixels, images.shape, &norm);
     let per_image = c * h * w;
     let n = images.len();
+    let image = |i: usize| &input[(i % n) * per_image..(i % n + 1) * per_image];
 
     for i in 0..options.warmup {
-        single.run(&input[(i % n) * per_image..(i % n + 1) * per_image])?;
+        single.run(image(i))?;
     }
     let mut times = Vec::with_capacity(options.iterations);
     for i in 0..options.iterations {
-        let x = &input[(i % n) * per_image..(i % n + 1) * per_image];
+        let x = image(i);
         let t = Instant::now();
         single.run(x)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let (isa, kernels) = kernels(&single);
+    let kernels = single.kernels();
+    let parallel = match options.threads {
+        0 | 1 => None,
+        threads => Some(run_parallel(single.as_ref(), &image, threads, options)?),
+    };
     drop(single);
 
     let t = Instant::now();
-    let mut batched = Engine::load(model, options.batch)?;
+    let mut batched = crate::runner::load(options.engine, model, options.batch)?;
     let batch_load_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let logits = batched.run_many(&input)?;
@@ -212,6 +257,7 @@ pub fn run(
     Ok(BenchReport {
         model: model.display().to_string(),
         architecture: info.architecture.clone(),
+        engine: options.engine,
         model_bytes: info.file_bytes,
         params: info.params,
         load_ms,
@@ -219,12 +265,65 @@ pub fn run(
         latency_ms: Percentiles::of(times),
         throughput_ips: n as f64 / batched_s,
         throughput_batch: options.batch,
+        parallel,
         peak_rss_bytes: peak_rss,
         accuracy,
         images: n,
-        isa,
+        isa: isa(),
         kernels,
         teacher,
+    })
+}
+
+/// `threads` forks of `runner`, each warmed up, then all started together on batch-1 runs
+/// of `image(i)`, `options.iterations` each.
+fn run_parallel<'a>(
+    runner: &dyn Runner,
+    image: &(dyn Fn(usize) -> &'a [f32] + Sync),
+    threads: usize,
+    options: &BenchOptions,
+) -> Result<ParallelReport, BenchError> {
+    let runners = (0..threads).map(|_| runner.fork()).collect::<Result<Vec<_>, _>>()?;
+    let start = Barrier::new(threads + 1);
+    let iterations = options.iterations;
+    let (wall_s, per_thread) = std::thread::scope(|scope| {
+        let handles: Vec<_> = runners
+            .into_iter()
+            .enumerate()
+            .map(|(t, mut runner)| {
+                let start = &start;
+                scope.spawn(move || {
+                    let first = t * iterations;
+                    let warmed = (0..options.warmup).try_for_each(|i| runner.run(image(first + i)).map(drop));
+                    // Every thread reaches the barrier, failed or not, so that none waits forever.
+                    start.wait();
+                    warmed?;
+                    let mut times = Vec::with_capacity(iterations);
+                    for i in 0..iterations {
+                        let t = Instant::now();
+                        runner.run(image(first + i))?;
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok::<_, RunnerError>(times)
+                })
+            })
+            .collect();
+        start.wait();
+        let started = Instant::now();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+        (started.elapsed().as_secs_f64(), results)
+    });
+    let mut times = Vec::with_capacity(threads * iterations);
+    for result in per_thread {
+        let thread_times =
+            result.map_err(|_| BenchError::Usage("a benchmark thread panicked".into()))?.map_err(BenchError::from)?;
+        times.extend(thread_times);
+    }
+    Ok(ParallelReport {
+        threads,
+        runs: times.len(),
+        throughput_ips: times.len() as f64 / wall_s,
+        latency_ms: Percentiles::of(times),
     })
 }
 

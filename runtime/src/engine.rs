@@ -337,31 +337,50 @@ impl Engine {
 
     /// Logits for any number of images: runs full batches and zero-pads the last one.
     pub fn run_many(&mut self, input: &[f32]) -> Result<Vec<f32>, EngineError> {
-        let per_image = self.image_len();
-        if !input.len().is_multiple_of(per_image) {
-            return Err(EngineError::InputSize {
-                actual: input.len(),
-                expected: per_image,
-                detail: "a multiple of one image".into(),
-            });
-        }
-        let n = input.len() / per_image;
-        let k = self.info.num_classes;
-        let mut out = Vec::with_capacity(n * k);
-        let mut padded = vec![0f32; self.batch * per_image];
-        for chunk in input.chunks(self.batch * per_image) {
-            let images = chunk.len() / per_image;
-            let logits = if images == self.batch {
-                self.run(chunk)?
-            } else {
-                padded[..chunk.len()].copy_from_slice(chunk);
-                padded[chunk.len()..].fill(0.0);
-                self.run(&padded)?
-            };
-            out.extend_from_slice(&logits[..images * k]);
-        }
-        Ok(out)
+        let (batch, per_image, classes) = (self.batch, self.image_len(), self.info.num_classes);
+        run_in_batches(input, batch, per_image, classes, |chunk| self.run(chunk))
     }
+
+    /// Another run state over the same optimised plan (nothing is parsed or optimised again),
+    /// for another thread: `mekd-edge bench --threads N` runs N of them.
+    pub fn fork(&self) -> Result<Self, EngineError> {
+        let state = self.plan.spawn().map_err(|e| EngineError::Run(format!("{e:#}")))?;
+        Ok(Self { info: self.info.clone(), batch: self.batch, plan: self.plan.clone(), state })
+    }
+}
+
+/// Logits of `classes` values for each image of `input` (`per_image` values each), by `run` on
+/// whole batches of `batch` images: the last one is zero-padded and its padding's logits dropped.
+pub(crate) fn run_in_batches<E: From<EngineError>>(
+    input: &[f32],
+    batch: usize,
+    per_image: usize,
+    classes: usize,
+    mut run: impl FnMut(&[f32]) -> Result<Vec<f32>, E>,
+) -> Result<Vec<f32>, E> {
+    if !input.len().is_multiple_of(per_image) {
+        return Err(EngineError::InputSize {
+            actual: input.len(),
+            expected: per_image,
+            detail: "a multiple of one image".into(),
+        }
+        .into());
+    }
+    let n = input.len() / per_image;
+    let mut out = Vec::with_capacity(n * classes);
+    let mut padded = vec![0f32; batch * per_image];
+    for chunk in input.chunks(batch * per_image) {
+        let images = chunk.len() / per_image;
+        let logits = if images == batch {
+            run(chunk)?
+        } else {
+            padded[..chunk.len()].copy_from_slice(chunk);
+            padded[chunk.len()..].fill(0.0);
+            run(&padded)?
+        };
+        out.extend_from_slice(&logits[..images * classes]);
+    }
+    Ok(out)
 }
 
 /// Index of the largest value of each row of `k` logits.

@@ -10,7 +10,10 @@ pub mod direct_conv;
 pub mod display;
 pub mod engine;
 pub mod fsutil;
+#[cfg(feature = "ort")]
+pub mod onnxruntime;
 pub mod rng;
+pub mod runner;
 pub mod teacher_client;
 
 pub use data::{DataError, Dataset, Split};

@@ -11,6 +11,7 @@ use mekd_runtime::data::decode_image;
 use mekd_runtime::data::preprocess::convert_image;
 use mekd_runtime::display::Screen;
 use mekd_runtime::engine::{Engine, argmax_rows, inspect};
+use mekd_runtime::runner::EngineKind;
 use mekd_runtime::{Dataset, Split};
 
 /// The edge side of MEKD: load an ONNX classifier with tract and measure it.
@@ -104,6 +105,16 @@ struct BenchArgs {
     /// Batch size of the throughput run.
     #[arg(long, default_value_t = BenchOptions::default().batch)]
     batch: usize,
+    /// The engine that runs the student: tract (pure Rust, the default) or ONNX Runtime
+    /// (`ort`: a binary built with `--features ort`, and libonnxruntime.so from the PyPI
+    /// `onnxruntime` wheel, found in .cache/onnxruntime/, the python3 package or ORT_DYLIB_PATH).
+    #[arg(long, value_enum, default_value_t = EngineKind::default())]
+    engine: EngineKind,
+    /// Also measure batch-1 throughput on this many threads at once, each with its own run
+    /// state over one loaded model (--iterations runs each): images/s over the board's cores.
+    /// Batch-1 latency is always measured on one thread.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
     /// Draw the results screen (128x64) into this PNG.
     #[arg(long)]
     png: Option<PathBuf>,
@@ -195,8 +206,13 @@ fn bench(args: BenchArgs) -> Result<()> {
         (None, None) => None,
     };
     let data = args.on.dataset()?;
-    let options =
-        BenchOptions { iterations: args.iterations.max(1), batch: args.batch.max(1), ..BenchOptions::default() };
+    let options = BenchOptions {
+        iterations: args.iterations.max(1),
+        batch: args.batch.max(1),
+        engine: args.engine,
+        threads: usize::from(args.threads),
+        ..BenchOptions::default()
+    };
     let norm = args.norm.get();
     let report = mekd_runtime::bench::run(&args.on.model, &data, norm, &options, teacher.as_ref())?;
     let screen = Screen::from_report(&report);
@@ -219,6 +235,7 @@ fn bench(args: BenchArgs) -> Result<()> {
 fn print_report(r: &BenchReport, verbose: bool) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!("model          {} ({})", r.model, r.architecture.as_deref().unwrap_or("no metadata"));
+    println!("engine         {}", r.engine);
     println!("size           {:.1} KiB, {} weights", r.model_bytes as f64 / 1024.0, r.params);
     println!("load+optimise  {:.1} ms (batch 1), {:.1} ms (batch {})", r.load_ms, r.batch_load_ms, r.throughput_batch);
     println!(
@@ -226,6 +243,12 @@ fn print_report(r: &BenchReport, verbose: bool) {
         r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.samples
     );
     println!("throughput     {:.0} images/s at batch {}", r.throughput_ips, r.throughput_batch);
+    if let Some(p) = &r.parallel {
+        println!(
+            "parallel       {:.0} images/s on {} threads at batch 1 (p50 {:.3} ms, p99 {:.3} ms per run; {} runs)",
+            p.throughput_ips, p.threads, p.latency_ms.p50, p.latency_ms.p99, p.runs
+        );
+    }
     if let Some(rss) = r.peak_rss_bytes {
         println!("peak memory    {:.1} MiB resident", mib(rss));
     }

@@ -128,7 +128,7 @@ fn bench_runs_a_foreign_model_with_flag_normalisation() {
     let test = mekd_runtime::Dataset::load(&data, mekd_runtime::Split::Test).unwrap().take(300).prepare(1, 32).unwrap();
     let norm = mekd_contract::Normalisation { mean: vec![0.1307], std: vec![0.3081] };
     let input = mekd_contract::to_model_input(&test.pixels, test.shape, &norm);
-    let mut ort = mekd_trainer::onnxruntime::OrtClassifier::open(&model, None).unwrap_or_else(|e| panic!("{e}"));
+    let mut ort = mekd_runtime::onnxruntime::OrtClassifier::open(&model, None).unwrap_or_else(|e| panic!("{e}"));
     let logits = ort.run(&input, [1, 32, 32]).unwrap();
     let predicted = mekd_runtime::engine::argmax_rows(&logits, 10);
     let correct = predicted.iter().zip(&test.labels).filter(|(p, l)| **p == **l as usize).count();

@@ -10,7 +10,8 @@ use mekd_contract::{Normalisation, Usage, to_model_input};
 use mekd_runtime::engine::argmax_rows;
 use mekd_runtime::teacher_client::{ClientError, HttpClient, RetryPolicy};
 
-use crate::onnxruntime::{OrtClassifier, OrtTeacherModel};
+use crate::teacher::onnx_model::OrtTeacherModel;
+use mekd_runtime::onnxruntime::OrtClassifier;
 
 /// Per-image answers of the teacher.
 #[derive(Clone, Debug, PartialEq)]

@@ -291,7 +291,8 @@ pub fn run_demo(out: &Path, config: &DemoConfig) -> Result<DemoSummary> {
     // 4. The edge runtime on both students, against the served teacher.
     eprintln!("[5/5] benchmarking the students with tract against the served teacher");
     let test = Dataset::load(&config.data, Split::Test)?.take(config.limit_test.unwrap_or(usize::MAX));
-    let options = BenchOptions { warmup: 10, iterations: 200, batch: 64, teacher_rtt_queries: 30 };
+    let options =
+        BenchOptions { warmup: 10, iterations: 200, batch: 64, teacher_rtt_queries: 30, ..BenchOptions::default() };
     let source = TeacherSource::Http { url: url.clone(), client: Box::new(HttpClient::new(&url, KEYS[2])?) };
     let bench = |summary: &RunSummary| -> Result<BenchReport> {
         let report = mekd_runtime::bench::run(&summary.onnx, &test, None, &options, Some(&source))

@@ -13,7 +13,6 @@ pub mod export;
 pub mod journal;
 pub mod methods;
 pub mod numerics;
-pub mod onnxruntime;
 pub mod perf;
 pub mod progress;
 pub mod report;

@@ -5,8 +5,8 @@ use burn::tensor::Device;
 use mekd_models::export::{ExportMetadata, export_classifier};
 use mekd_models::{Architecture, ClassifierSpec};
 use mekd_runtime::engine::{ConvKernels, Engine, inspect};
+use mekd_runtime::onnxruntime::OrtClassifier;
 use mekd_trainer::export::{Agreement, burn_logits, export_verified, probe_batch};
-use mekd_trainer::onnxruntime::OrtClassifier;
 
 /// A trained-looking model: fresh weights, then BatchNorm statistics that are not the identity
 /// (a few training-mode forward passes), so the export of running stats is exercised too.

@@ -11,7 +11,7 @@ use mekd_runtime::engine::{ConvKernels, Engine, inspect};
 use serde::Serialize;
 
 use crate::export::{Agreement, probe_batch};
-use crate::onnxruntime::OrtClassifier;
+use mekd_runtime::onnxruntime::OrtClassifier;
 
 /// One model at one batch size.
 #[derive(Clone, Debug, Serialize)]

@@ -4,7 +4,7 @@
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
-use crate::onnxruntime::OrtClassifier;
+use mekd_runtime::onnxruntime::OrtClassifier;
 
 /// A request waiting for the model.
 struct Job {

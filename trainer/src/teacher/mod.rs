@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod batcher;
 mod http;
+pub mod onnx_model;
 pub mod server;
 pub mod train;
 mod v1;

@@ -21,7 +21,7 @@ use mekd_contract::protocol::{ResponseMode, v2};
 use super::accounts::Accounts;
 use super::batcher::Batcher;
 use super::http::{Answer, Shared, api_key};
-use crate::onnxruntime::OrtTeacherModel;
+use crate::teacher::onnx_model::OrtTeacherModel;
 
 /// Default of [`ServeConfig::max_batch`].
 pub const DEFAULT_MAX_BATCH: usize = 1024;

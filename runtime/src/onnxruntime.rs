@@ -1,5 +1,7 @@
-//! ONNX Runtime through `ort` (feature `load-dynamic`): finding the shared library without
-//! ceremony, and running an image classifier with it.
+//! ONNX Runtime through `ort` (feature `load-dynamic`; this crate's feature `ort`): finding the
+//! shared library without ceremony, and running an image classifier with it. The trainer serves
+//! teachers and compares engines with it; `mekd-edge bench --engine ort` times a student with it
+//! on the board.
 //!
 //! The library comes from the PyPI `onnxruntime` wheel (version [`PINNED_VERSION`]);
 //! `scripts/fetch-onnxruntime.sh` puts it in `.cache/onnxruntime/`; in a checkout of this
@@ -8,10 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use mekd_contract::protocol::{ResponseMode, TeacherInfo};
-use mekd_contract::{Normalisation, NormalisationError};
-use mekd_runtime::EngineError;
-use mekd_runtime::engine::inspect;
+use mekd_contract::NormalisationError;
+
+use crate::engine::inspect;
+use crate::{EngineError, ModelInfo};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
@@ -140,22 +142,32 @@ fn fetch_with_script(script: &Path) -> Result<PathBuf, String> {
     if lib.is_file() { Ok(lib) } else { Err(format!("it printed `{}`, which is not a file", lib.display())) }
 }
 
-static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+/// The process's ONNX Runtime and the library it was loaded from.
+static ENVIRONMENT: OnceLock<Result<(ort::environment::Environment, PathBuf), String>> = OnceLock::new();
 
 /// Load ONNX Runtime once per process (later calls reuse the first library).
 pub fn environment(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment, OrtError> {
     let env = ENVIRONMENT.get_or_init(|| {
         let path = locate_library(explicit).map_err(|e| e.to_string())?;
-        ort::init_from(&path)
+        let environment = ort::init_from(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?
             .with_name("mekd")
             .build()
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((environment, path))
     });
-    env.as_ref().map_err(|reason| OrtError::Load {
-        path: explicit.map(Path::to_path_buf).unwrap_or_default(),
-        reason: reason.clone(),
-    })
+    match env {
+        Ok((environment, _)) => Ok(environment),
+        Err(reason) => {
+            Err(OrtError::Load { path: explicit.map(Path::to_path_buf).unwrap_or_default(), reason: reason.clone() })
+        }
+    }
+}
+
+/// The library this process loaded (after the first session), e.g.
+/// `.cache/onnxruntime/libonnxruntime.so.1.31.1`: its name carries the release.
+pub fn loaded_library() -> Option<&'static Path> {
+    ENVIRONMENT.get()?.as_ref().ok().map(|(_, path)| path.as_path())
 }
 
 /// An image classifier session: `[N, C, H, W]` f32 in, `[N, classes]` logits out.
@@ -185,6 +197,21 @@ impl OrtClassifier {
         Ok(Self { session, input_name })
     }
 
+    /// Open `path` and learn what it is: its interface and metadata from the file
+    /// ([`inspect`]), its class count from its answer to a blank image (a model may leave it
+    /// dynamic), checked against the metadata.
+    pub fn open_classifier(path: &Path, library: Option<&Path>) -> Result<(Self, ModelInfo), OrtError> {
+        let (mut info, _) = inspect(path)?;
+        let [c, h, w] = info.input_shape;
+        let mut session = Self::open(path, library)?;
+        let num_classes = session.run(&vec![0.0; c * h * w], [c, h, w])?.len();
+        if num_classes < 2 || (info.num_classes != 0 && info.num_classes != num_classes) {
+            return Err(OrtError::NotAClassifier { path: path.to_path_buf(), values: num_classes });
+        }
+        info.num_classes = num_classes;
+        Ok((session, info))
+    }
+
     /// Logits for `images` (`n` images of `shape`).
     pub fn run(&mut self, images: &[f32], shape: [usize; 3]) -> Result<Vec<f32>, OrtError> {
         let [c, h, w] = shape;
@@ -194,52 +221,6 @@ impl OrtClassifier {
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => input]).map_err(run_error)?;
         let (_, logits) = outputs[0].try_extract_tensor::<f32>().map_err(run_error)?;
         Ok(logits.to_vec())
-    }
-}
-
-/// An ONNX image classifier opened with ONNX Runtime to serve as a teacher (`mekd teacher
-/// serve`, `mekd distill --teacher-onnx`), with what serving it needs, learnt once: the input
-/// shape, class names and normalisation (the given one, else the model's metadata) from the
-/// file, and the class count from its answer to a blank image (a model may leave it dynamic).
-pub struct OrtTeacherModel {
-    /// The session.
-    pub session: OrtClassifier,
-    /// `[C, H, W]` of one image.
-    pub input_shape: [usize; 3],
-    /// Scores per image.
-    pub num_classes: usize,
-    /// Class names from the metadata, if any.
-    pub class_names: Option<Vec<String>>,
-    /// How pixels become its input.
-    pub norm: Normalisation,
-}
-
-impl OrtTeacherModel {
-    /// Open `path` with the library at `library` (or found as [`locate_library`] says).
-    pub fn open(path: &Path, given: Option<Normalisation>, library: Option<&Path>) -> Result<Self, OrtError> {
-        let (info, _) = inspect(path)?;
-        let [c, h, w] = info.input_shape;
-        let norm = Normalisation::choose(given, info.normalisation.as_ref(), c, path)?;
-        let mut session = OrtClassifier::open(path, library)?;
-        let num_classes = session.run(&vec![0.0; c * h * w], [c, h, w])?.len();
-        if num_classes < 2 || (info.num_classes != 0 && info.num_classes != num_classes) {
-            return Err(OrtError::NotAClassifier { path: path.to_path_buf(), values: num_classes });
-        }
-        Ok(Self { session, input_shape: info.input_shape, num_classes, class_names: info.class_names, norm })
-    }
-
-    /// What a teacher serving this model answering in `response` mode, `max_batch` images per
-    /// request, says of itself.
-    pub fn teacher_info(&self, response: ResponseMode, max_batch: usize) -> TeacherInfo {
-        TeacherInfo {
-            input_shape: self.input_shape,
-            num_classes: self.num_classes,
-            class_names: self.class_names.clone(),
-            response,
-            mean: self.norm.mean.clone(),
-            std: self.norm.std.clone(),
-            max_batch,
-        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::bench::{self, BenchOptions};
-use mekd_runtime::engine::{Engine, argmax_rows};
+use mekd_runtime::engine::Engine;
 use mekd_runtime::runner::{self, EngineKind};
 use mekd_runtime::{Dataset, Split};
 
@@ -75,7 +75,7 @@ fn onnxruntime_runs_the_golden_images_through_the_same_interface() {
         for (a, b) in actual.iter().zip(&expected) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "batch {batch}: {a} vs {b}");
         }
-        assert_eq!(argmax_rows(&actual, 10), argmax_rows(&expected, 10));
+        assert_eq!(mekd_runtime::engine::argmax_rows(&actual, 10), mekd_runtime::engine::argmax_rows(&expected, 10));
         let mut fork = ort.fork().unwrap();
         assert_eq!(fork.run_many(&input).unwrap(), actual);
         let err = ort.run(&input[..1024 * batch - 1]).unwrap_err().to_string();

@@ -71,8 +71,8 @@ pub struct ParallelReport {
     pub threads: usize,
     /// Batch-1 runs timed, all threads together.
     pub runs: usize,
-    /// Images per second, all threads together (runs over the wall time from the common start
-    /// to the last thread's end).
+    /// Images per second, all threads together: runs over the time from the first thread's
+    /// start to the last thread's end (each thread's own clock, after a common barrier).
     pub throughput_ips: f64,
     /// Latency of each run while all threads run (ms).
     pub latency_ms: Percentiles,
@@ -112,7 +112,7 @@ pub struct BenchReport {
     pub batch_load_ms: f64,
     /// Batch-1 latency after warm-up.
     pub latency_ms: Percentiles,
-    /// Images per second at `throughput_batch`.
+    /// Images per second at `throughput_batch`, over all images, after one untimed batch.
     pub throughput_ips: f64,
     /// Batch size of the throughput run.
     pub throughput_batch: usize,
@@ -240,6 +240,8 @@ pub fn run(
     let t = Instant::now();
     let mut batched = crate::runner::load(options.engine, model, options.batch)?;
     let batch_load_ms = t.elapsed().as_secs_f64() * 1e3;
+    // One untimed batch first, as the latency runs have their warm-up.
+    batched.run_many(&input[..per_image * n.min(options.batch)])?;
     let t = Instant::now();
     let logits = batched.run_many(&input)?;
     let batched_s = t.elapsed().as_secs_f64();
@@ -286,7 +288,7 @@ fn run_parallel<'a>(
     let runners = (0..threads).map(|_| runner.fork()).collect::<Result<Vec<_>, _>>()?;
     let start = Barrier::new(threads + 1);
     let iterations = options.iterations;
-    let (wall_s, per_thread) = std::thread::scope(|scope| {
+    let per_thread = std::thread::scope(|scope| {
         let handles: Vec<_> = runners
             .into_iter()
             .enumerate()
@@ -298,31 +300,38 @@ fn run_parallel<'a>(
                     // Every thread reaches the barrier, failed or not, so that none waits forever.
                     start.wait();
                     warmed?;
+                    // Each thread's own clock: the main thread may be scheduled late.
+                    let began = Instant::now();
                     let mut times = Vec::with_capacity(iterations);
                     for i in 0..iterations {
                         let t = Instant::now();
                         runner.run(image(first + i))?;
                         times.push(t.elapsed().as_secs_f64() * 1e3);
                     }
-                    Ok::<_, RunnerError>(times)
+                    Ok::<_, RunnerError>((began, Instant::now(), times))
                 })
             })
             .collect();
         start.wait();
-        let started = Instant::now();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
-        (started.elapsed().as_secs_f64(), results)
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
     });
     let mut times = Vec::with_capacity(threads * iterations);
+    let (mut began, mut ended) = (None::<Instant>, None::<Instant>);
     for result in per_thread {
-        let thread_times =
+        let (start, end, thread_times) =
             result.map_err(|_| BenchError::Usage("a benchmark thread panicked".into()))?.map_err(BenchError::from)?;
+        began = Some(began.map_or(start, |b| b.min(start)));
+        ended = Some(ended.map_or(end, |e| e.max(end)));
         times.extend(thread_times);
     }
+    let wall_s = match (began, ended) {
+        (Some(b), Some(e)) => e.duration_since(b).as_secs_f64(),
+        _ => 0.0,
+    };
     Ok(ParallelReport {
         threads,
         runs: times.len(),
-        throughput_ips: times.len() as f64 / wall_s,
+        throughput_ips: times.len() as f64 / wall_s.max(f64::MIN_POSITIVE),
         latency_ms: Percentiles::of(times),
     })
 }

@@ -212,6 +212,8 @@ pub struct Conv2d {
     taps: Vec<usize>,
     plane_height: usize,
     plane_width: usize,
+    /// Outputs clamped at zero as they are stored (a ReLU after the convolution, fused).
+    relu: bool,
 }
 
 impl fmt::Debug for Conv2d {
@@ -279,7 +281,19 @@ impl Conv2d {
                 }
             }
         }
-        Ok(Conv2d { geometry, simd, tile, packed, bias: padded_bias, taps, plane_height, plane_width })
+        Ok(Conv2d { geometry, simd, tile, packed, bias: padded_bias, taps, plane_height, plane_width, relu: false })
+    }
+
+    /// The same convolution followed by a ReLU (`max(x, 0)`), applied to each tile as it is
+    /// stored: no second pass over the output.
+    pub fn with_relu(mut self) -> Conv2d {
+        self.relu = true;
+        self
+    }
+
+    /// Whether a ReLU is fused ([`Conv2d::with_relu`]).
+    pub fn relu(&self) -> bool {
+        self.relu
     }
 
     /// The convolution's shape.
@@ -301,8 +315,9 @@ impl Conv2d {
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
-    /// `output` `[images, out_channels, out_height, out_width]`; `scratch` is resized as needed
-    /// (keep it between calls to save the allocation).
+    /// `output` `[images, out_channels, out_height, out_width]`, every value of which is written
+    /// (its previous contents never read); `scratch` is resized as needed (keep it between calls
+    /// to save the allocation).
     pub fn run(
         &self,
         images: usize,
@@ -486,6 +501,11 @@ unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
                         for (r, lanes) in rows.iter().enumerate().take(out_h - oy) {
                             for (j, lane) in lanes.iter().enumerate() {
                                 lane.store(row.as_mut_ptr().add(j * V::LANES));
+                            }
+                            if conv.relu {
+                                for v in &mut row[..width] {
+                                    *v = v.max(0.0);
+                                }
                             }
                             out[(co * out_h + oy + r) * out_w + x0..][..width].copy_from_slice(&row[..width]);
                         }
@@ -735,23 +755,28 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_definition() {
-        for simd in Simd::available() {
+        for (simd, relu) in Simd::available().into_iter().flat_map(|simd| [(simd, false), (simd, true)]) {
             for (i, g) in cases().into_iter().enumerate() {
                 let images = 2;
                 let input = values(images * g.input_len(), 1 + i as u64);
                 let weights = values(g.weights_len(), 100 + i as u64);
                 let bias = values(g.out_channels, 200 + i as u64);
-                let conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
+                let mut conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
+                let mut expected = reference(&g, images, &input, &weights, &bias);
+                if relu {
+                    conv = conv.with_relu();
+                    expected.iter_mut().for_each(|e| *e = e.max(0.0));
+                }
+                // NaN everywhere first: every output must be written.
                 let mut out = vec![f32::NAN; images * g.output_len()];
                 conv.run(images, &input, &mut out, &mut Vec::new()).unwrap();
-                let expected = reference(&g, images, &input, &weights, &bias);
                 let taps = (g.in_channels * g.kernel[0] * g.kernel[1]) as f32;
                 for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
                     // f32 sums of `taps` products of values in [-1, 1]: rounding grows with
                     // the sum's length, at most taps * 2^-24 of the largest partial sum.
                     assert!(
                         (a - e).abs() <= 1e-6 * taps.max(1.0) * 4.0,
-                        "{} on {g}: output {j} is {a}, expected {e}",
+                        "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
                         conv.kernel_name()
                     );
                 }

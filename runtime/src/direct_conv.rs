@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use mekd_kernels::{Conv2d, Conv2dGeometry};
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
@@ -37,9 +38,10 @@ impl DirectConv {
         self.conv.kernel_name()
     }
 
-    /// The kernel and the convolution's shape.
+    /// The kernel and the convolution's shape (`+ relu`: the ReLU after it is fused).
     pub fn describe(&self) -> String {
-        format!("{} on {}", self.conv.kernel_name(), self.conv.geometry())
+        let relu = if self.conv.relu() { " + relu" } else { "" };
+        format!("{}{relu} on {}", self.conv.kernel_name(), self.conv.geometry())
     }
 }
 
@@ -67,7 +69,10 @@ impl EvalOp for DirectConv {
         let g = self.conv.geometry();
         let input = inputs[0].try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        let mut output = Tensor::zero::<f32>(&[self.batch, g.out_channels, g.out_height(), g.out_width()])?;
+        // SAFETY: f32 has no invalid bit patterns, and `Conv2d::run` writes every value of its
+        // output before anything reads it (its tests start from a NaN-filled buffer).
+        let mut output =
+            unsafe { Tensor::uninitialized::<f32>(&[self.batch, g.out_channels, g.out_height(), g.out_width()])? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -144,21 +149,45 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<D
     }
 }
 
-/// Replace every convolution of a decluttered `model` that [`DirectConv`] covers; returns how
-/// many were replaced.
-pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
+/// The ReLU that alone reads convolution `id`'s output, if there is one: tract's decluttered
+/// form of ONNX `Relu` (a `Clip` with min 0) is `Max` with a constant zero.
+fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+    let outlet = OutletId::new(id, 0);
+    let successors = model.outlet_successors(outlet);
+    if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(successors[0].node);
+    let is_max = next.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Max");
+    if !is_max || next.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = next.inputs[1 - successors[0].slot];
+    let zero = model.outlet_fact(other)?.konst.as_ref().is_some_and(|k| {
+        k.datum_type() == f32::datum_type()
+            && k.len() == 1
+            && k.try_as_plain_ram().ok().and_then(|v| v.as_slice::<f32>().ok().map(|s| s[0] == 0.0)) == Some(true)
+    });
+    Ok(zero.then_some(next.id))
+}
+
+/// Replace every convolution of a decluttered `model` that [`DirectConv`] covers, with the ReLU
+/// that follows it fused where there is one.
+pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(op) = direct_conv_for(model, node)? else { continue };
+        let Some(mut op) = direct_conv_for(model, node)? else { continue };
+        let relu = relu_after(model, id)?;
+        if relu.is_some() {
+            op.conv = Arc::new((*op.conv).clone().with_relu());
+        }
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
         let input = patch.tap_model(model, node.inputs[0])?;
         let output = patch.wire_node(&node.name, op, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(id, 0), output)?;
+        patch.shunt_outside(model, OutletId::new(relu.unwrap_or(id), 0), output)?;
         patch.apply(model)?;
-        replaced += 1;
     }
-    Ok(replaced)
+    Ok(())
 }
 
 /// The [`DirectConv`] nodes of an optimised plan, described (for `--verbose` output and tests).

@@ -60,7 +60,9 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
         let scale = own_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
         let gap = tract_logits.iter().zip(&own_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(gap <= 1e-5 * scale, "{arch}: direct convolutions differ from tract's by {gap} (scale {scale})");
-        assert!(!tract.direct_convs().is_empty(), "{arch}: no convolution ran the direct kernel");
+        let convs = tract.direct_convs();
+        assert!(!convs.is_empty(), "{arch}: no convolution ran the direct kernel");
+        assert!(convs.iter().any(|c| c.contains("+ relu")), "{arch}: no ReLU fused: {convs:?}");
         // The dynamic batch axis: batch 1 gives the first row.
         let mut single = Engine::load(&path, 1).unwrap();
         let first = single.run(&images[..shape.iter().product()]).unwrap();

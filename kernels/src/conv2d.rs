@@ -1,4 +1,5 @@
-//! Direct 2-D convolution for few channels and small images (NCHW, one group, no dilation).
+//! Direct 2-D convolution for few channels and small images (NCHW, no dilation; one group, or
+//! depthwise: one group per channel).
 //!
 //! Why: an im2col + matrix product lowering spends most of its time gathering the few input
 //! channels of a small student into panels, and pads an 8-row matrix tile with 3 real rows.
@@ -13,6 +14,10 @@
 //! ([`Simd::detect`]): tiles of 8 output channels by 2 rows of 16 pixels on AVX-512 (2 rows of 8
 //! where the output is that narrow), by 1 row of 8 on AVX2 and on NEON, with fused
 //! multiply-adds where the target has them.
+//!
+//! A depthwise convolution ([`Conv2d::depthwise`]: each output channel reads only its own input
+//! channel) has no weights to share between channels: its tile is one channel by 4 rows of a
+//! vector of pixels, read from the same phase planes.
 
 use std::fmt;
 
@@ -214,6 +219,8 @@ pub struct Conv2d {
     plane_width: usize,
     /// Outputs clamped at zero as they are stored (a ReLU after the convolution, fused).
     relu: bool,
+    /// One group per channel: output channel `c` reads input channel `c` only.
+    depthwise: bool,
 }
 
 impl fmt::Debug for Conv2d {
@@ -236,30 +243,61 @@ impl Conv2d {
         bias: Option<&[f32]>,
         simd: Simd,
     ) -> Result<Conv2d, Conv2dError> {
+        Conv2d::build(geometry, weights, bias, simd, false)
+    }
+
+    /// A depthwise convolution (groups = channels, `in_channels == out_channels`): `weights`
+    /// are `[channels, 1, kh, kw]`, `bias` `[channels]` or none; for the best vector unit.
+    pub fn depthwise(geometry: Conv2dGeometry, weights: &[f32], bias: Option<&[f32]>) -> Result<Conv2d, Conv2dError> {
+        Conv2d::build(geometry, weights, bias, Simd::detect(), true)
+    }
+
+    fn build(
+        geometry: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        simd: Simd,
+        depthwise: bool,
+    ) -> Result<Conv2d, Conv2dError> {
         geometry.validate()?;
         if !Simd::available().contains(&simd) {
             return Err(Conv2dError::Geometry(format!("this machine cannot run the {} kernel", simd.name())));
         }
-        check_len("weights", weights.len(), geometry.weights_len())?;
+        if depthwise && geometry.in_channels != geometry.out_channels {
+            return Err(Conv2dError::Geometry(format!("{geometry}: a depthwise convolution keeps its channels")));
+        }
+        let weights_len =
+            if depthwise { geometry.weights_len() / geometry.in_channels } else { geometry.weights_len() };
+        check_len("weights", weights.len(), weights_len)?;
         if let Some(bias) = bias {
             check_len("bias", bias.len(), geometry.out_channels)?;
         }
         let Conv2dGeometry { in_channels, out_channels, kernel: [kh, kw], stride: [sy, sx], .. } = geometry;
-        let tile = Tile::choose(simd, out_channels, geometry.out_width());
+        let tile = if depthwise {
+            Tile::depthwise(simd, geometry.out_width())
+        } else {
+            Tile::choose(simd, out_channels, geometry.out_width())
+        };
         let block = tile.channels;
         let blocks = out_channels.div_ceil(block);
         let taps_per_channel = kh * kw;
-        let mut packed = vec![0f32; blocks * in_channels * taps_per_channel * block];
-        for co in 0..out_channels {
-            let (b, lane) = (co / block, co % block);
-            for ci in 0..in_channels {
-                for tap in 0..taps_per_channel {
-                    let src = (co * in_channels + ci) * taps_per_channel + tap;
-                    let dst = ((b * in_channels + ci) * taps_per_channel + tap) * block + lane;
-                    packed[dst] = weights[src];
+        // Depthwise: `[channels][kh][kw]`, as given.
+        let packed = if depthwise {
+            weights.to_vec()
+        } else {
+            let mut packed = vec![0f32; blocks * in_channels * taps_per_channel * block];
+            for co in 0..out_channels {
+                let (b, lane) = (co / block, co % block);
+                for ci in 0..in_channels {
+                    for tap in 0..taps_per_channel {
+                        let src = (co * in_channels + ci) * taps_per_channel + tap;
+                        let dst = ((b * in_channels + ci) * taps_per_channel + tap) * block + lane;
+                        packed[dst] = weights[src];
+                    }
                 }
             }
-        }
+            packed
+        };
         let mut padded_bias = vec![0f32; blocks * block];
         if let Some(bias) = bias {
             padded_bias[..out_channels].copy_from_slice(bias);
@@ -281,7 +319,18 @@ impl Conv2d {
                 }
             }
         }
-        Ok(Conv2d { geometry, simd, tile, packed, bias: padded_bias, taps, plane_height, plane_width, relu: false })
+        Ok(Conv2d {
+            geometry,
+            simd,
+            tile,
+            packed,
+            bias: padded_bias,
+            taps,
+            plane_height,
+            plane_width,
+            relu: false,
+            depthwise,
+        })
     }
 
     /// The same convolution followed by a ReLU (`max(x, 0)`), applied to each tile as it is
@@ -296,16 +345,28 @@ impl Conv2d {
         self.relu
     }
 
+    /// Whether it is depthwise ([`Conv2d::depthwise`]).
+    pub fn is_depthwise(&self) -> bool {
+        self.depthwise
+    }
+
+    /// Multiply-adds per image.
+    pub fn macs(&self) -> usize {
+        let macs = self.geometry.macs();
+        if self.depthwise { macs / self.geometry.in_channels } else { macs }
+    }
+
     /// The convolution's shape.
     pub fn geometry(&self) -> &Conv2dGeometry {
         &self.geometry
     }
 
     /// Which compiled kernel runs, e.g. `direct-conv/avx512/8x2x16` (a tile of output
-    /// channels x rows x pixels).
+    /// channels x rows x pixels), `depthwise-conv/avx512/1x4x16`.
     pub fn kernel_name(&self) -> String {
         let Tile { channels, rows, pixels, .. } = self.tile;
-        format!("direct-conv/{}/{channels}x{rows}x{pixels}", self.simd.name())
+        let kind = if self.depthwise { "depthwise-conv" } else { "direct-conv" };
+        format!("{kind}/{}/{channels}x{rows}x{pixels}", self.simd.name())
     }
 
     /// Values of the scratch buffer [`Conv2d::run`] needs.
@@ -427,6 +488,22 @@ impl Tile {
             },
         }
     }
+
+    /// The depthwise kernel for this vector unit: one channel, 4 rows (four independent sums
+    /// per tap), a vector of pixels per row (8 where the output is that narrow on AVX-512).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the width matters on x86 only
+    fn depthwise(simd: Simd, out_width: usize) -> Tile {
+        let tile = |pixels, kernel| Tile { channels: 1, rows: 4, pixels, kernel };
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if out_width <= 8 => tile(8, x86::depthwise_avx512_narrow),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => tile(16, x86::depthwise_avx512),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => tile(8, x86::depthwise_avx2),
+            _ => tile(8, portable::depthwise),
+        }
+    }
 }
 
 fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), Conv2dError> {
@@ -516,11 +593,64 @@ unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
     }
 }
 
+/// One image of a depthwise convolution from its phase planes: per channel, a tile of `R` rows
+/// by `XV` vectors of pixels; each tap loads `R * XV` vectors and multiplies them with the
+/// channel's weight.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+    let x_block = XV * V::LANES;
+    let g = &conv.geometry;
+    let (out_h, out_w) = (g.out_height(), g.out_width());
+    let pw = conv.plane_width;
+    let span = (R - 1) * pw + x_block;
+    let taps_per_channel = g.kernel[0] * g.kernel[1];
+    let mut row = vec![0f32; x_block];
+    for (c, (weights, taps)) in
+        conv.packed.chunks_exact(taps_per_channel).zip(conv.taps.chunks_exact(taps_per_channel)).enumerate()
+    {
+        let bias = conv.bias[c];
+        for oy in (0..out_h).step_by(R) {
+            for x0 in (0..out_w).step_by(x_block) {
+                let base = oy * pw + x0;
+                // SAFETY: the caller guarantees V's features; every pointer below points into
+                // a slice bounds-checked to hold the values read.
+                unsafe {
+                    let mut acc = [[V::splat(bias); XV]; R];
+                    for (&w, &tap) in weights.iter().zip(taps) {
+                        let src = planes[tap + base..][..span].as_ptr();
+                        let weight = V::splat(w);
+                        for (r, lanes) in acc.iter_mut().enumerate() {
+                            for (j, lane) in lanes.iter_mut().enumerate() {
+                                *lane = V::mul_add(*lane, weight, V::load(src.add(r * pw + j * V::LANES)));
+                            }
+                        }
+                    }
+                    let width = (out_w - x0).min(x_block);
+                    for (r, lanes) in acc.iter().enumerate().take(out_h - oy) {
+                        for (j, lane) in lanes.iter().enumerate() {
+                            lane.store(row.as_mut_ptr().add(j * V::LANES));
+                        }
+                        if conv.relu {
+                            for v in &mut row[..width] {
+                                *v = v.max(0.0);
+                            }
+                        }
+                        out[(c * out_h + oy + r) * out_w + x0..][..width].copy_from_slice(&row[..width]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Conv2d, Vector, image};
+    use super::{Conv2d, Vector, depthwise_image, image};
 
     impl Vector for __m512 {
         const LANES: usize = 16;
@@ -588,12 +718,28 @@ mod x86 {
     kernel!(avx512_narrow_8, "avx512f,avx512vl,avx2,fma", __m256, 8, 2);
     kernel!(avx2_4, "avx2,fma", __m256, 4, 2);
     kernel!(avx2_8, "avx2,fma", __m256, 8, 1);
+
+    macro_rules! depthwise_kernel {
+        ($name:ident, $features:literal, $vector:ty) => {
+            /// # Safety
+            /// The CPU must have the enabled features ([`super::Simd::detect`]).
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+                unsafe { depthwise_image::<$vector, 4, 1>(conv, planes, out) }
+            }
+        };
+    }
+
+    depthwise_kernel!(depthwise_avx512, "avx512f,avx2,fma", __m512);
+    depthwise_kernel!(depthwise_avx512_narrow, "avx512f,avx512vl,avx2,fma", __m256);
+    depthwise_kernel!(depthwise_avx2, "avx2,fma", __m256);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
 /// 8 pixels), plain f32 elsewhere (the compiler may still vectorise it).
 mod portable {
-    use super::{Conv2d, Vector, image};
+    use super::{Conv2d, Vector, depthwise_image, image};
 
     #[cfg(target_arch = "aarch64")]
     mod lanes {
@@ -666,6 +812,14 @@ mod portable {
     pub(super) unsafe fn block_8(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
         // SAFETY: as above.
         unsafe { image::<Lanes, 8, 1, PER_ROW>(conv, planes, out) }
+    }
+
+    /// # Safety
+    /// As [`block_4`].
+    #[inline(never)]
+    pub(super) unsafe fn depthwise(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { depthwise_image::<Lanes, 4, PER_ROW>(conv, planes, out) }
     }
 }
 
@@ -782,6 +936,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_depthwise_kernel_matches_the_definition() {
+        // MobileNet's shapes (3x3, stride 1 and 2, padding 1, down to 2x2 outputs) and odd ones.
+        let cases = [
+            geometry(32, [32, 32], 32, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(64, [32, 32], 64, [3, 3], [2, 2], [1, 1, 1, 1]),
+            geometry(16, [8, 8], 16, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(24, [4, 4], 24, [3, 3], [2, 2], [1, 1, 1, 1]),
+            geometry(5, [7, 9], 5, [3, 5], [2, 1], [0, 2, 1, 1]),
+            geometry(3, [2, 2], 3, [3, 3], [1, 1], [1, 1, 1, 1]),
+        ];
+        for (simd, relu) in Simd::available().into_iter().flat_map(|simd| [(simd, false), (simd, true)]) {
+            for (i, g) in cases.into_iter().enumerate() {
+                let images = 2;
+                let channels = g.in_channels;
+                let taps = g.kernel[0] * g.kernel[1];
+                let input = values(images * g.input_len(), 11 + i as u64);
+                let weights = values(channels * taps, 110 + i as u64);
+                let bias = values(channels, 210 + i as u64);
+                // The definition: a dense convolution whose weights are zero off the diagonal.
+                let mut dense = vec![0f32; g.weights_len()];
+                for c in 0..channels {
+                    dense[(c * channels + c) * taps..][..taps].copy_from_slice(&weights[c * taps..][..taps]);
+                }
+                let mut expected = reference(&g, images, &input, &dense, &bias);
+                let mut conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
+                if relu {
+                    conv = conv.with_relu();
+                    expected.iter_mut().for_each(|e| *e = e.max(0.0));
+                }
+                assert_eq!(conv.macs() * channels, g.macs());
+                let mut out = vec![f32::NAN; images * g.output_len()];
+                conv.run(images, &input, &mut out, &mut Vec::new()).unwrap();
+                for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-6 * taps as f32 * 4.0,
+                        "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
+                        conv.kernel_name()
+                    );
+                }
+            }
+        }
+        let g = geometry(4, [8, 8], 8, [3, 3], [1, 1], [1, 1, 1, 1]);
+        assert!(matches!(Conv2d::depthwise(g, &[0.0; 36], None), Err(Conv2dError::Geometry(_))));
+        let g = geometry(4, [8, 8], 4, [3, 3], [1, 1], [1, 1, 1, 1]);
+        assert!(matches!(Conv2d::depthwise(g, &[0.0; 35], None), Err(Conv2dError::Length { what: "weights", .. })));
+        assert!(Conv2d::depthwise(g, &[0.0; 36], None).unwrap().kernel_name().starts_with("depthwise-conv/"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! plus a matrix product and spends most of the time gathering im2col panels. After tract has
 //! decluttered the graph (batch norm folded, strided 1x1 convolutions split into a downsample and
 //! a plain 1x1), [`replace_convolutions`] swaps every convolution the kernel covers (f32, NCHW,
-//! one group, no dilation, constant weights and bias, known shapes) for a [`DirectConv`] node;
+//! one group or depthwise, no dilation, constant weights and bias, known shapes) for a [`DirectConv`] node;
 //! tract then optimises the rest as usual.
 
 use std::cell::RefCell;
@@ -21,7 +21,9 @@ use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 #[derive(Clone, Debug)]
 pub struct DirectConv {
     conv: Arc<Conv2d>,
-    batch: usize,
+    /// Images per run; `None`: no batch axis (`[C, H, W]`, tract's form of a batch-1 graph
+    /// after it dropped the axis).
+    batch: Option<usize>,
 }
 
 impl PartialEq for DirectConv {
@@ -33,6 +35,14 @@ impl PartialEq for DirectConv {
 impl Eq for DirectConv {}
 
 impl DirectConv {
+    /// The shape of `channels x height x width` images with this node's batch axis.
+    fn shape(&self, channels: usize, height: usize, width: usize) -> TVec<usize> {
+        match self.batch {
+            Some(n) => tvec![n, channels, height, width],
+            None => tvec![channels, height, width],
+        }
+    }
+
     /// The compiled kernel this node runs, e.g. `direct-conv/avx512/8x2x16`.
     pub fn kernel_name(&self) -> String {
         self.conv.kernel_name()
@@ -72,11 +82,11 @@ impl EvalOp for DirectConv {
         // SAFETY: f32 has no invalid bit patterns, and `Conv2d::run` writes every value of its
         // output before anything reads it (its tests start from a NaN-filled buffer).
         let mut output =
-            unsafe { Tensor::uninitialized::<f32>(&[self.batch, g.out_channels, g.out_height(), g.out_width()])? };
+            unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_channels, g.out_height(), g.out_width()))? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            SCRATCH.with_borrow_mut(|scratch| self.conv.run(self.batch, input, out, scratch))?;
+            SCRATCH.with_borrow_mut(|scratch| self.conv.run(self.batch.unwrap_or(1), input, out, scratch))?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -85,31 +95,31 @@ impl EvalOp for DirectConv {
 impl TypedOp for DirectConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let g = self.conv.geometry();
-        let expected = [self.batch, g.in_channels, g.in_height, g.in_width];
+        let expected = self.shape(g.in_channels, g.in_height, g.in_width);
         ensure!(
             inputs.len() == 1
                 && inputs[0].datum_type == f32::datum_type()
                 && inputs[0].shape.as_concrete() == Some(&expected[..]),
             "MekdDirectConv expects one f32 input of shape {expected:?}, got {inputs:?}"
         );
-        Ok(tvec!(f32::fact([self.batch, g.out_channels, g.out_height(), g.out_width()])))
+        Ok(tvec!(f32::fact(self.shape(g.out_channels, g.out_height(), g.out_width()))))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
-        Ok(tvec!((Cost::FMA(f32::datum_type()), (self.batch * self.conv.geometry().macs()).to_dim())))
+        Ok(tvec!((Cost::FMA(f32::datum_type()), (self.batch.unwrap_or(1) * self.conv.macs()).to_dim())))
     }
 
     as_op!();
 }
 
-/// The [`DirectConv`] that computes `node`, or `None` when the kernel does not cover it.
-fn direct_conv_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DirectConv>> {
+/// The [`DirectConv`] that computes `node`, or `None` when the kernel does not cover it; with
+/// `scale`, its output channels multiplied by these factors (folded into weights and bias).
+fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) -> TractResult<Option<DirectConv>> {
     let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
     let spec = &conv.pool_spec;
     if conv.q_params.is_some()
-        || conv.group != 1
         || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
+        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
         || spec.rank() != 2
         || spec.dilations().iter().any(|&d| d != 1)
         || node.inputs.len() != 3
@@ -120,7 +130,16 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<D
     if facts.iter().any(|f| f.datum_type != f32::datum_type()) {
         return Ok(None);
     }
-    let Some(&[batch, in_channels, in_height, in_width]) = facts[0].shape.as_concrete() else { return Ok(None) };
+    let (batch, [in_channels, in_height, in_width]) = match facts[0].shape.as_concrete() {
+        Some(&[n, c, h, w]) if spec.data_format == DataFormat::NCHW => (Some(n), [c, h, w]),
+        Some(&[c, h, w]) if spec.data_format == DataFormat::CHW => (None, [c, h, w]),
+        _ => return Ok(None),
+    };
+    // One group, or depthwise: one group per channel, as many outputs as inputs.
+    let depthwise = conv.group != 1;
+    if depthwise && (conv.group != in_channels || conv.output_channels() != in_channels) {
+        return Ok(None);
+    }
     let (Some(weights), Some(bias)) = (&facts[1].konst, &facts[2].konst) else { return Ok(None) };
     let padding = spec.computed_padding(&[in_height, in_width]);
     let geometry = Conv2dGeometry {
@@ -134,57 +153,107 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<D
         pad_after: [padding[0].pad_after, padding[1].pad_after],
     };
     let weights = weights.try_as_plain_ram()?;
-    let weights = weights.as_slice::<f32>()?;
+    let mut weights = weights.as_slice::<f32>()?.to_vec();
     let bias = bias.try_as_plain_ram()?;
     let bias = bias.as_slice::<f32>()?;
-    let bias: Vec<f32> = match bias.len() {
+    let mut bias: Vec<f32> = match bias.len() {
         0 => vec![0.0; geometry.out_channels],
         1 => vec![bias[0]; geometry.out_channels],
         _ => bias.to_vec(),
     };
-    match Conv2d::new(geometry, weights, Some(&bias)) {
+    if let Some(scale) = scale {
+        let per_channel = weights.len() / geometry.out_channels.max(1);
+        if bias.len() != geometry.out_channels || per_channel * geometry.out_channels != weights.len() {
+            return Ok(None);
+        }
+        for ((w, b), &s) in weights.chunks_exact_mut(per_channel).zip(&mut bias).zip(scale.iter().cycle()) {
+            w.iter_mut().for_each(|w| *w *= s);
+            *b *= s;
+        }
+    }
+    let kernel = if depthwise {
+        Conv2d::depthwise(geometry, &weights, Some(&bias))
+    } else {
+        Conv2d::new(geometry, &weights, Some(&bias))
+    };
+    match kernel {
         Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch })),
         // A shape the kernel refuses stays with tract.
         Err(_) => Ok(None),
     }
 }
 
-/// The ReLU that alone reads convolution `id`'s output, if there is one: tract's decluttered
-/// form of ONNX `Relu` (a `Clip` with min 0) is `Max` with a constant zero.
-fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+/// The node that alone reads `id`'s output, if it is a binary `op_name` (`Max`, `Mul`) with a
+/// constant f32 on its other side: that node and the constant's values.
+fn binary_with_constant_after(model: &TypedModel, id: usize, op_name: &str) -> TractResult<Option<(usize, Vec<f32>)>> {
     let outlet = OutletId::new(id, 0);
     let successors = model.outlet_successors(outlet);
     if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
         return Ok(None);
     }
     let next = model.node(successors[0].node);
-    let is_max = next.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Max");
-    if !is_max || next.inputs.len() != 2 {
+    if next.inputs.len() != 2 || !next.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == op_name) {
         return Ok(None);
     }
-    let other = next.inputs[1 - successors[0].slot];
-    let zero = model.outlet_fact(other)?.konst.as_ref().is_some_and(|k| {
-        k.datum_type() == f32::datum_type()
-            && k.len() == 1
-            && k.try_as_plain_ram().ok().and_then(|v| v.as_slice::<f32>().ok().map(|s| s[0] == 0.0)) == Some(true)
-    });
-    Ok(zero.then_some(next.id))
+    let other = model.outlet_fact(next.inputs[1 - successors[0].slot])?;
+    let Some(konst) = other.konst.as_ref().filter(|k| k.datum_type() == f32::datum_type()) else { return Ok(None) };
+    // The constant must not change the output's shape (the result's fact is the conv's).
+    if model.outlet_fact(OutletId::new(next.id, 0))?.shape != model.outlet_fact(outlet)?.shape {
+        return Ok(None);
+    }
+    let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok(Some((next.id, values)))
 }
 
-/// Replace every convolution of a decluttered `model` that [`DirectConv`] covers, with the ReLU
-/// that follows it fused where there is one.
+/// The ReLU that alone reads node `id`'s output, if there is one: tract's decluttered form of
+/// ONNX `Relu` (a `Clip` with min 0) is `Max` with a constant zero.
+fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
+    let max = binary_with_constant_after(model, id, "Max")?;
+    Ok(max.filter(|(_, values)| values.as_slice() == [0.0]).map(|(id, _)| id))
+}
+
+/// The per-channel scale that alone reads convolution `id`'s output, if there is one: batch
+/// norm's scale, which tract folds into a convolution of one group but leaves as a `Mul` after
+/// a depthwise one. One factor, or one per output channel laid out `[C, 1, 1]` (with a leading
+/// 1 where the output has a batch axis).
+fn scale_after(model: &TypedModel, id: usize, channels: usize) -> TractResult<Option<(usize, Vec<f32>)>> {
+    let Some((mul, values)) = binary_with_constant_after(model, id, "Mul")? else { return Ok(None) };
+    let node = model.node(mul);
+    let slot = if node.inputs[0].node == id { 1 } else { 0 };
+    let shape = model.outlet_fact(node.inputs[slot])?.shape.as_concrete().map(|s| s.to_vec()).unwrap_or_default();
+    let per_channel = shape.len() >= 3
+        && shape[shape.len() - 3] == channels
+        && shape[shape.len() - 2..] == [1, 1]
+        && shape[..shape.len() - 3].iter().all(|&d| d == 1);
+    Ok((values.len() == 1 || per_channel).then_some((mul, values)))
+}
+
+/// Replace every convolution of a decluttered `model` that [`DirectConv`] covers, with what
+/// follows it fused where it can be: a per-channel scale (into the weights), then a ReLU (into
+/// the kernel's store).
 pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(mut op) = direct_conv_for(model, node)? else { continue };
-        let relu = relu_after(model, id)?;
+        let Some(conv) = node.op_as::<Conv>() else { continue };
+        let scaled = match scale_after(model, id, conv.output_channels())? {
+            Some((mul, factors)) => direct_conv_for(model, node, Some(&factors))?.map(|op| (op, mul)),
+            None => None,
+        };
+        let (mut op, last) = match scaled {
+            Some(scaled) => scaled,
+            None => match direct_conv_for(model, node, None)? {
+                Some(op) => (op, id),
+                None => continue,
+            },
+        };
+        let relu = relu_after(model, last)?;
         if relu.is_some() {
             op.conv = Arc::new((*op.conv).clone().with_relu());
         }
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
         let input = patch.tap_model(model, node.inputs[0])?;
         let output = patch.wire_node(&node.name, op, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(relu.unwrap_or(id), 0), output)?;
+        patch.shunt_outside(model, OutletId::new(relu.unwrap_or(last), 0), output)?;
         patch.apply(model)?;
     }
     Ok(())

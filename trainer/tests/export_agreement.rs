@@ -54,18 +54,28 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
             let agreement = Agreement::of(&expected, logits, 10);
             assert!(agreement.ok(), "{arch}: burn vs {engine}: {agreement:?}");
         }
-        // The direct convolutions against tract's own, within 1e-5 of the largest logit.
-        let mut own = Engine::load_with(&path, 5, ConvKernels::Tract).unwrap();
-        let own_logits = own.run(&images).unwrap();
-        let scale = own_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let gap = tract_logits.iter().zip(&own_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(gap <= 1e-5 * scale, "{arch}: direct convolutions differ from tract's by {gap} (scale {scale})");
-        let convs = tract.direct_convs();
-        assert!(!convs.is_empty(), "{arch}: no convolution ran the direct kernel");
-        assert!(convs.iter().any(|c| c.contains("+ relu")), "{arch}: no ReLU fused: {convs:?}");
-        // The dynamic batch axis: batch 1 gives the first row.
+        // The direct convolutions (with what is fused into them) against tract's own, within
+        // 1e-5 of the largest logit, at batch 5 and at batch 1 (where tract drops the batch
+        // axis and the convolutions see [C, H, W]).
+        let first_image = &images[..shape.iter().product()];
         let mut single = Engine::load(&path, 1).unwrap();
-        let first = single.run(&images[..shape.iter().product()]).unwrap();
+        let first = single.run(first_image).unwrap();
+        for (batch, ours, input) in [(5, &tract_logits, &images[..]), (1, &first, first_image)] {
+            let mut own = Engine::load_with(&path, batch, ConvKernels::Tract).unwrap();
+            let own_logits = own.run(input).unwrap();
+            let scale = own_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let gap = ours.iter().zip(&own_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(gap <= 1e-5 * scale, "{arch}, batch {batch}: direct convolutions differ from tract's by {gap}");
+        }
+        for convs in [tract.direct_convs(), single.direct_convs()] {
+            assert!(!convs.is_empty(), "{arch}: no convolution ran the direct kernel");
+            assert!(convs.iter().any(|c| c.contains("+ relu")), "{arch}: no ReLU fused: {convs:?}");
+            if arch == Architecture::MobileNet {
+                let depthwise = convs.iter().filter(|c| c.contains("depthwise-conv/")).count();
+                assert_eq!(depthwise, 13, "{arch}: every depthwise convolution ran ours: {convs:?}");
+            }
+        }
+        // The dynamic batch axis: batch 1 gives the first row.
         assert!(Agreement::of(&expected[..10], &first, 10).ok(), "{arch}: batch 1");
         // Export left the original model usable (burn-onnx would steal its BatchNorm state).
         assert_eq!(burn_logits(&model, &images, shape), expected, "{arch}: model changed by export");

@@ -192,7 +192,7 @@ fn binary_with_constant_after(model: &TypedModel, id: usize, op_name: &str) -> T
         return Ok(None);
     }
     let next = model.node(successors[0].node);
-    if next.inputs.len() != 2 || !next.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == op_name) {
+    if next.inputs.len() != 2 || next.op_as::<TypedBinOp>().is_none_or(|op| op.0.name() != op_name) {
         return Ok(None);
     }
     let other = model.outlet_fact(next.inputs[1 - successors[0].slot])?;

@@ -9,5 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod conv2d;
+pub mod pool;
 
 pub use conv2d::{Conv2d, Conv2dError, Conv2dGeometry, Simd};
+pub use pool::{max_pool_2x2, max_pool_2x2_shape};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use mekd_kernels::{Conv2d, Conv2dGeometry};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 
@@ -24,11 +24,13 @@ pub struct DirectConv {
     /// Images per run; `None`: no batch axis (`[C, H, W]`, tract's form of a batch-1 graph
     /// after it dropped the axis).
     batch: Option<usize>,
+    /// A 2x2, stride-2 max pooling after the convolution (and its ReLU), fused.
+    pool: bool,
 }
 
 impl PartialEq for DirectConv {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.conv, &other.conv) && self.batch == other.batch
+        Arc::ptr_eq(&self.conv, &other.conv) && self.batch == other.batch && self.pool == other.pool
     }
 }
 
@@ -48,10 +50,18 @@ impl DirectConv {
         self.conv.kernel_name()
     }
 
-    /// The kernel and the convolution's shape (`+ relu`: the ReLU after it is fused).
+    /// The kernel and the convolution's shape (`+ relu`, `+ maxpool 2x2`: what is fused).
     pub fn describe(&self) -> String {
         let relu = if self.conv.relu() { " + relu" } else { "" };
-        format!("{}{relu} on {}", self.conv.kernel_name(), self.conv.geometry())
+        let pool = if self.pool { " + maxpool 2x2" } else { "" };
+        format!("{}{relu}{pool} on {}", self.conv.kernel_name(), self.conv.geometry())
+    }
+
+    /// Output height and width: the convolution's, halved when a pooling is fused.
+    fn out_hw(&self) -> [usize; 2] {
+        let g = self.conv.geometry();
+        let [h, w] = [g.out_height(), g.out_width()];
+        if self.pool { mekd_kernels::max_pool_2x2_shape(h, w) } else { [h, w] }
     }
 }
 
@@ -70,6 +80,8 @@ impl Op for DirectConv {
 thread_local! {
     /// The phase planes of the image being convolved, reused between calls on this thread.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The convolution's output before a fused pooling, reused likewise.
+    static UNPOOLED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl EvalOp for DirectConv {
@@ -79,14 +91,25 @@ impl EvalOp for DirectConv {
         let g = self.conv.geometry();
         let input = inputs[0].try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
-        // SAFETY: f32 has no invalid bit patterns, and `Conv2d::run` writes every value of its
-        // output before anything reads it (its tests start from a NaN-filled buffer).
-        let mut output =
-            unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_channels, g.out_height(), g.out_width()))? };
+        let [out_h, out_w] = self.out_hw();
+        let images = self.batch.unwrap_or(1);
+        // SAFETY: f32 has no invalid bit patterns, and `Conv2d::run` (or the pooling) writes
+        // every value of its output before anything reads it (their tests start from NaN).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.shape(g.out_channels, out_h, out_w))? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            SCRATCH.with_borrow_mut(|scratch| self.conv.run(self.batch.unwrap_or(1), input, out, scratch))?;
+            SCRATCH.with_borrow_mut(|scratch| {
+                if !self.pool {
+                    return self.conv.run(images, input, out, scratch);
+                }
+                UNPOOLED.with_borrow_mut(|unpooled| {
+                    unpooled.resize(images * g.output_len(), 0.0);
+                    self.conv.run(images, input, unpooled, scratch)?;
+                    let planes = images * g.out_channels;
+                    mekd_kernels::max_pool_2x2(planes, g.out_height(), g.out_width(), unpooled, out)
+                })
+            })?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -102,7 +125,8 @@ impl TypedOp for DirectConv {
                 && inputs[0].shape.as_concrete() == Some(&expected[..]),
             "MekdDirectConv expects one f32 input of shape {expected:?}, got {inputs:?}"
         );
-        Ok(tvec!(f32::fact(self.shape(g.out_channels, g.out_height(), g.out_width()))))
+        let [out_h, out_w] = self.out_hw();
+        Ok(tvec!(f32::fact(self.shape(g.out_channels, out_h, out_w))))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -177,7 +201,7 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) 
         Conv2d::new(geometry, &weights, Some(&bias))
     };
     match kernel {
-        Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch })),
+        Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch, pool: false })),
         // A shape the kernel refuses stays with tract.
         Err(_) => Ok(None),
     }
@@ -228,9 +252,33 @@ fn scale_after(model: &TypedModel, id: usize, channels: usize) -> TractResult<Op
     Ok((values.len() == 1 || per_channel).then_some((mul, values)))
 }
 
+/// The 2x2, stride-2, unpadded max pooling that alone reads node `id`'s output, if there is
+/// one, in `format` (the convolution's layout).
+fn max_pool_after(model: &TypedModel, id: usize, format: DataFormat) -> TractResult<Option<usize>> {
+    let outlet = OutletId::new(id, 0);
+    let successors = model.outlet_successors(outlet);
+    if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(successors[0].node);
+    let Some(pool) = next.op_as::<MaxPool>() else { return Ok(None) };
+    let spec = &pool.pool_spec;
+    let Some(shape) = model.outlet_fact(outlet)?.shape.as_concrete().map(|s| s.to_vec()) else { return Ok(None) };
+    let hw = &shape[shape.len().saturating_sub(2)..];
+    let unpadded = spec.computed_padding(hw).iter().all(|p| p.pad_before == 0 && p.pad_after == 0);
+    let fits = pool.with_index_outputs.is_none()
+        && spec.data_format == format
+        && spec.rank() == 2
+        && spec.kernel_shape[..] == [2, 2]
+        && spec.strides()[..] == [2, 2]
+        && spec.dilations().iter().all(|&d| d == 1)
+        && unpadded;
+    Ok(fits.then_some(next.id))
+}
+
 /// Replace every convolution of a decluttered `model` that [`DirectConv`] covers, with what
-/// follows it fused where it can be: a per-channel scale (into the weights), then a ReLU (into
-/// the kernel's store).
+/// follows it fused where it can be: a per-channel scale (into the weights), a ReLU (into the
+/// kernel's store), then a 2x2 max pooling (after the kernel, in the same op).
 pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -250,10 +298,13 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
         if relu.is_some() {
             op.conv = Arc::new((*op.conv).clone().with_relu());
         }
+        let last = relu.unwrap_or(last);
+        let pool = max_pool_after(model, last, conv.pool_spec.data_format)?;
+        op.pool = pool.is_some();
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
         let input = patch.tap_model(model, node.inputs[0])?;
         let output = patch.wire_node(&node.name, op, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(relu.unwrap_or(last), 0), output)?;
+        patch.shunt_outside(model, OutletId::new(pool.unwrap_or(last), 0), output)?;
         patch.apply(model)?;
     }
     Ok(())

@@ -32,9 +32,9 @@ fn tract_matches_onnxruntime_golden_outputs() {
 
 #[test]
 fn direct_convolutions_match_tracts_own() {
-    // On every target (under qemu in CI): the kernel this machine picks, with the ReLU after
-    // each convolution fused, against tract's own convolutions, on seeded inputs, within 1e-5
-    // of the largest logit.
+    // On every target (under qemu in CI): the kernel this machine picks, with the ReLU and the
+    // 2x2 max pooling after each convolution fused, against tract's own convolutions, on seeded
+    // inputs, within 1e-5 of the largest logit.
     let path = fixture("foreign-teacher.onnx");
     for batch in [1, 3] {
         let input: Vec<f32> = (0..batch * 1024).map(|i| ((i * 7919) % 255) as f32 / 64.0 - 2.0).collect();
@@ -42,7 +42,8 @@ fn direct_convolutions_match_tracts_own() {
         let mut tract = Engine::load_with(&path, batch, ConvKernels::Tract).unwrap();
         let convs = direct.direct_convs();
         assert_eq!(convs.len(), 2, "both convolutions run by the direct kernel: {convs:?}");
-        assert!(convs.iter().all(|c| c.contains("direct-conv/") && c.contains("+ relu")), "{convs:?}");
+        let fused = |c: &String| c.contains("direct-conv/") && c.contains("+ relu + maxpool 2x2");
+        assert!(convs.iter().all(fused), "{convs:?}");
         assert!(tract.direct_convs().is_empty());
         let (ours, theirs) = (direct.run(&input).unwrap(), tract.run(&input).unwrap());
         let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));

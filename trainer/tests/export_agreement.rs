@@ -70,6 +70,10 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
         for convs in [tract.direct_convs(), single.direct_convs()] {
             assert!(!convs.is_empty(), "{arch}: no convolution ran the direct kernel");
             assert!(convs.iter().any(|c| c.contains("+ relu")), "{arch}: no ReLU fused: {convs:?}");
+            if matches!(arch, Architecture::LeNet5 | Architecture::LeNet5Half) {
+                let pooled = convs.iter().filter(|c| c.contains("+ maxpool 2x2")).count();
+                assert_eq!(pooled, 2, "{arch}: both poolings fused: {convs:?}");
+            }
             if arch == Architecture::MobileNet {
                 let depthwise = convs.iter().filter(|c| c.contains("depthwise-conv/")).count();
                 assert_eq!(depthwise, 13, "{arch}: every depthwise convolution ran ours: {convs:?}");

@@ -116,6 +116,9 @@ pub struct BenchReport {
     pub throughput_ips: f64,
     /// Batch size of the throughput run.
     pub throughput_batch: usize,
+    /// How the engine ran the throughput run's batches, where it chooses (tract: the faster
+    /// of a whole-batch plan and one image at a time, timed at load).
+    pub batch_execution: Option<String>,
     /// Batch-1 throughput over several threads, when asked for (`--threads N`, N > 1).
     pub parallel: Option<ParallelReport>,
     /// Peak resident memory of the process up to the end of the student's runs, before any
@@ -240,6 +243,7 @@ pub fn run(
     let t = Instant::now();
     let mut batched = crate::runner::load(options.engine, model, options.batch)?;
     let batch_load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let batch_execution = batched.batch_execution().map(String::from);
     // One untimed batch first, as the latency runs have their warm-up.
     batched.run_many(&input[..per_image * n.min(options.batch)])?;
     let t = Instant::now();
@@ -267,6 +271,7 @@ pub fn run(
         latency_ms: Percentiles::of(times),
         throughput_ips: n as f64 / batched_s,
         throughput_batch: options.batch,
+        batch_execution,
         parallel,
         peak_rss_bytes: peak_rss,
         accuracy,

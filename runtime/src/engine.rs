@@ -204,12 +204,67 @@ pub enum ConvKernels {
     Tract,
 }
 
+/// Parse, type, declutter, swap in the direct convolutions, and optimise `proto` for `batch`
+/// images; check that it outputs `[batch, classes]` (the classes agreeing with `info`'s, if
+/// known) and return the optimised model and the class count.
+fn compile(
+    path: &Path,
+    proto: &pb::ModelProto,
+    info: &ModelInfo,
+    batch: usize,
+    kernels: ConvKernels,
+) -> Result<(TypedModel, usize), EngineError> {
+    let unsupported = |e: TractError| EngineError::Unsupported { path: path.into(), reason: format!("{e:#}") };
+    let [c, h, w] = info.input_shape;
+    // tract indexes some malformed graphs without checking (an output naming no node,
+    // padding lists shorter than the kernel's rank: found by fuzzing); its panic becomes this
+    // file's error.
+    let model = guard(
+        || {
+            let mut model = tract_onnx::onnx()
+                .model_for_proto_model(proto)
+                .map_err(unsupported)?
+                .with_input_fact(0, f32::fact([batch, c, h, w]).into())
+                .map_err(unsupported)?
+                .into_typed()
+                .map_err(unsupported)?
+                .into_decluttered()
+                .map_err(unsupported)?;
+            if kernels == ConvKernels::Direct {
+                crate::direct_conv::replace_convolutions(&mut model).map_err(unsupported)?;
+            }
+            model.into_optimized().map_err(unsupported)
+        },
+        malformed(path),
+    )?;
+    let out_fact = model.output_fact(0).map_err(unsupported)?.clone();
+    let out_shape: Option<Vec<usize>> = out_fact.shape.as_concrete().map(|s| s.to_vec());
+    match out_shape.as_deref() {
+        Some([n, k]) if *n == batch && *k >= 2 => {
+            if info.num_classes != 0 && info.num_classes != *k {
+                return Err(EngineError::NotAClassifier {
+                    path: path.into(),
+                    reason: format!("metadata says {} classes, the graph outputs {k}", info.num_classes),
+                });
+            }
+            Ok((model, *k))
+        }
+        other => Err(EngineError::NotAClassifier {
+            path: path.into(),
+            reason: format!("output shape for batch {batch} is {other:?}, need [{batch}, classes]"),
+        }),
+    }
+}
+
 /// A classifier prepared by tract for one batch size, with a reusable run state.
 pub struct Engine {
     info: ModelInfo,
     batch: usize,
+    /// The plan: of batch `batch`, or of batch 1 when `per_image`.
     plan: Arc<TypedSimplePlan>,
     state: TypedSimpleState,
+    /// Run a batch one image at a time.
+    per_image: bool,
 }
 
 impl Engine {
@@ -219,8 +274,22 @@ impl Engine {
         Self::load_with(path, batch, ConvKernels::default())
     }
 
-    /// [`Engine::load`] with a choice of convolution kernels.
+    /// [`Engine::load`] with a choice of convolution kernels. With the direct ones and a batch
+    /// above 1, the batch is run either by a plan of that batch or one image at a time by a
+    /// plan of batch 1, whichever ran one batch of zeros faster here at load time
+    /// ([`Engine::per_image`]).
     pub fn load_with(path: &Path, batch: usize, kernels: ConvKernels) -> Result<Self, EngineError> {
+        Self::load_as(path, batch, kernels, None)
+    }
+
+    /// [`Engine::load`] that always runs a batch one image at a time through a plan of batch 1
+    /// (to compare the two ways; [`Engine::load`] picks the faster).
+    pub fn load_per_image(path: &Path, batch: usize) -> Result<Self, EngineError> {
+        Self::load_as(path, batch, ConvKernels::Direct, Some(true))
+    }
+
+    /// Load with `per_image` forced, or (`None`) chosen as [`Engine::load_with`] says.
+    fn load_as(path: &Path, batch: usize, kernels: ConvKernels, per_image: Option<bool>) -> Result<Self, EngineError> {
         let (mut info, proto) = inspect(path)?;
         if batch == 0 {
             return Err(EngineError::NotAClassifier {
@@ -234,57 +303,60 @@ impl Engine {
                 reason: format!("its batch size is fixed to {fixed} in the file; cannot run batch {batch}"),
             });
         }
-        let unsupported = |e: TractError| EngineError::Unsupported { path: path.into(), reason: format!("{e:#}") };
-        let [c, h, w] = info.input_shape;
-        // tract indexes some malformed graphs without checking (an output naming no node,
-        // padding lists shorter than the kernel's rank: found by fuzzing); its panic becomes this
-        // file's error.
-        let model = guard(
-            || {
-                let mut model = tract_onnx::onnx()
-                    .model_for_proto_model(&proto)
-                    .map_err(unsupported)?
-                    .with_input_fact(0, f32::fact([batch, c, h, w]).into())
-                    .map_err(unsupported)?
-                    .into_typed()
-                    .map_err(unsupported)?
-                    .into_decluttered()
-                    .map_err(unsupported)?;
-                if kernels == ConvKernels::Direct {
-                    crate::direct_conv::replace_convolutions(&mut model).map_err(unsupported)?;
-                }
-                model.into_optimized().map_err(unsupported)
-            },
-            malformed(path),
-        )?;
-        let out_fact = model.output_fact(0).map_err(unsupported)?.clone();
-        let out_shape: Option<Vec<usize>> = out_fact.shape.as_concrete().map(|s| s.to_vec());
-        match out_shape.as_deref() {
-            Some([n, k]) if *n == batch && *k >= 2 => {
-                if info.num_classes != 0 && info.num_classes != *k {
-                    return Err(EngineError::NotAClassifier {
-                        path: path.into(),
-                        reason: format!("metadata says {} classes, the graph outputs {k}", info.num_classes),
-                    });
-                }
-                info.num_classes = *k;
-            }
-            other => {
-                return Err(EngineError::NotAClassifier {
-                    path: path.into(),
-                    reason: format!("output shape for batch {batch} is {other:?}, need [{batch}, classes]"),
-                });
-            }
+        let (plan, classes) = compile(path, &proto, &info, batch, kernels)?;
+        info.num_classes = classes;
+        if per_image == Some(true) && batch > 1 {
+            let (plan, _) = compile(path, &proto, &info, 1, kernels)?;
+            return Self::with_plan(path, info, batch, plan, true);
         }
+        let mut batched = Self::with_plan(path, info.clone(), batch, plan, false)?;
+        if batch == 1 || kernels != ConvKernels::Direct || info.fixed_batch.is_some() || per_image.is_some() {
+            return Ok(batched);
+        }
+        // With the direct kernels, one image at a time through the batch-1 plan is often faster
+        // than the batch plan (its activations stay in the cache): time both, keep the faster.
+        let Ok((plan, _)) = compile(path, &proto, &info, 1, kernels) else { return Ok(batched) };
+        let mut per_image = Self::with_plan(path, info, batch, plan, true)?;
+        Ok(if per_image.time_one_batch()? < batched.time_one_batch()? { per_image } else { batched })
+    }
+
+    /// An engine around a compiled plan (of batch 1 when `per_image`).
+    fn with_plan(
+        path: &Path,
+        info: ModelInfo,
+        batch: usize,
+        plan: TypedModel,
+        per_image: bool,
+    ) -> Result<Self, EngineError> {
+        let unsupported = |e: TractError| EngineError::Unsupported { path: path.into(), reason: format!("{e:#}") };
         let (plan, state) = guard(
             || {
-                let plan = model.into_runnable().map_err(unsupported)?;
+                let plan = plan.into_runnable().map_err(unsupported)?;
                 let state = plan.spawn().map_err(unsupported)?;
                 Ok((plan, state))
             },
             malformed(path),
         )?;
-        Ok(Self { info, batch, plan, state })
+        Ok(Self { info, batch, plan, state, per_image })
+    }
+
+    /// The best of two timed runs of one batch of zeros, after one untimed.
+    fn time_one_batch(&mut self) -> Result<std::time::Duration, EngineError> {
+        let zeros = vec![0f32; self.batch * self.image_len()];
+        self.run(&zeros)?;
+        let mut best = std::time::Duration::MAX;
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            self.run(&zeros)?;
+            best = best.min(started.elapsed());
+        }
+        Ok(best)
+    }
+
+    /// Whether a batch runs one image at a time through a batch-1 plan (chosen at load time
+    /// as the faster way; see [`Engine::load_with`]).
+    pub fn per_image(&self) -> bool {
+        self.per_image
     }
 
     /// What the model file says about itself.
@@ -323,9 +395,21 @@ impl Engine {
                 detail: format!("[{}, {c}, {h}, {w}]", self.batch),
             });
         }
+        if !self.per_image {
+            return self.run_plan(input, self.batch);
+        }
+        let mut logits = Vec::with_capacity(self.batch * self.info.num_classes);
+        for image in input.chunks_exact(self.image_len()) {
+            logits.extend(self.run_plan(image, 1)?);
+        }
+        Ok(logits)
+    }
+
+    /// The plan on `images` images (its batch size).
+    fn run_plan(&mut self, input: &[f32], images: usize) -> Result<Vec<f32>, EngineError> {
         let [c, h, w] = self.info.input_shape;
         let run_error = |e: TractError| EngineError::Run(format!("{e:#}"));
-        let tensor = Tensor::from_shape(&[self.batch, c, h, w], input).map_err(run_error)?;
+        let tensor = Tensor::from_shape(&[images, c, h, w], input).map_err(run_error)?;
         let state = &mut self.state;
         let outputs = guard(
             || state.run(tvec!(tensor.into_tvalue())).map_err(run_error),
@@ -345,7 +429,13 @@ impl Engine {
     /// for another thread: `mekd-edge bench --threads N` runs N of them.
     pub fn fork(&self) -> Result<Self, EngineError> {
         let state = self.plan.spawn().map_err(|e| EngineError::Run(format!("{e:#}")))?;
-        Ok(Self { info: self.info.clone(), batch: self.batch, plan: self.plan.clone(), state })
+        Ok(Self {
+            info: self.info.clone(),
+            batch: self.batch,
+            plan: self.plan.clone(),
+            state,
+            per_image: self.per_image,
+        })
     }
 }
 

@@ -262,5 +262,8 @@ fn print_report(r: &BenchReport, verbose: bool) {
     if verbose {
         println!("cpu            {}", r.isa);
         println!("kernels        {}", r.kernels.join(", "));
+        if let Some(execution) = &r.batch_execution {
+            println!("batch {:<8} {execution}", r.throughput_batch);
+        }
     }
 }

@@ -63,6 +63,11 @@ pub trait Runner: Send {
     /// The kernels it runs, as far as the engine says.
     fn kernels(&self) -> Vec<String>;
 
+    /// How a batch runs, where the engine chooses: "whole batch" or "one image at a time".
+    fn batch_execution(&self) -> Option<&'static str> {
+        None
+    }
+
     /// Logits for any number of images: whole batches, the last one zero-padded.
     fn run_many(&mut self, input: &[f32]) -> Result<Vec<f32>, RunnerError> {
         let (batch, classes) = (self.batch(), self.info().num_classes);
@@ -101,6 +106,10 @@ impl Runner for Engine {
 
     fn kernels(&self) -> Vec<String> {
         crate::bench::kernels(self)
+    }
+
+    fn batch_execution(&self) -> Option<&'static str> {
+        Some(if self.per_image() { "one image at a time" } else { "whole batch" })
     }
 }
 

@@ -71,3 +71,23 @@ fn refuses_what_it_cannot_run_with_a_clear_message() {
         ("image", None, 8 * 9 + 8 + 16 * 72 + 16 + 10240 + 10)
     );
 }
+
+#[test]
+fn one_image_at_a_time_gives_the_batch_plans_logits() {
+    let path = fixture("foreign-teacher.onnx");
+    let input: Vec<f32> = (0..3 * 1024).map(|i| ((i * 4099) % 251) as f32 / 60.0 - 2.0).collect();
+    let mut per_image = Engine::load_per_image(&path, 3).unwrap();
+    assert!(per_image.per_image() && per_image.batch() == 3);
+    let ours = per_image.run(&input).unwrap();
+    // Exactly the batch-1 plan's logits, image by image.
+    let mut single = Engine::load(&path, 1).unwrap();
+    let expected: Vec<f32> = input.chunks(1024).flat_map(|image| single.run(image).unwrap()).collect();
+    assert_eq!(ours, expected);
+    // And tract's own whole-batch plan's, within 1e-5 of the largest logit.
+    let theirs = Engine::load_with(&path, 3, ConvKernels::Tract).unwrap().run(&input).unwrap();
+    assert!(!Engine::load_with(&path, 3, ConvKernels::Tract).unwrap().per_image());
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(ours.iter().zip(&theirs).all(|(a, b)| (a - b).abs() <= 1e-5 * scale), "{ours:?} vs {theirs:?}");
+    let err = per_image.run(&input[..1024]).unwrap_err().to_string();
+    assert!(err.contains("needs 3072"), "{err}");
+}

@@ -32,6 +32,9 @@ pub struct EngineRow {
     pub agreement: Agreement,
     /// The convolutions the direct kernel ran, with the kernel chosen.
     pub direct_convs: Vec<String>,
+    /// Whether tract (direct convolutions) ran the batch one image at a time, the faster way
+    /// at load time ([`mekd_runtime::Engine::per_image`]).
+    pub tract_per_image: bool,
 }
 
 /// One engine's inference on the benchmark input.
@@ -83,6 +86,7 @@ pub fn compare(model: &Path, batches: &[usize], iterations: usize) -> Result<Vec
             ort_ms,
             agreement,
             direct_convs: direct.direct_convs(),
+            tract_per_image: direct.per_image(),
         });
     }
     Ok(rows)

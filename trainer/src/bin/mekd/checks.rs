@@ -135,7 +135,13 @@ impl BenchEnginesArgs {
         }
         if self.verbose {
             for r in &rows {
-                println!("{} batch {}: {} direct convolutions", r.model, r.batch, r.direct_convs.len());
+                let execution = if r.tract_per_image { "one image at a time" } else { "whole batch" };
+                println!(
+                    "{} batch {}: {} direct convolutions, tract ran the {execution}",
+                    r.model,
+                    r.batch,
+                    r.direct_convs.len()
+                );
                 for conv in &r.direct_convs {
                     println!("  {conv}");
                 }

@@ -576,21 +576,34 @@ unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
                     for (c, rows) in acc.iter().enumerate().take(channels) {
                         let co = b * CO + c;
                         for (r, lanes) in rows.iter().enumerate().take(out_h - oy) {
-                            for (j, lane) in lanes.iter().enumerate() {
-                                lane.store(row.as_mut_ptr().add(j * V::LANES));
-                            }
-                            if conv.relu {
-                                for v in &mut row[..width] {
-                                    *v = v.max(0.0);
-                                }
-                            }
-                            out[(co * out_h + oy + r) * out_w + x0..][..width].copy_from_slice(&row[..width]);
+                            let dst = &mut out[(co * out_h + oy + r) * out_w + x0..][..width];
+                            store_row(lanes, &mut row, conv.relu, dst);
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Store one tile row of vectors into `dst` (its first `dst.len()` values) through `row` (room
+/// for all the vectors), clamped at zero when `relu`.
+///
+/// # Safety
+/// The CPU must have `V`'s features; `row` holds `XV * V::LANES` values.
+#[inline(always)]
+unsafe fn store_row<V: Vector, const XV: usize>(lanes: &[V; XV], row: &mut [f32], relu: bool, dst: &mut [f32]) {
+    for (j, lane) in lanes.iter().enumerate() {
+        // SAFETY: `row` has room for every vector (the caller's promise); V's features too.
+        unsafe { lane.store(row.as_mut_ptr().add(j * V::LANES)) };
+    }
+    let row = &mut row[..dst.len()];
+    if relu {
+        for v in row.iter_mut() {
+            *v = v.max(0.0);
+        }
+    }
+    dst.copy_from_slice(row);
 }
 
 /// One image of a depthwise convolution from its phase planes: per channel, a tile of `R` rows
@@ -630,15 +643,8 @@ unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(conv: &Con
                     }
                     let width = (out_w - x0).min(x_block);
                     for (r, lanes) in acc.iter().enumerate().take(out_h - oy) {
-                        for (j, lane) in lanes.iter().enumerate() {
-                            lane.store(row.as_mut_ptr().add(j * V::LANES));
-                        }
-                        if conv.relu {
-                            for v in &mut row[..width] {
-                                *v = v.max(0.0);
-                            }
-                        }
-                        out[(c * out_h + oy + r) * out_w + x0..][..width].copy_from_slice(&row[..width]);
+                        let dst = &mut out[(c * out_h + oy + r) * out_w + x0..][..width];
+                        store_row(lanes, &mut row, conv.relu, dst);
                     }
                 }
             }
@@ -915,26 +921,31 @@ mod tests {
                 let input = values(images * g.input_len(), 1 + i as u64);
                 let weights = values(g.weights_len(), 100 + i as u64);
                 let bias = values(g.out_channels, 200 + i as u64);
-                let mut conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
-                let mut expected = reference(&g, images, &input, &weights, &bias);
-                if relu {
-                    conv = conv.with_relu();
-                    expected.iter_mut().for_each(|e| *e = e.max(0.0));
-                }
-                // NaN everywhere first: every output must be written.
-                let mut out = vec![f32::NAN; images * g.output_len()];
-                conv.run(images, &input, &mut out, &mut Vec::new()).unwrap();
-                let taps = (g.in_channels * g.kernel[0] * g.kernel[1]) as f32;
-                for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
-                    // f32 sums of `taps` products of values in [-1, 1]: rounding grows with
-                    // the sum's length, at most taps * 2^-24 of the largest partial sum.
-                    assert!(
-                        (a - e).abs() <= 1e-6 * taps.max(1.0) * 4.0,
-                        "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
-                        conv.kernel_name()
-                    );
-                }
+                let conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
+                let expected = reference(&g, images, &input, &weights, &bias);
+                check(conv, relu, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
             }
+        }
+    }
+
+    /// Run `conv` (with a ReLU when `relu`) on `images` images of `input` into a NaN-filled
+    /// output (every value must be written) and compare with `expected` (the definition, to
+    /// which the ReLU is applied here): f32 sums of `taps` products of values in [-1, 1] round
+    /// by at most taps * 2^-24 of the largest partial sum.
+    fn check(mut conv: Conv2d, relu: bool, images: usize, input: &[f32], mut expected: Vec<f32>, taps: usize) {
+        if relu {
+            conv = conv.with_relu();
+            expected.iter_mut().for_each(|e| *e = e.max(0.0));
+        }
+        let g = *conv.geometry();
+        let mut out = vec![f32::NAN; images * g.output_len()];
+        conv.run(images, input, &mut out, &mut Vec::new()).unwrap();
+        for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
+            assert!(
+                (a - e).abs() <= 1e-6 * taps.max(1) as f32 * 4.0,
+                "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
+                conv.kernel_name()
+            );
         }
     }
 
@@ -962,22 +973,10 @@ mod tests {
                 for c in 0..channels {
                     dense[(c * channels + c) * taps..][..taps].copy_from_slice(&weights[c * taps..][..taps]);
                 }
-                let mut expected = reference(&g, images, &input, &dense, &bias);
-                let mut conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
-                if relu {
-                    conv = conv.with_relu();
-                    expected.iter_mut().for_each(|e| *e = e.max(0.0));
-                }
+                let expected = reference(&g, images, &input, &dense, &bias);
+                let conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
-                let mut out = vec![f32::NAN; images * g.output_len()];
-                conv.run(images, &input, &mut out, &mut Vec::new()).unwrap();
-                for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
-                    assert!(
-                        (a - e).abs() <= 1e-6 * taps as f32 * 4.0,
-                        "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
-                        conv.kernel_name()
-                    );
-                }
+                check(conv, relu, images, &input, expected, taps);
             }
         }
         let g = geometry(4, [8, 8], 8, [3, 3], [1, 1], [1, 1, 1, 1]);

@@ -386,13 +386,29 @@ impl Conv2d {
         output: &mut [f32],
         scratch: &mut Vec<f32>,
     ) -> Result<(), Conv2dError> {
+        self.run_adding(images, input, None, output, scratch)
+    }
+
+    /// [`Conv2d::run`], with `add` (shaped as `output`; e.g. a residual connection) added to
+    /// the convolution's result before the ReLU, if one is fused.
+    pub fn run_adding(
+        &self,
+        images: usize,
+        input: &[f32],
+        add: Option<&[f32]>,
+        output: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Result<(), Conv2dError> {
         let (in_len, out_len) = (self.geometry.input_len(), self.geometry.output_len());
         check_len("input", input.len(), images.saturating_mul(in_len))?;
         check_len("output", output.len(), images.saturating_mul(out_len))?;
+        if let Some(add) = add {
+            check_len("added input", add.len(), output.len())?;
+        }
         scratch.resize(self.scratch_len(), 0.0);
-        for (image, out) in input.chunks_exact(in_len).zip(output.chunks_exact_mut(out_len)) {
+        for (i, (image, out)) in input.chunks_exact(in_len).zip(output.chunks_exact_mut(out_len)).enumerate() {
             self.fill_planes(image, scratch);
-            self.dispatch(scratch, out);
+            self.dispatch(scratch, add.map(|add| &add[i * out_len..][..out_len]), out);
         }
         Ok(())
     }
@@ -436,12 +452,16 @@ impl Conv2d {
         }
     }
 
-    fn dispatch(&self, planes: &[f32], out: &mut [f32]) {
+    fn dispatch(&self, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
         // SAFETY: `Tile::choose` picked a kernel for `self.simd`, which `Conv2d::with_simd`
         // accepted only if `Simd::available` detected it on this CPU.
-        unsafe { (self.tile.kernel)(self, planes, out) }
+        unsafe { (self.tile.kernel)(self, planes, add, out) }
     }
 }
+
+/// A compiled kernel: one image from its phase planes, plus the values to add (if any), into
+/// its output.
+type ImageKernel = unsafe fn(&Conv2d, &[f32], Option<&[f32]>, &mut [f32]);
 
 /// A compiled kernel and the tile of outputs it computes at once.
 #[derive(Clone, Copy)]
@@ -455,7 +475,7 @@ struct Tile {
     /// Convolve one image from its phase planes. Each kernel is a concrete function of this
     /// crate, never inlined into a caller (a generic one would be compiled in the calling crate,
     /// with its build profile).
-    kernel: unsafe fn(&Conv2d, &[f32], &mut [f32]),
+    kernel: ImageKernel,
 }
 
 impl Tile {
@@ -533,6 +553,7 @@ trait Vector: Copy {
 unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
     conv: &Conv2d,
     planes: &[f32],
+    add: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let x_block = XV * V::LANES;
@@ -576,8 +597,9 @@ unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
                     for (c, rows) in acc.iter().enumerate().take(channels) {
                         let co = b * CO + c;
                         for (r, lanes) in rows.iter().enumerate().take(out_h - oy) {
-                            let dst = &mut out[(co * out_h + oy + r) * out_w + x0..][..width];
-                            store_row(lanes, &mut row, conv.relu, dst);
+                            let at = (co * out_h + oy + r) * out_w + x0;
+                            let add = add.map(|add| &add[at..][..width]);
+                            store_row(lanes, &mut row, add, conv.relu, &mut out[at..][..width]);
                         }
                     }
                 }
@@ -587,17 +609,28 @@ unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
 }
 
 /// Store one tile row of vectors into `dst` (its first `dst.len()` values) through `row` (room
-/// for all the vectors), clamped at zero when `relu`.
+/// for all the vectors), plus `add` (as long as `dst`) where given, clamped at zero when `relu`.
 ///
 /// # Safety
 /// The CPU must have `V`'s features; `row` holds `XV * V::LANES` values.
 #[inline(always)]
-unsafe fn store_row<V: Vector, const XV: usize>(lanes: &[V; XV], row: &mut [f32], relu: bool, dst: &mut [f32]) {
+unsafe fn store_row<V: Vector, const XV: usize>(
+    lanes: &[V; XV],
+    row: &mut [f32],
+    add: Option<&[f32]>,
+    relu: bool,
+    dst: &mut [f32],
+) {
     for (j, lane) in lanes.iter().enumerate() {
         // SAFETY: `row` has room for every vector (the caller's promise); V's features too.
         unsafe { lane.store(row.as_mut_ptr().add(j * V::LANES)) };
     }
     let row = &mut row[..dst.len()];
+    if let Some(add) = add {
+        for (v, a) in row.iter_mut().zip(add) {
+            *v += a;
+        }
+    }
     if relu {
         for v in row.iter_mut() {
             *v = v.max(0.0);
@@ -613,7 +646,12 @@ unsafe fn store_row<V: Vector, const XV: usize>(lanes: &[V; XV], row: &mut [f32]
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(
+    conv: &Conv2d,
+    planes: &[f32],
+    add: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
     let (out_h, out_w) = (g.out_height(), g.out_width());
@@ -643,8 +681,9 @@ unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(conv: &Con
                     }
                     let width = (out_w - x0).min(x_block);
                     for (r, lanes) in acc.iter().enumerate().take(out_h - oy) {
-                        let dst = &mut out[(c * out_h + oy + r) * out_w + x0..][..width];
-                        store_row(lanes, &mut row, conv.relu, dst);
+                        let at = (c * out_h + oy + r) * out_w + x0;
+                        let add = add.map(|add| &add[at..][..width]);
+                        store_row(lanes, &mut row, add, conv.relu, &mut out[at..][..width]);
                     }
                 }
             }
@@ -712,8 +751,8 @@ mod x86 {
             /// The CPU must have the enabled features ([`super::Simd::detect`]).
             #[target_feature(enable = $features)]
             #[inline(never)]
-            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
-                unsafe { image::<$vector, $co, $rows, 1>(conv, planes, out) }
+            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
+                unsafe { image::<$vector, $co, $rows, 1>(conv, planes, add, out) }
             }
         };
     }
@@ -731,8 +770,8 @@ mod x86 {
             /// The CPU must have the enabled features ([`super::Simd::detect`]).
             #[target_feature(enable = $features)]
             #[inline(never)]
-            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
-                unsafe { depthwise_image::<$vector, 4, 1>(conv, planes, out) }
+            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
+                unsafe { depthwise_image::<$vector, 4, 1>(conv, planes, add, out) }
             }
         };
     }
@@ -807,25 +846,25 @@ mod portable {
     /// # Safety
     /// None beyond the target's baseline (`unsafe` to share the kernels' signature).
     #[inline(never)]
-    pub(super) unsafe fn block_4(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn block_4(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
         // SAFETY: `Lanes` needs only the target's baseline.
-        unsafe { image::<Lanes, 4, 1, PER_ROW>(conv, planes, out) }
+        unsafe { image::<Lanes, 4, 1, PER_ROW>(conv, planes, add, out) }
     }
 
     /// # Safety
     /// As [`block_4`].
     #[inline(never)]
-    pub(super) unsafe fn block_8(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn block_8(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
         // SAFETY: as above.
-        unsafe { image::<Lanes, 8, 1, PER_ROW>(conv, planes, out) }
+        unsafe { image::<Lanes, 8, 1, PER_ROW>(conv, planes, add, out) }
     }
 
     /// # Safety
     /// As [`block_4`].
     #[inline(never)]
-    pub(super) unsafe fn depthwise(conv: &Conv2d, planes: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn depthwise(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
         // SAFETY: as above.
-        unsafe { depthwise_image::<Lanes, 4, PER_ROW>(conv, planes, out) }
+        unsafe { depthwise_image::<Lanes, 4, PER_ROW>(conv, planes, add, out) }
     }
 }
 
@@ -915,7 +954,10 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_the_definition() {
-        for (simd, relu) in Simd::available().into_iter().flat_map(|simd| [(simd, false), (simd, true)]) {
+        for (simd, relu, add) in Simd::available()
+            .into_iter()
+            .flat_map(|simd| [(simd, false, false), (simd, true, false), (simd, true, true)])
+        {
             for (i, g) in cases().into_iter().enumerate() {
                 let images = 2;
                 let input = values(images * g.input_len(), 1 + i as u64);
@@ -923,27 +965,40 @@ mod tests {
                 let bias = values(g.out_channels, 200 + i as u64);
                 let conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
                 let expected = reference(&g, images, &input, &weights, &bias);
-                check(conv, relu, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
+                check(conv, relu, add, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
             }
         }
     }
 
-    /// Run `conv` (with a ReLU when `relu`) on `images` images of `input` into a NaN-filled
-    /// output (every value must be written) and compare with `expected` (the definition, to
-    /// which the ReLU is applied here): f32 sums of `taps` products of values in [-1, 1] round
-    /// by at most taps * 2^-24 of the largest partial sum.
-    fn check(mut conv: Conv2d, relu: bool, images: usize, input: &[f32], mut expected: Vec<f32>, taps: usize) {
+    /// Run `conv` (with a ReLU when `relu`, adding seeded values when `add`) on `images` images
+    /// of `input` into a NaN-filled output (every value must be written) and compare with
+    /// `expected` (the definition, to which the addition and the ReLU are applied here): f32
+    /// sums of `taps` products of values in [-1, 1] round by at most taps * 2^-24 of the largest
+    /// partial sum.
+    fn check(
+        mut conv: Conv2d,
+        relu: bool,
+        add: bool,
+        images: usize,
+        input: &[f32],
+        mut expected: Vec<f32>,
+        taps: usize,
+    ) {
+        let added = add.then(|| values(expected.len(), 999));
+        if let Some(added) = &added {
+            expected.iter_mut().zip(added).for_each(|(e, a)| *e += a);
+        }
         if relu {
             conv = conv.with_relu();
             expected.iter_mut().for_each(|e| *e = e.max(0.0));
         }
         let g = *conv.geometry();
         let mut out = vec![f32::NAN; images * g.output_len()];
-        conv.run(images, input, &mut out, &mut Vec::new()).unwrap();
+        conv.run_adding(images, input, added.as_deref(), &mut out, &mut Vec::new()).unwrap();
         for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
             assert!(
                 (a - e).abs() <= 1e-6 * taps.max(1) as f32 * 4.0,
-                "{} (relu {relu}) on {g}: output {j} is {a}, expected {e}",
+                "{} (relu {relu}, add {add}) on {g}: output {j} is {a}, expected {e}",
                 conv.kernel_name()
             );
         }
@@ -960,7 +1015,10 @@ mod tests {
             geometry(5, [7, 9], 5, [3, 5], [2, 1], [0, 2, 1, 1]),
             geometry(3, [2, 2], 3, [3, 3], [1, 1], [1, 1, 1, 1]),
         ];
-        for (simd, relu) in Simd::available().into_iter().flat_map(|simd| [(simd, false), (simd, true)]) {
+        for (simd, relu, add) in Simd::available()
+            .into_iter()
+            .flat_map(|simd| [(simd, false, false), (simd, true, false), (simd, true, true)])
+        {
             for (i, g) in cases.into_iter().enumerate() {
                 let images = 2;
                 let channels = g.in_channels;
@@ -976,7 +1034,7 @@ mod tests {
                 let expected = reference(&g, images, &input, &dense, &bias);
                 let conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
-                check(conv, relu, images, &input, expected, taps);
+                check(conv, relu, add, images, &input, expected, taps);
             }
         }
         let g = geometry(4, [8, 8], 8, [3, 3], [1, 1], [1, 1, 1, 1]);
@@ -1023,5 +1081,8 @@ mod tests {
         assert!(err.to_string().contains("input has 5 values"), "{err}");
         let err = conv.run(2, &vec![0.0; 2 * good.input_len()], &mut out, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("output"), "{err}");
+        let input = vec![0.0; good.input_len()];
+        let err = conv.run_adding(1, &input, Some(&[1.0; 3]), &mut out, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("added input has 3 values"), "{err}");
     }
 }

@@ -26,11 +26,15 @@ pub struct DirectConv {
     batch: Option<usize>,
     /// A 2x2, stride-2 max pooling after the convolution (and its ReLU), fused.
     pool: bool,
+    /// A second input, shaped as the convolution's output, added to it before the ReLU (a
+    /// residual connection), fused.
+    residual: bool,
 }
 
 impl PartialEq for DirectConv {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.conv, &other.conv) && self.batch == other.batch && self.pool == other.pool
+        Arc::ptr_eq(&self.conv, &other.conv)
+            && (self.batch, self.pool, self.residual) == (other.batch, other.pool, other.residual)
     }
 }
 
@@ -50,11 +54,13 @@ impl DirectConv {
         self.conv.kernel_name()
     }
 
-    /// The kernel and the convolution's shape (`+ relu`, `+ maxpool 2x2`: what is fused).
+    /// The kernel and the convolution's shape (`+ add`, `+ relu`, `+ maxpool 2x2`: what is
+    /// fused).
     pub fn describe(&self) -> String {
+        let add = if self.residual { " + add" } else { "" };
         let relu = if self.conv.relu() { " + relu" } else { "" };
         let pool = if self.pool { " + maxpool 2x2" } else { "" };
-        format!("{}{relu}{pool} on {}", self.conv.kernel_name(), self.conv.geometry())
+        format!("{}{add}{relu}{pool} on {}", self.conv.kernel_name(), self.conv.geometry())
     }
 
     /// Output height and width: the convolution's, halved when a pooling is fused.
@@ -91,6 +97,11 @@ impl EvalOp for DirectConv {
         let g = self.conv.geometry();
         let input = inputs[0].try_as_plain_ram()?;
         let input = input.as_slice::<f32>()?;
+        let residual = match self.residual {
+            true => Some(inputs[1].try_as_plain_ram()?),
+            false => None,
+        };
+        let add = residual.as_ref().map(|r| r.as_slice::<f32>()).transpose()?;
         let [out_h, out_w] = self.out_hw();
         let images = self.batch.unwrap_or(1);
         // SAFETY: f32 has no invalid bit patterns, and `Conv2d::run` (or the pooling) writes
@@ -101,11 +112,11 @@ impl EvalOp for DirectConv {
             let out = view.as_slice_mut::<f32>()?;
             SCRATCH.with_borrow_mut(|scratch| {
                 if !self.pool {
-                    return self.conv.run(images, input, out, scratch);
+                    return self.conv.run_adding(images, input, add, out, scratch);
                 }
                 UNPOOLED.with_borrow_mut(|unpooled| {
                     unpooled.resize(images * g.output_len(), 0.0);
-                    self.conv.run(images, input, unpooled, scratch)?;
+                    self.conv.run_adding(images, input, add, unpooled, scratch)?;
                     let planes = images * g.out_channels;
                     mekd_kernels::max_pool_2x2(planes, g.out_height(), g.out_width(), unpooled, out)
                 })
@@ -119,11 +130,14 @@ impl TypedOp for DirectConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let g = self.conv.geometry();
         let expected = self.shape(g.in_channels, g.in_height, g.in_width);
+        let unpooled = self.shape(g.out_channels, g.out_height(), g.out_width());
+        let wanted = if self.residual { vec![expected, unpooled] } else { vec![expected] };
         ensure!(
-            inputs.len() == 1
-                && inputs[0].datum_type == f32::datum_type()
-                && inputs[0].shape.as_concrete() == Some(&expected[..]),
-            "MekdDirectConv expects one f32 input of shape {expected:?}, got {inputs:?}"
+            inputs.len() == wanted.len()
+                && inputs.iter().zip(&wanted).all(|(fact, shape)| {
+                    fact.datum_type == f32::datum_type() && fact.shape.as_concrete() == Some(&shape[..])
+                }),
+            "MekdDirectConv expects f32 inputs of shapes {wanted:?}, got {inputs:?}"
         );
         let [out_h, out_w] = self.out_hw();
         Ok(tvec!(f32::fact(self.shape(g.out_channels, out_h, out_w))))
@@ -201,7 +215,7 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) 
         Conv2d::new(geometry, &weights, Some(&bias))
     };
     match kernel {
-        Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch, pool: false })),
+        Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch, pool: false, residual: false })),
         // A shape the kernel refuses stays with tract.
         Err(_) => Ok(None),
     }
@@ -227,6 +241,27 @@ fn binary_with_constant_after(model: &TypedModel, id: usize, op_name: &str) -> T
     }
     let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     Ok(Some((next.id, values)))
+}
+
+/// The addition that alone reads node `id`'s output, if its other operand is computed (a
+/// residual connection) and shaped as that output: the addition and that operand.
+fn residual_add_after(model: &TypedModel, id: usize) -> TractResult<Option<(usize, OutletId)>> {
+    let outlet = OutletId::new(id, 0);
+    let successors = model.outlet_successors(outlet);
+    if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
+        return Ok(None);
+    }
+    let next = model.node(successors[0].node);
+    if next.inputs.len() != 2 || next.op_as::<TypedBinOp>().is_none_or(|op| op.0.name() != "Add") {
+        return Ok(None);
+    }
+    let other = next.inputs[1 - successors[0].slot];
+    let (ours, theirs) = (model.outlet_fact(outlet)?, model.outlet_fact(other)?);
+    let fits = theirs.konst.is_none()
+        && theirs.datum_type == f32::datum_type()
+        && theirs.shape.as_concrete().is_some()
+        && theirs.shape == ours.shape;
+    Ok(fits.then_some((next.id, other)))
 }
 
 /// The ReLU that alone reads node `id`'s output, if there is one: tract's decluttered form of
@@ -277,8 +312,9 @@ fn max_pool_after(model: &TypedModel, id: usize, format: DataFormat) -> TractRes
 }
 
 /// Replace every convolution of a decluttered `model` that [`DirectConv`] covers, with what
-/// follows it fused where it can be: a per-channel scale (into the weights), a ReLU (into the
-/// kernel's store), then a 2x2 max pooling (after the kernel, in the same op).
+/// follows it fused where it can be: a per-channel scale (into the weights), a residual
+/// addition and a ReLU (into the kernel's store), then a 2x2 max pooling (after the kernel, in
+/// the same op).
 pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -294,6 +330,9 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
                 None => continue,
             },
         };
+        let residual = residual_add_after(model, last)?;
+        let last = residual.map_or(last, |(add, _)| add);
+        op.residual = residual.is_some();
         let relu = relu_after(model, last)?;
         if relu.is_some() {
             op.conv = Arc::new((*op.conv).clone().with_relu());
@@ -302,8 +341,11 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
         let pool = max_pool_after(model, last, conv.pool_spec.data_format)?;
         op.pool = pool.is_some();
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
-        let input = patch.tap_model(model, node.inputs[0])?;
-        let output = patch.wire_node(&node.name, op, &[input])?[0];
+        let mut inputs = vec![patch.tap_model(model, node.inputs[0])?];
+        if let Some((_, other)) = residual {
+            inputs.push(patch.tap_model(model, other)?);
+        }
+        let output = patch.wire_node(&node.name, op, &inputs)?[0];
         patch.shunt_outside(model, OutletId::new(pool.unwrap_or(last), 0), output)?;
         patch.apply(model)?;
     }

@@ -74,6 +74,9 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
                 let pooled = convs.iter().filter(|c| c.contains("+ maxpool 2x2")).count();
                 assert_eq!(pooled, 2, "{arch}: both poolings fused: {convs:?}");
             }
+            if arch.name().starts_with("resnet") {
+                assert!(convs.iter().any(|c| c.contains("+ add + relu")), "{arch}: no residual fused: {convs:?}");
+            }
             if arch == Architecture::MobileNet {
                 let depthwise = convs.iter().filter(|c| c.contains("depthwise-conv/")).count();
                 assert_eq!(depthwise, 13, "{arch}: every depthwise convolution ran ours: {convs:?}");

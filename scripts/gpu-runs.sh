@@ -12,6 +12,7 @@
 # *.resume.tar.gz files to .device/resume/ and call resume_pair SECONDS (then resumeB SECONDS).
 # profile: the step benchmark, then with cubecl's per-kernel and autotune logs, then tuned extensively.
 # probe: the self-test, then the step benchmark twice on one tuning cache.
+# repeat N: the step benchmark N times on one tuning cache (the spread on one machine).
 # cuda_soft SECONDS (issue 21): MEKD soft on the issue's schedule on burn-cuda, alone on GPU 0.
 # Backend: DEV=cuda for a `--features cuda` build (no Vulkan loaders needed), wgpu by default.
 # Data: DATA=DIR when MNIST travels apart from the binary (the carry limit): a first call carries
@@ -142,6 +143,13 @@ probe() {  # the self-test (with its full-size generator check on a GPU), then t
   self_test
   for n in 1 2; do
     CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --warmup 20 --steps 50 --out $OUT/bench-$n.json 2>&1 | json_off
+  done
+}
+repeat() {  # N: the step benchmark N times on one tuning cache (the first one tunes it), for the
+  # spread of the steps on one machine; stops starting new ones after 430 s of the call
+  for n in $(seq 1 ${1:-4}); do
+    [ $SECONDS -lt 430 ] || break
+    CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --warmup 10 --steps 30 --out $OUT/bench-repeat-$n.json 2>&1 | json_off
   done
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume

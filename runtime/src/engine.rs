@@ -78,6 +78,31 @@ pub struct ModelInfo {
     pub params: u64,
 }
 
+impl ModelInfo {
+    /// Whether the model can run `batch` images at a time: at least one, and the batch size
+    /// fixed in the file, if it fixes one.
+    pub fn check_batch(&self, batch: usize) -> Result<(), EngineError> {
+        let refuse = |reason: String| Err(EngineError::NotAClassifier { path: self.path.clone(), reason });
+        if batch == 0 {
+            return refuse("batch size must be at least 1".into());
+        }
+        match self.fixed_batch.filter(|&f| f != batch) {
+            Some(fixed) => refuse(format!("its batch size is fixed to {fixed} in the file; cannot run batch {batch}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `input` holds exactly `batch` images of the model's input shape.
+    pub fn check_input(&self, batch: usize, input: &[f32]) -> Result<(), EngineError> {
+        let [c, h, w] = self.input_shape;
+        let expected = batch * c * h * w;
+        if input.len() == expected {
+            return Ok(());
+        }
+        Err(EngineError::InputSize { actual: input.len(), expected, detail: format!("[{batch}, {c}, {h}, {w}]") })
+    }
+}
+
 fn parse_floats(text: &str) -> Option<Vec<f32>> {
     text.split(',').map(|v| v.trim().parse::<f32>().ok()).collect()
 }
@@ -291,24 +316,14 @@ impl Engine {
     /// Load with `per_image` forced, or (`None`) chosen as [`Engine::load_with`] says.
     fn load_as(path: &Path, batch: usize, kernels: ConvKernels, per_image: Option<bool>) -> Result<Self, EngineError> {
         let (mut info, proto) = inspect(path)?;
-        if batch == 0 {
-            return Err(EngineError::NotAClassifier {
-                path: path.into(),
-                reason: "batch size must be at least 1".into(),
-            });
-        }
-        if let Some(fixed) = info.fixed_batch.filter(|&f| f != batch) {
-            return Err(EngineError::NotAClassifier {
-                path: path.into(),
-                reason: format!("its batch size is fixed to {fixed} in the file; cannot run batch {batch}"),
-            });
+        info.check_batch(batch)?;
+        if per_image == Some(true) && batch > 1 {
+            let (plan, classes) = compile(path, &proto, &info, 1, kernels)?;
+            info.num_classes = classes;
+            return Self::with_plan(path, info, batch, plan, true);
         }
         let (plan, classes) = compile(path, &proto, &info, batch, kernels)?;
         info.num_classes = classes;
-        if per_image == Some(true) && batch > 1 {
-            let (plan, _) = compile(path, &proto, &info, 1, kernels)?;
-            return Self::with_plan(path, info, batch, plan, true);
-        }
         let mut batched = Self::with_plan(path, info.clone(), batch, plan, false)?;
         if batch == 1 || kernels != ConvKernels::Direct || info.fixed_batch.is_some() || per_image.is_some() {
             return Ok(batched);
@@ -386,15 +401,7 @@ impl Engine {
 
     /// Logits for exactly one batch (`batch * C * H * W` values), `batch * classes` values out.
     pub fn run(&mut self, input: &[f32]) -> Result<Vec<f32>, EngineError> {
-        let expected = self.batch * self.image_len();
-        if input.len() != expected {
-            let [c, h, w] = self.info.input_shape;
-            return Err(EngineError::InputSize {
-                actual: input.len(),
-                expected,
-                detail: format!("[{}, {c}, {h}, {w}]", self.batch),
-            });
-        }
+        self.info.check_input(self.batch, input)?;
         if !self.per_image {
             return self.run_plan(input, self.batch);
         }

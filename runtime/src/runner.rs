@@ -127,14 +127,8 @@ struct OrtRunner {
 impl OrtRunner {
     fn open(path: &Path, batch: usize) -> Result<Self, RunnerError> {
         let (session, info) = crate::onnxruntime::OrtClassifier::open_classifier(path, None)?;
-        if let Some(fixed) = info.fixed_batch.filter(|&f| f != batch) {
-            return Err(EngineError::NotAClassifier {
-                path: path.into(),
-                reason: format!("its batch size is fixed to {fixed} in the file; cannot run batch {batch}"),
-            }
-            .into());
-        }
-        Ok(Self { session, info, batch: batch.max(1), path: path.to_path_buf() })
+        info.check_batch(batch)?;
+        Ok(Self { session, info, batch, path: path.to_path_buf() })
     }
 }
 
@@ -149,16 +143,7 @@ impl Runner for OrtRunner {
     }
 
     fn run(&mut self, input: &[f32]) -> Result<Vec<f32>, RunnerError> {
-        let [c, h, w] = self.info.input_shape;
-        let expected = self.batch * c * h * w;
-        if input.len() != expected {
-            return Err(EngineError::InputSize {
-                actual: input.len(),
-                expected,
-                detail: format!("[{}, {c}, {h}, {w}]", self.batch),
-            }
-            .into());
-        }
+        self.info.check_input(self.batch, input)?;
         Ok(self.session.run(input, self.info.input_shape)?)
     }
 

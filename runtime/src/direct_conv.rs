@@ -221,54 +221,60 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) 
     }
 }
 
-/// The node that alone reads `id`'s output, if it is a binary `op_name` (`Max`, `Mul`) with a
-/// constant f32 on its other side: that node and the constant's values.
-fn binary_with_constant_after(model: &TypedModel, id: usize, op_name: &str) -> TractResult<Option<(usize, Vec<f32>)>> {
+/// The node that alone reads node `id`'s output (which is not a model output), and the slot
+/// it reads it on.
+fn sole_reader(model: &TypedModel, id: usize) -> TractResult<Option<(&TypedNode, usize)>> {
     let outlet = OutletId::new(id, 0);
     let successors = model.outlet_successors(outlet);
     if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
         return Ok(None);
     }
-    let next = model.node(successors[0].node);
+    Ok(Some((model.node(successors[0].node), successors[0].slot)))
+}
+
+/// The binary `op_name` (`Add`, `Max`, `Mul`) that alone reads node `id`'s output, and its
+/// other operand.
+fn binary_after(model: &TypedModel, id: usize, op_name: &str) -> TractResult<Option<(usize, OutletId)>> {
+    let Some((next, slot)) = sole_reader(model, id)? else { return Ok(None) };
     if next.inputs.len() != 2 || next.op_as::<TypedBinOp>().is_none_or(|op| op.0.name() != op_name) {
         return Ok(None);
     }
-    let other = model.outlet_fact(next.inputs[1 - successors[0].slot])?;
-    let Some(konst) = other.konst.as_ref().filter(|k| k.datum_type() == f32::datum_type()) else { return Ok(None) };
-    // The constant must not change the output's shape (the result's fact is the conv's).
-    if model.outlet_fact(OutletId::new(next.id, 0))?.shape != model.outlet_fact(outlet)?.shape {
+    Ok(Some((next.id, next.inputs[1 - slot])))
+}
+
+/// The binary `op_name` (`Max`, `Mul`) that alone reads node `id`'s output, if its other side
+/// is an f32 constant that leaves the output's shape as it is: that node and the constant.
+fn binary_with_constant_after(
+    model: &TypedModel,
+    id: usize,
+    op_name: &str,
+) -> TractResult<Option<(usize, Arc<Tensor>)>> {
+    let Some((next, other)) = binary_after(model, id, op_name)? else { return Ok(None) };
+    let Some(konst) = model.outlet_fact(other)?.konst.clone().filter(|k| k.datum_type() == f32::datum_type()) else {
         return Ok(None);
-    }
-    let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-    Ok(Some((next.id, values)))
+    };
+    let unchanged = model.outlet_fact(OutletId::new(next, 0))?.shape == model.outlet_fact(OutletId::new(id, 0))?.shape;
+    Ok(unchanged.then_some((next, konst)))
 }
 
 /// The addition that alone reads node `id`'s output, if its other operand is computed (a
 /// residual connection) and shaped as that output: the addition and that operand.
 fn residual_add_after(model: &TypedModel, id: usize) -> TractResult<Option<(usize, OutletId)>> {
-    let outlet = OutletId::new(id, 0);
-    let successors = model.outlet_successors(outlet);
-    if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
-    let next = model.node(successors[0].node);
-    if next.inputs.len() != 2 || next.op_as::<TypedBinOp>().is_none_or(|op| op.0.name() != "Add") {
-        return Ok(None);
-    }
-    let other = next.inputs[1 - successors[0].slot];
-    let (ours, theirs) = (model.outlet_fact(outlet)?, model.outlet_fact(other)?);
+    let Some((add, other)) = binary_after(model, id, "Add")? else { return Ok(None) };
+    let (ours, theirs) = (model.outlet_fact(OutletId::new(id, 0))?, model.outlet_fact(other)?);
     let fits = theirs.konst.is_none()
         && theirs.datum_type == f32::datum_type()
         && theirs.shape.as_concrete().is_some()
         && theirs.shape == ours.shape;
-    Ok(fits.then_some((next.id, other)))
+    Ok(fits.then_some((add, other)))
 }
 
 /// The ReLU that alone reads node `id`'s output, if there is one: tract's decluttered form of
 /// ONNX `Relu` (a `Clip` with min 0) is `Max` with a constant zero.
 fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
-    let max = binary_with_constant_after(model, id, "Max")?;
-    Ok(max.filter(|(_, values)| values.as_slice() == [0.0]).map(|(id, _)| id))
+    let Some((max, konst)) = binary_with_constant_after(model, id, "Max")? else { return Ok(None) };
+    let zero = konst.try_as_plain_ram()?.as_slice::<f32>()? == [0.0];
+    Ok(zero.then_some(max))
 }
 
 /// The per-channel scale that alone reads convolution `id`'s output, if there is one: batch
@@ -276,10 +282,9 @@ fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
 /// a depthwise one. One factor, or one per output channel laid out `[C, 1, 1]` (with a leading
 /// 1 where the output has a batch axis).
 fn scale_after(model: &TypedModel, id: usize, channels: usize) -> TractResult<Option<(usize, Vec<f32>)>> {
-    let Some((mul, values)) = binary_with_constant_after(model, id, "Mul")? else { return Ok(None) };
-    let node = model.node(mul);
-    let slot = if node.inputs[0].node == id { 1 } else { 0 };
-    let shape = model.outlet_fact(node.inputs[slot])?.shape.as_concrete().map(|s| s.to_vec()).unwrap_or_default();
+    let Some((mul, konst)) = binary_with_constant_after(model, id, "Mul")? else { return Ok(None) };
+    let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let shape = konst.shape();
     let per_channel = shape.len() >= 3
         && shape[shape.len() - 3] == channels
         && shape[shape.len() - 2..] == [1, 1]
@@ -290,15 +295,12 @@ fn scale_after(model: &TypedModel, id: usize, channels: usize) -> TractResult<Op
 /// The 2x2, stride-2, unpadded max pooling that alone reads node `id`'s output, if there is
 /// one, in `format` (the convolution's layout).
 fn max_pool_after(model: &TypedModel, id: usize, format: DataFormat) -> TractResult<Option<usize>> {
-    let outlet = OutletId::new(id, 0);
-    let successors = model.outlet_successors(outlet);
-    if successors.len() != 1 || model.output_outlets()?.contains(&outlet) {
-        return Ok(None);
-    }
-    let next = model.node(successors[0].node);
+    let Some((next, _)) = sole_reader(model, id)? else { return Ok(None) };
     let Some(pool) = next.op_as::<MaxPool>() else { return Ok(None) };
     let spec = &pool.pool_spec;
-    let Some(shape) = model.outlet_fact(outlet)?.shape.as_concrete().map(|s| s.to_vec()) else { return Ok(None) };
+    let Some(shape) = model.outlet_fact(OutletId::new(id, 0))?.shape.as_concrete().map(|s| s.to_vec()) else {
+        return Ok(None);
+    };
     let hw = &shape[shape.len().saturating_sub(2)..];
     let unpadded = spec.computed_padding(hw).iter().all(|p| p.pad_before == 0 && p.pad_after == 0);
     let fits = pool.with_index_outputs.is_none()

@@ -345,11 +345,6 @@ impl Conv2d {
         self.relu
     }
 
-    /// Whether it is depthwise ([`Conv2d::depthwise`]).
-    pub fn is_depthwise(&self) -> bool {
-        self.depthwise
-    }
-
     /// Multiply-adds per image.
     pub fn macs(&self) -> usize {
         let macs = self.geometry.macs();

@@ -3,21 +3,25 @@
 //!
 //! Why: an im2col + matrix product lowering spends most of its time gathering the few input
 //! channels of a small student into panels, and pads an 8-row matrix tile with 3 real rows.
-//! This kernel gathers nothing. Per image it copies the input once into zero-padded *phase
-//! planes* (for stride `s`, `s x s` planes, one per offset of the stride, so that every tap of
-//! every stride reads a contiguous row), then, for a block of `CO` output channels and `X`
-//! neighbouring output pixels of one row, keeps `CO x X` accumulators in vector registers and
-//! walks the taps: each tap loads `X` inputs once and multiplies them with `CO` weights.
-//! Weights are packed once, at construction, in the order the taps are walked.
+//! This kernel gathers little. Per image it copies the input into zero-padded *shifted
+//! planes*, one per input channel, kernel column `kx` and offset `py` of the vertical stride
+//! `sy`: plane `(c, py, kx)` holds at row `r`, column `x` the padded input's value at row
+//! `r * sy + py`, column `x * sx + kx`. Its rows are exactly as wide as the output, so tap
+//! `(ky, kx)` of output pixel `q = oy * out_width + ox` reads plane `(c, ky % sy, kx)` at
+//! `q + (ky / sy) * out_width`: the outputs of a channel are one contiguous run, and a tile of
+//! `CO` output channels by a few vectors of consecutive outputs (running across row ends) loads
+//! each tap's inputs as whole vectors however narrow or strided the convolution, keeps
+//! `CO x vectors` accumulators in registers and multiplies each loaded vector with `CO`
+//! weights. Weights are packed once, at construction, in the order the taps are walked.
 //!
 //! The same code is compiled for each vector unit and chosen when the kernel is built
-//! ([`Simd::detect`]): tiles of 8 output channels by 2 rows of 16 pixels on AVX-512 (2 rows of 8
-//! where the output is that narrow), by 1 row of 8 on AVX2 and on NEON, with fused
-//! multiply-adds where the target has them.
+//! ([`Simd::detect`]): tiles of 8 output channels by 32 outputs on AVX-512 (16 where a channel
+//! has no more), by 8 on AVX2 and on NEON, with fused multiply-adds where the target has them.
+//! The planes are filled inside the compiled kernel, with its vector unit.
 //!
 //! A depthwise convolution ([`Conv2d::depthwise`]: each output channel reads only its own input
-//! channel) has no weights to share between channels: its tile is one channel by 4 rows of a
-//! vector of pixels, read from the same phase planes.
+//! channel) has no weights to share between channels: its tile is one channel by 4 vectors of
+//! outputs, read from the same planes.
 
 use std::fmt;
 
@@ -213,10 +217,13 @@ pub struct Conv2d {
     packed: Vec<f32>,
     /// `[blocks * block]`, zero beyond `out_channels`.
     bias: Vec<f32>,
-    /// Per tap (in packing order), its offset in the phase planes.
+    /// Per tap (in packing order), its offset in the shifted planes.
     taps: Vec<usize>,
-    plane_height: usize,
-    plane_width: usize,
+    /// Values of one shifted plane: the output's rows, the `(kh - 1) / sy` rows below them
+    /// that the lower taps read, and zeros up to a whole tile past the last output.
+    plane_len: usize,
+    /// Values of one padded input row, as far as the taps reach.
+    padded_row_len: usize,
     /// Outputs clamped at zero as they are stored (a ReLU after the convolution, fused).
     relu: bool,
     /// One group per channel: output channel `c` reads input channel `c` only.
@@ -273,11 +280,9 @@ impl Conv2d {
             check_len("bias", bias.len(), geometry.out_channels)?;
         }
         let Conv2dGeometry { in_channels, out_channels, kernel: [kh, kw], stride: [sy, sx], .. } = geometry;
-        let tile = if depthwise {
-            Tile::depthwise(simd, geometry.out_width())
-        } else {
-            Tile::choose(simd, out_channels, geometry.out_width())
-        };
+        let (out_h, out_w) = (geometry.out_height(), geometry.out_width());
+        let outputs = out_h * out_w;
+        let tile = if depthwise { Tile::depthwise(simd, outputs) } else { Tile::choose(simd, out_channels, outputs) };
         let block = tile.channels;
         let blocks = out_channels.div_ceil(block);
         let taps_per_channel = kh * kw;
@@ -302,20 +307,15 @@ impl Conv2d {
         if let Some(bias) = bias {
             padded_bias[..out_channels].copy_from_slice(bias);
         }
-        // Phase planes: for each input channel, sy * sx planes; plane (py, px) holds the padded
-        // input's rows py, py + sy, ... and columns px, px + sx, ...; tap (ky, kx) of output
-        // (oy, ox) reads plane (ky % sy, kx % sx) at row oy + ky / sy, column ox + kx / sx.
-        // A tile may read past the last output row and column: those rows and columns exist
-        // (zero) so that no read needs a check.
-        let plane_height = geometry.out_height().div_ceil(tile.rows) * tile.rows + (kh - 1) / sy;
-        let plane_width = geometry.out_width().div_ceil(tile.pixels) * tile.pixels + (kw - 1) / sx;
-        let plane_len = plane_height * plane_width;
+        // The last tile reads up to a whole tile past the last output, from the lowest tap's
+        // row on: those values exist (zero) so that no read needs a check.
+        let plane_len = outputs.div_ceil(tile.outputs()) * tile.outputs() + (kh - 1) / sy * out_w;
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
                 for kx in 0..kw {
-                    let plane = (ci * sy + ky % sy) * sx + kx % sx;
-                    taps.push(plane * plane_len + (ky / sy) * plane_width + kx / sx);
+                    let plane = (ci * sy + ky % sy) * kw + kx;
+                    taps.push(plane * plane_len + ky / sy * out_w);
                 }
             }
         }
@@ -326,8 +326,9 @@ impl Conv2d {
             packed,
             bias: padded_bias,
             taps,
-            plane_height,
-            plane_width,
+            plane_len,
+            // One stride more than the taps reach, so that a strided gather reads whole strides.
+            padded_row_len: out_w * sx + kw,
             relu: false,
             depthwise,
         })
@@ -356,18 +357,22 @@ impl Conv2d {
         &self.geometry
     }
 
-    /// Which compiled kernel runs, e.g. `direct-conv/avx512/8x2x16` (a tile of output
-    /// channels x rows x pixels), `depthwise-conv/avx512/1x4x16`.
+    /// Which compiled kernel runs, e.g. `direct-conv/avx512/8x32` (a tile of output channels x
+    /// consecutive outputs of each), `depthwise-conv/avx512/1x64`.
     pub fn kernel_name(&self) -> String {
-        let Tile { channels, rows, pixels, .. } = self.tile;
         let kind = if self.depthwise { "depthwise-conv" } else { "direct-conv" };
-        format!("{kind}/{}/{channels}x{rows}x{pixels}", self.simd.name())
+        format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs())
     }
 
-    /// Values of the scratch buffer [`Conv2d::run`] needs.
+    /// Values of the shifted planes of one image.
+    fn planes_len(&self) -> usize {
+        let g = &self.geometry;
+        g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len
+    }
+
+    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded row.
     pub fn scratch_len(&self) -> usize {
-        let [sy, sx] = self.geometry.stride;
-        self.geometry.in_channels * sy * sx * self.plane_height * self.plane_width
+        self.planes_len() + self.padded_row_len
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
@@ -402,121 +407,133 @@ impl Conv2d {
         }
         scratch.resize(self.scratch_len(), 0.0);
         for (i, (image, out)) in input.chunks_exact(in_len).zip(output.chunks_exact_mut(out_len)).enumerate() {
-            self.fill_planes(image, scratch);
-            self.dispatch(scratch, add.map(|add| &add[i * out_len..][..out_len]), out);
+            let add = add.map(|add| &add[i * out_len..][..out_len]);
+            // SAFETY: `Tile::choose` picked a kernel for `self.simd`, which `Conv2d::build`
+            // accepted only if `Simd::available` detected it on this CPU; the buffers' lengths
+            // were checked above.
+            unsafe { (self.tile.kernel)(self, image, scratch, add, out) }
         }
         Ok(())
     }
 
-    /// Copy one image into the zero-padded phase planes.
-    fn fill_planes(&self, image: &[f32], planes: &mut [f32]) {
+    /// Copy one image into the zero-padded shifted planes (`scratch`: [`Conv2d::scratch_len`]
+    /// values). Inlined into each compiled kernel, so that its copies use the kernel's vector
+    /// unit.
+    #[inline(always)]
+    fn fill_planes(&self, image: &[f32], scratch: &mut [f32]) {
         let g = &self.geometry;
-        let [sy, sx] = g.stride;
-        let [top, left] = g.pad_before;
-        let (h, w) = (g.in_height, g.in_width);
-        let plane_len = self.plane_height * self.plane_width;
-        for (ci, channel) in image.chunks_exact(h * w).enumerate() {
-            for py in 0..sy {
-                for px in 0..sx {
-                    let plane = (ci * sy + py) * sx + px;
-                    let plane = &mut planes[plane * plane_len..][..plane_len];
-                    // Plane column c holds input column c * sx + px - left: the columns that
-                    // fall inside the image are one contiguous run, the rest are zero.
-                    let first = left.saturating_sub(px).div_ceil(sx).min(self.plane_width);
-                    let end = (w + left).saturating_sub(px).div_ceil(sx).min(self.plane_width).max(first);
-                    for (r, row) in plane.chunks_exact_mut(self.plane_width).enumerate() {
-                        let y = (r * sy + py).wrapping_sub(top);
-                        if y >= h || first == end {
-                            row.fill(0.0);
-                            continue;
-                        }
-                        let src = &channel[y * w..][..w];
-                        let x0 = first * sx + px - left;
-                        row[..first].fill(0.0);
-                        if sx == 1 {
-                            row[first..end].copy_from_slice(&src[x0..x0 + end - first]);
+        let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
+        let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
+        let plane_rows = g.out_height() + (g.kernel[0] - 1) / sy;
+        let (planes, padded_row) = scratch.split_at_mut(self.planes_len());
+        let padded_row = &mut padded_row[..self.padded_row_len];
+        // Columns left of and right of the image stay zero; each row overwrites the image's.
+        padded_row.fill(0.0);
+        let first = left.min(padded_row.len());
+        let columns = w.min(padded_row.len() - first);
+        for (channel, planes) in image.chunks_exact(h * w).zip(planes.chunks_exact_mut(sy * kw * self.plane_len)) {
+            for (py, planes) in planes.chunks_exact_mut(kw * self.plane_len).enumerate() {
+                for r in 0..plane_rows {
+                    let y = (r * sy + py).wrapping_sub(top);
+                    let inside = y < h;
+                    if inside {
+                        padded_row[first..first + columns].copy_from_slice(&channel[y * w..][..columns]);
+                    }
+                    for (kx, plane) in planes.chunks_exact_mut(self.plane_len).enumerate() {
+                        let dst = &mut plane[r * out_w..][..out_w];
+                        if !inside {
+                            dst.fill(0.0);
+                        } else if sx == 1 {
+                            dst.copy_from_slice(&padded_row[kx..kx + out_w]);
                         } else {
-                            for (v, x) in row[first..end].iter_mut().zip(src[x0..].iter().step_by(sx)) {
-                                *v = *x;
+                            for (d, s) in dst.iter_mut().zip(padded_row[kx..].chunks_exact(sx)) {
+                                *d = s[0];
                             }
                         }
-                        row[end..].fill(0.0);
                     }
+                }
+                // The tail the last tile reads past the outputs (the scratch may hold anything).
+                for plane in planes.chunks_exact_mut(self.plane_len) {
+                    plane[plane_rows * out_w..].fill(0.0);
                 }
             }
         }
     }
-
-    fn dispatch(&self, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
-        // SAFETY: `Tile::choose` picked a kernel for `self.simd`, which `Conv2d::with_simd`
-        // accepted only if `Simd::available` detected it on this CPU.
-        unsafe { (self.tile.kernel)(self, planes, add, out) }
-    }
 }
 
-/// A compiled kernel: one image from its phase planes, plus the values to add (if any), into
-/// its output.
-type ImageKernel = unsafe fn(&Conv2d, &[f32], Option<&[f32]>, &mut [f32]);
+/// A compiled kernel: fill the shifted planes of one image in the scratch buffer, convolve,
+/// add the values to add (if any), store into the image's output.
+type ImageKernel = unsafe fn(&Conv2d, &[f32], &mut [f32], Option<&[f32]>, &mut [f32]);
+
+/// The most outputs of one channel a tile holds (the store buffer's length).
+const MAX_TILE_OUTPUTS: usize = 64;
 
 /// A compiled kernel and the tile of outputs it computes at once.
 #[derive(Clone, Copy)]
 struct Tile {
     /// Output channels.
     channels: usize,
-    /// Output rows.
-    rows: usize,
-    /// Output pixels of a row.
-    pixels: usize,
-    /// Convolve one image from its phase planes. Each kernel is a concrete function of this
-    /// crate, never inlined into a caller (a generic one would be compiled in the calling crate,
-    /// with its build profile).
+    /// Vectors of consecutive outputs per channel.
+    vectors: usize,
+    /// Values per vector.
+    lanes: usize,
+    /// Each kernel is a concrete function of this crate, never inlined into a caller (a generic
+    /// one would be compiled in the calling crate, with its build profile).
     kernel: ImageKernel,
 }
 
 impl Tile {
+    fn outputs(&self) -> usize {
+        self.vectors * self.lanes
+    }
+
     /// The kernel for this vector unit: 4 output channels where there are that few, else 8;
-    /// on AVX-512, two rows of 16 pixels, or two rows of 8 (256-bit registers, 32 of them with
-    /// AVX-512VL) where the output is at most 8 wide.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the width matters on x86 only
-    fn choose(simd: Simd, out_channels: usize, out_width: usize) -> Tile {
+    /// on AVX-512, two vectors of 16 outputs per channel (four with 4 channels), one where a
+    /// channel has at most 16 outputs.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
+    fn choose(simd: Simd, out_channels: usize, outputs: usize) -> Tile {
         let few = out_channels <= 4;
-        let tile = |channels, rows, pixels, kernel| Tile { channels, rows, pixels, kernel };
         match simd {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 if out_width <= 8 => match few {
-                true => tile(4, 2, 8, x86::avx512_narrow_4),
-                false => tile(8, 2, 8, x86::avx512_narrow_8),
-            },
-            #[cfg(target_arch = "x86_64")]
             Simd::Avx512 => match few {
-                true => tile(4, 2, 16, x86::avx512_4),
-                false => tile(8, 2, 16, x86::avx512_8),
+                true => Tile { channels: 4, vectors: 4, lanes: 16, kernel: x86::avx512_4 },
+                false if outputs <= 16 => Tile { channels: 8, vectors: 1, lanes: 16, kernel: x86::avx512_8_short },
+                false => Tile { channels: 8, vectors: 2, lanes: 16, kernel: x86::avx512_8 },
             },
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => match few {
-                true => tile(4, 2, 8, x86::avx2_4),
-                false => tile(8, 1, 8, x86::avx2_8),
+                true => Tile { channels: 4, vectors: 2, lanes: 8, kernel: x86::avx2_4 },
+                false => Tile { channels: 8, vectors: 1, lanes: 8, kernel: x86::avx2_8 },
             },
-            _ => match few {
-                true => tile(4, 1, 8, portable::block_4),
-                false => tile(8, 1, 8, portable::block_8),
-            },
+            _ => {
+                let (vectors, lanes) = (portable::VECTORS, portable::LANES);
+                match few {
+                    true => Tile { channels: 4, vectors, lanes, kernel: portable::block_4 },
+                    false => Tile { channels: 8, vectors, lanes, kernel: portable::block_8 },
+                }
+            }
         }
     }
 
-    /// The depthwise kernel for this vector unit: one channel, 4 rows (four independent sums
-    /// per tap), a vector of pixels per row (8 where the output is that narrow on AVX-512).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the width matters on x86 only
-    fn depthwise(simd: Simd, out_width: usize) -> Tile {
-        let tile = |pixels, kernel| Tile { channels: 1, rows: 4, pixels, kernel };
+    /// The depthwise kernel for this vector unit: one channel, 4 vectors of outputs (four
+    /// independent sums per tap; one vector on AVX-512 where a channel has at most 16 outputs).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
+    fn depthwise(simd: Simd, outputs: usize) -> Tile {
         match simd {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 if out_width <= 8 => tile(8, x86::depthwise_avx512_narrow),
+            Simd::Avx512 if outputs <= 16 => {
+                Tile { channels: 1, vectors: 1, lanes: 16, kernel: x86::depthwise_avx512_short }
+            }
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => tile(16, x86::depthwise_avx512),
+            Simd::Avx512 => Tile { channels: 1, vectors: 4, lanes: 16, kernel: x86::depthwise_avx512 },
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => tile(8, x86::depthwise_avx2),
-            _ => tile(8, portable::depthwise),
+            Simd::Avx2 => Tile { channels: 1, vectors: 4, lanes: 8, kernel: x86::depthwise_avx2 },
+            _ => Tile {
+                channels: 1,
+                vectors: 4 * portable::VECTORS,
+                lanes: portable::LANES,
+                kernel: portable::depthwise,
+            },
         }
     }
 }
@@ -528,7 +545,8 @@ fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), C
 /// The few operations the kernel needs of a vector register of `LANES` f32.
 ///
 /// # Safety
-/// Every method needs the CPU features of its implementation; `load` reads `LANES` values.
+/// Every method needs the CPU features of its implementation; `load` reads and `store` writes
+/// `LANES` values.
 trait Vector: Copy {
     const LANES: usize;
     unsafe fn splat(value: f32) -> Self;
@@ -536,151 +554,160 @@ trait Vector: Copy {
     unsafe fn store(self, dst: *mut f32);
     /// `acc + a * b` (fused where the unit has it).
     unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    /// Lane-wise `max(a, 0)`.
+    unsafe fn relu(a: Self) -> Self;
 }
 
-/// One image from its phase planes, a tile of `CO` output channels by `R` rows by `XV`
-/// vectors of pixels at a time: each tap loads `R * XV` vectors of inputs and multiplies them
-/// with `CO` weights.
+/// One image: fill its shifted planes, then convolve a tile of `CO` output channels by `XV`
+/// vectors of consecutive outputs at a time: each tap loads `XV` vectors of inputs and
+/// multiplies them with `CO` weights.
 ///
 /// # Safety
-/// The CPU must have `V`'s features.
+/// The CPU must have `V`'s features; `image`, `scratch`, `add` and `out` have the lengths
+/// [`Conv2d::run_adding`] checks.
 #[inline(always)]
-unsafe fn image<V: Vector, const CO: usize, const R: usize, const XV: usize>(
+unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
     conv: &Conv2d,
-    planes: &[f32],
+    image: &[f32],
+    scratch: &mut [f32],
     add: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
+    conv.fill_planes(image, scratch);
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
-    let (out_h, out_w) = (g.out_height(), g.out_width());
-    let pw = conv.plane_width;
-    // The tile's footprint in a plane, from its first input: R rows of x_block values.
-    let span = (R - 1) * pw + x_block;
+    let outputs = g.out_height() * g.out_width();
+    // Every tap's reads, from its offset to a whole tile past the last output, lie within the
+    // planes (`Conv2d::build` sized them so): checked once here instead of per load.
+    let reach = conv.taps.iter().max().map_or(0, |t| t + outputs.div_ceil(x_block) * x_block);
+    assert!(reach <= conv.planes_len() && scratch.len() >= conv.planes_len());
+    let planes = scratch.as_ptr();
     let taps = conv.taps.len();
-    let mut row = vec![0f32; x_block];
+    let mut buffer = [0f32; MAX_TILE_OUTPUTS];
     for (b, (weights, bias)) in conv.packed.chunks_exact(taps * CO).zip(conv.bias.chunks_exact(CO)).enumerate() {
         let channels = (g.out_channels - b * CO).min(CO);
-        for oy in (0..out_h).step_by(R) {
-            for x0 in (0..out_w).step_by(x_block) {
-                let base = oy * pw + x0;
-                // SAFETY: the caller guarantees V's features; every pointer below points into
-                // a slice bounds-checked to hold the values read.
-                unsafe {
-                    let mut acc: [[[V; XV]; R]; CO] = [[[V::splat(0.0); XV]; R]; CO];
-                    for (c, rows) in acc.iter_mut().enumerate() {
-                        *rows = [[V::splat(bias[c]); XV]; R];
+        for q0 in (0..outputs).step_by(x_block) {
+            // SAFETY: the caller guarantees V's features; every read lies within the planes
+            // (the assertion above).
+            unsafe {
+                let mut acc: [[V; XV]; CO] = [[V::splat(0.0); XV]; CO];
+                for (c, lanes) in acc.iter_mut().enumerate() {
+                    *lanes = [V::splat(bias[c]); XV];
+                }
+                for (w, &tap) in weights.chunks_exact(CO).zip(&conv.taps) {
+                    let src = planes.add(tap + q0);
+                    let mut inputs = [V::splat(0.0); XV];
+                    for (j, v) in inputs.iter_mut().enumerate() {
+                        *v = V::load(src.add(j * V::LANES));
                     }
-                    for (w, &tap) in weights.chunks_exact(CO).zip(&conv.taps) {
-                        let src = planes[tap + base..][..span].as_ptr();
-                        let mut inputs = [[V::splat(0.0); XV]; R];
-                        for (r, vectors) in inputs.iter_mut().enumerate() {
-                            for (j, v) in vectors.iter_mut().enumerate() {
-                                *v = V::load(src.add(r * pw + j * V::LANES));
-                            }
-                        }
-                        for (c, rows) in acc.iter_mut().enumerate() {
-                            let weight = V::splat(w[c]);
-                            for (lanes, vectors) in rows.iter_mut().zip(&inputs) {
-                                for (lane, input) in lanes.iter_mut().zip(vectors) {
-                                    *lane = V::mul_add(*lane, weight, *input);
-                                }
-                            }
+                    for (c, lanes) in acc.iter_mut().enumerate() {
+                        let weight = V::splat(w[c]);
+                        for (lane, input) in lanes.iter_mut().zip(&inputs) {
+                            *lane = V::mul_add(*lane, weight, *input);
                         }
                     }
-                    let width = (out_w - x0).min(x_block);
-                    for (c, rows) in acc.iter().enumerate().take(channels) {
-                        let co = b * CO + c;
-                        for (r, lanes) in rows.iter().enumerate().take(out_h - oy) {
-                            let at = (co * out_h + oy + r) * out_w + x0;
-                            let add = add.map(|add| &add[at..][..width]);
-                            store_row(lanes, &mut row, add, conv.relu, &mut out[at..][..width]);
-                        }
-                    }
+                }
+                let n = (outputs - q0).min(x_block);
+                for (c, lanes) in acc.iter().enumerate().take(channels) {
+                    let at = (b * CO + c) * outputs + q0;
+                    let add = add.map(|add| &add[at..][..n]);
+                    store(lanes, add, conv.relu, &mut out[at..][..n], &mut buffer);
                 }
             }
         }
     }
 }
 
-/// Store one tile row of vectors into `dst` (its first `dst.len()` values) through `row` (room
-/// for all the vectors), plus `add` (as long as `dst`) where given, clamped at zero when `relu`.
-///
-/// # Safety
-/// The CPU must have `V`'s features; `row` holds `XV * V::LANES` values.
-#[inline(always)]
-unsafe fn store_row<V: Vector, const XV: usize>(
-    lanes: &[V; XV],
-    row: &mut [f32],
-    add: Option<&[f32]>,
-    relu: bool,
-    dst: &mut [f32],
-) {
-    for (j, lane) in lanes.iter().enumerate() {
-        // SAFETY: `row` has room for every vector (the caller's promise); V's features too.
-        unsafe { lane.store(row.as_mut_ptr().add(j * V::LANES)) };
-    }
-    let row = &mut row[..dst.len()];
-    if let Some(add) = add {
-        for (v, a) in row.iter_mut().zip(add) {
-            *v += a;
-        }
-    }
-    if relu {
-        for v in row.iter_mut() {
-            *v = v.max(0.0);
-        }
-    }
-    dst.copy_from_slice(row);
-}
-
-/// One image of a depthwise convolution from its phase planes: per channel, a tile of `R` rows
-/// by `XV` vectors of pixels; each tap loads `R * XV` vectors and multiplies them with the
-/// channel's weight.
+/// Store one channel's tile of vectors into `dst` (its first `dst.len()` values, at most the
+/// tile's), plus `add` (as long as `dst`) where given, clamped at zero when `relu`: whole
+/// vectors straight from the registers, a partial tile through `buffer`.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn depthwise_image<V: Vector, const R: usize, const XV: usize>(
+unsafe fn store<V: Vector, const XV: usize>(
+    lanes: &[V; XV],
+    add: Option<&[f32]>,
+    relu: bool,
+    dst: &mut [f32],
+    buffer: &mut [f32; MAX_TILE_OUTPUTS],
+) {
+    let n = dst.len();
+    // SAFETY: V's features are the caller's promise; every pointer below points into `dst`,
+    // `add` or `buffer`, each checked to hold the vector written or read.
+    unsafe {
+        if n == XV * V::LANES {
+            for (j, &lane) in lanes.iter().enumerate() {
+                let mut v = lane;
+                if let Some(add) = add {
+                    v = V::add(v, V::load(add[j * V::LANES..][..V::LANES].as_ptr()));
+                }
+                if relu {
+                    v = V::relu(v);
+                }
+                v.store(dst[j * V::LANES..][..V::LANES].as_mut_ptr());
+            }
+            return;
+        }
+        for (j, lane) in lanes.iter().enumerate() {
+            lane.store(buffer[j * V::LANES..][..V::LANES].as_mut_ptr());
+        }
+    }
+    let row = &mut buffer[..n];
+    if let Some(add) = add {
+        row.iter_mut().zip(add).for_each(|(v, a)| *v += a);
+    }
+    if relu {
+        row.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    dst.copy_from_slice(row);
+}
+
+/// One image of a depthwise convolution: fill its shifted planes, then, per channel, a tile of
+/// `XV` vectors of consecutive outputs; each tap loads `XV` vectors and multiplies them with
+/// the channel's weight.
+///
+/// # Safety
+/// As [`image`].
+#[inline(always)]
+unsafe fn depthwise_image<V: Vector, const XV: usize>(
     conv: &Conv2d,
-    planes: &[f32],
+    image: &[f32],
+    scratch: &mut [f32],
     add: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
+    conv.fill_planes(image, scratch);
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
-    let (out_h, out_w) = (g.out_height(), g.out_width());
-    let pw = conv.plane_width;
-    let span = (R - 1) * pw + x_block;
+    let outputs = g.out_height() * g.out_width();
+    let reach = conv.taps.iter().max().map_or(0, |t| t + outputs.div_ceil(x_block) * x_block);
+    assert!(reach <= conv.planes_len() && scratch.len() >= conv.planes_len());
+    let planes = scratch.as_ptr();
     let taps_per_channel = g.kernel[0] * g.kernel[1];
-    let mut row = vec![0f32; x_block];
+    let mut buffer = [0f32; MAX_TILE_OUTPUTS];
     for (c, (weights, taps)) in
         conv.packed.chunks_exact(taps_per_channel).zip(conv.taps.chunks_exact(taps_per_channel)).enumerate()
     {
         let bias = conv.bias[c];
-        for oy in (0..out_h).step_by(R) {
-            for x0 in (0..out_w).step_by(x_block) {
-                let base = oy * pw + x0;
-                // SAFETY: the caller guarantees V's features; every pointer below points into
-                // a slice bounds-checked to hold the values read.
-                unsafe {
-                    let mut acc = [[V::splat(bias); XV]; R];
-                    for (&w, &tap) in weights.iter().zip(taps) {
-                        let src = planes[tap + base..][..span].as_ptr();
-                        let weight = V::splat(w);
-                        for (r, lanes) in acc.iter_mut().enumerate() {
-                            for (j, lane) in lanes.iter_mut().enumerate() {
-                                *lane = V::mul_add(*lane, weight, V::load(src.add(r * pw + j * V::LANES)));
-                            }
-                        }
-                    }
-                    let width = (out_w - x0).min(x_block);
-                    for (r, lanes) in acc.iter().enumerate().take(out_h - oy) {
-                        let at = (c * out_h + oy + r) * out_w + x0;
-                        let add = add.map(|add| &add[at..][..width]);
-                        store_row(lanes, &mut row, add, conv.relu, &mut out[at..][..width]);
+        for q0 in (0..outputs).step_by(x_block) {
+            // SAFETY: as in `image`.
+            unsafe {
+                let mut acc = [V::splat(bias); XV];
+                for (&w, &tap) in weights.iter().zip(taps) {
+                    let src = planes.add(tap + q0);
+                    let weight = V::splat(w);
+                    for (j, lane) in acc.iter_mut().enumerate() {
+                        *lane = V::mul_add(*lane, weight, V::load(src.add(j * V::LANES)));
                     }
                 }
+                let n = (outputs - q0).min(x_block);
+                let at = c * outputs + q0;
+                let add = add.map(|add| &add[at..][..n]);
+                store(&acc, add, conv.relu, &mut out[at..][..n], &mut buffer);
             }
         }
     }
@@ -714,6 +741,16 @@ mod x86 {
         unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
             _mm512_fmadd_ps(a, b, acc)
         }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm512_add_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn relu(a: Self) -> Self {
+            _mm512_max_ps(a, _mm512_setzero_ps())
+        }
     }
 
     impl Vector for __m256 {
@@ -738,46 +775,68 @@ mod x86 {
         unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
             _mm256_fmadd_ps(a, b, acc)
         }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm256_add_ps(a, b)
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn relu(a: Self) -> Self {
+            _mm256_max_ps(a, _mm256_setzero_ps())
+        }
     }
 
     macro_rules! kernel {
-        ($name:ident, $features:literal, $vector:ty, $co:literal, $rows:literal) => {
+        ($name:ident, $features:literal, $vector:ty, $co:literal, $vectors:literal) => {
             /// # Safety
-            /// The CPU must have the enabled features ([`super::Simd::detect`]).
+            /// The CPU must have the enabled features ([`super::Simd::detect`]); the buffers
+            /// have the lengths [`Conv2d::run_adding`] checks.
             #[target_feature(enable = $features)]
             #[inline(never)]
-            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
-                unsafe { image::<$vector, $co, $rows, 1>(conv, planes, add, out) }
+            pub(super) unsafe fn $name(
+                conv: &Conv2d,
+                input: &[f32],
+                scratch: &mut [f32],
+                add: Option<&[f32]>,
+                out: &mut [f32],
+            ) {
+                unsafe { image::<$vector, $co, $vectors>(conv, input, scratch, add, out) }
             }
         };
     }
 
-    kernel!(avx512_4, "avx512f,avx2,fma", __m512, 4, 2);
+    kernel!(avx512_4, "avx512f,avx2,fma", __m512, 4, 4);
     kernel!(avx512_8, "avx512f,avx2,fma", __m512, 8, 2);
-    kernel!(avx512_narrow_4, "avx512f,avx512vl,avx2,fma", __m256, 4, 2);
-    kernel!(avx512_narrow_8, "avx512f,avx512vl,avx2,fma", __m256, 8, 2);
+    kernel!(avx512_8_short, "avx512f,avx2,fma", __m512, 8, 1);
     kernel!(avx2_4, "avx2,fma", __m256, 4, 2);
     kernel!(avx2_8, "avx2,fma", __m256, 8, 1);
 
     macro_rules! depthwise_kernel {
-        ($name:ident, $features:literal, $vector:ty) => {
+        ($name:ident, $features:literal, $vector:ty, $vectors:literal) => {
             /// # Safety
-            /// The CPU must have the enabled features ([`super::Simd::detect`]).
+            /// As the dense kernels.
             #[target_feature(enable = $features)]
             #[inline(never)]
-            pub(super) unsafe fn $name(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
-                unsafe { depthwise_image::<$vector, 4, 1>(conv, planes, add, out) }
+            pub(super) unsafe fn $name(
+                conv: &Conv2d,
+                input: &[f32],
+                scratch: &mut [f32],
+                add: Option<&[f32]>,
+                out: &mut [f32],
+            ) {
+                unsafe { depthwise_image::<$vector, $vectors>(conv, input, scratch, add, out) }
             }
         };
     }
 
-    depthwise_kernel!(depthwise_avx512, "avx512f,avx2,fma", __m512);
-    depthwise_kernel!(depthwise_avx512_narrow, "avx512f,avx512vl,avx2,fma", __m256);
-    depthwise_kernel!(depthwise_avx2, "avx2,fma", __m256);
+    depthwise_kernel!(depthwise_avx512, "avx512f,avx2,fma", __m512, 4);
+    depthwise_kernel!(depthwise_avx512_short, "avx512f,avx2,fma", __m512, 1);
+    depthwise_kernel!(depthwise_avx2, "avx2,fma", __m256, 4);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
-/// 8 pixels), plain f32 elsewhere (the compiler may still vectorise it).
+/// 8 outputs), plain f32 elsewhere (the compiler may still vectorise it).
 mod portable {
     use super::{Conv2d, Vector, depthwise_image, image};
 
@@ -786,7 +845,7 @@ mod portable {
         use std::arch::aarch64::*;
 
         pub type Lanes = float32x4_t;
-        pub const PER_ROW: usize = 2;
+        pub const VECTORS: usize = 2;
 
         impl super::Vector for float32x4_t {
             const LANES: usize = 4;
@@ -806,13 +865,21 @@ mod portable {
             unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
                 unsafe { vfmaq_f32(acc, a, b) }
             }
+            #[inline(always)]
+            unsafe fn add(a: Self, b: Self) -> Self {
+                unsafe { vaddq_f32(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn relu(a: Self) -> Self {
+                unsafe { vmaxq_f32(a, vdupq_n_f32(0.0)) }
+            }
         }
     }
 
     #[cfg(not(target_arch = "aarch64"))]
     mod lanes {
         pub type Lanes = f32;
-        pub const PER_ROW: usize = 8;
+        pub const VECTORS: usize = 8;
 
         impl super::Vector for f32 {
             const LANES: usize = 1;
@@ -833,33 +900,64 @@ mod portable {
                 // Not `f32::mul_add`: without an FMA unit it is a library call.
                 acc + a * b
             }
+            #[inline(always)]
+            unsafe fn add(a: Self, b: Self) -> Self {
+                a + b
+            }
+            #[inline(always)]
+            unsafe fn relu(a: Self) -> Self {
+                a.max(0.0)
+            }
         }
     }
 
-    use lanes::{Lanes, PER_ROW};
+    use lanes::Lanes;
+    pub(super) use lanes::VECTORS;
+
+    /// Values per vector.
+    pub(super) const LANES: usize = <Lanes as Vector>::LANES;
 
     /// # Safety
-    /// None beyond the target's baseline (`unsafe` to share the kernels' signature).
+    /// The buffers have the lengths [`Conv2d::run_adding`] checks (`unsafe` to share the
+    /// kernels' signature; `Lanes` needs only the target's baseline).
     #[inline(never)]
-    pub(super) unsafe fn block_4(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
-        // SAFETY: `Lanes` needs only the target's baseline.
-        unsafe { image::<Lanes, 4, 1, PER_ROW>(conv, planes, add, out) }
+    pub(super) unsafe fn block_4(
+        conv: &Conv2d,
+        input: &[f32],
+        scratch: &mut [f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller's promise; `Lanes` needs only the target's baseline.
+        unsafe { image::<Lanes, 4, VECTORS>(conv, input, scratch, add, out) }
     }
 
     /// # Safety
     /// As [`block_4`].
     #[inline(never)]
-    pub(super) unsafe fn block_8(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
+    pub(super) unsafe fn block_8(
+        conv: &Conv2d,
+        input: &[f32],
+        scratch: &mut [f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         // SAFETY: as above.
-        unsafe { image::<Lanes, 8, 1, PER_ROW>(conv, planes, add, out) }
+        unsafe { image::<Lanes, 8, VECTORS>(conv, input, scratch, add, out) }
     }
 
     /// # Safety
     /// As [`block_4`].
     #[inline(never)]
-    pub(super) unsafe fn depthwise(conv: &Conv2d, planes: &[f32], add: Option<&[f32]>, out: &mut [f32]) {
+    pub(super) unsafe fn depthwise(
+        conv: &Conv2d,
+        input: &[f32],
+        scratch: &mut [f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         // SAFETY: as above.
-        unsafe { depthwise_image::<Lanes, 4, PER_ROW>(conv, planes, add, out) }
+        unsafe { depthwise_image::<Lanes, { 4 * VECTORS }>(conv, input, scratch, add, out) }
     }
 }
 

@@ -49,7 +49,7 @@ impl DirectConv {
         }
     }
 
-    /// The compiled kernel this node runs, e.g. `direct-conv/avx512/8x2x16`.
+    /// The compiled kernel this node runs, e.g. `direct-conv/avx512/8x32`.
     pub fn kernel_name(&self) -> String {
         self.conv.kernel_name()
     }

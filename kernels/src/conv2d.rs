@@ -308,8 +308,9 @@ impl Conv2d {
             padded_bias[..out_channels].copy_from_slice(bias);
         }
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
-        // row on: those values exist (zero) so that no read needs a check.
-        let plane_len = outputs.div_ceil(tile.outputs()) * tile.outputs() + (kh - 1) / sy * out_w;
+        // row on: those values exist (zero) so that no read needs a check. The fill writes
+        // rows in whole vectors, up to a vector past the last row.
+        let plane_len = outputs.div_ceil(tile.outputs()) * tile.outputs() + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS;
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
@@ -370,9 +371,10 @@ impl Conv2d {
         g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len
     }
 
-    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded row.
+    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded row (and
+    /// a vector past it, which rows copied in whole vectors read).
     pub fn scratch_len(&self) -> usize {
-        self.planes_len() + self.padded_row_len
+        self.planes_len() + self.padded_row_len + MAX_TILE_OUTPUTS
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
@@ -418,35 +420,41 @@ impl Conv2d {
 
     /// Copy one image into the zero-padded shifted planes (`scratch`: [`Conv2d::scratch_len`]
     /// values). Inlined into each compiled kernel, so that its copies use the kernel's vector
-    /// unit.
+    /// unit (and no library call per row: rows are a few dozen values).
+    ///
+    /// # Safety
+    /// The CPU must have `V`'s features.
     #[inline(always)]
-    fn fill_planes(&self, image: &[f32], scratch: &mut [f32]) {
+    unsafe fn fill_planes<V: Vector>(&self, image: &[f32], scratch: &mut [f32]) {
         let g = &self.geometry;
         let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
         let plane_rows = g.out_height() + (g.kernel[0] - 1) / sy;
         let (planes, padded_row) = scratch.split_at_mut(self.planes_len());
-        let padded_row = &mut padded_row[..self.padded_row_len];
+        // SAFETY (all calls below): V's features are the caller's promise.
         // Columns left of and right of the image stay zero; each row overwrites the image's.
-        padded_row.fill(0.0);
-        let first = left.min(padded_row.len());
-        let columns = w.min(padded_row.len() - first);
+        unsafe { zero::<V>(&mut padded_row[..self.padded_row_len]) };
+        let first = left.min(self.padded_row_len);
+        let columns = w.min(self.padded_row_len - first);
+        // A plane row is written in whole vectors: the values past its end land on the next
+        // row (written next) or on the tail (zeroed last), within the plane (`Conv2d::build`).
+        let wide = out_w.div_ceil(V::LANES) * V::LANES;
         for (channel, planes) in image.chunks_exact(h * w).zip(planes.chunks_exact_mut(sy * kw * self.plane_len)) {
             for (py, planes) in planes.chunks_exact_mut(kw * self.plane_len).enumerate() {
                 for r in 0..plane_rows {
                     let y = (r * sy + py).wrapping_sub(top);
                     let inside = y < h;
                     if inside {
-                        padded_row[first..first + columns].copy_from_slice(&channel[y * w..][..columns]);
+                        unsafe { copy::<V>(&mut padded_row[first..first + columns], &channel[y * w..][..columns]) };
                     }
                     for (kx, plane) in planes.chunks_exact_mut(self.plane_len).enumerate() {
-                        let dst = &mut plane[r * out_w..][..out_w];
+                        let dst = &mut plane[r * out_w..][..wide];
                         if !inside {
-                            dst.fill(0.0);
+                            unsafe { zero::<V>(dst) };
                         } else if sx == 1 {
-                            dst.copy_from_slice(&padded_row[kx..kx + out_w]);
+                            unsafe { copy::<V>(dst, &padded_row[kx..][..wide]) };
                         } else {
-                            for (d, s) in dst.iter_mut().zip(padded_row[kx..].chunks_exact(sx)) {
+                            for (d, s) in dst[..out_w].iter_mut().zip(padded_row[kx..].chunks_exact(sx)) {
                                 *d = s[0];
                             }
                         }
@@ -454,10 +462,52 @@ impl Conv2d {
                 }
                 // The tail the last tile reads past the outputs (the scratch may hold anything).
                 for plane in planes.chunks_exact_mut(self.plane_len) {
-                    plane[plane_rows * out_w..].fill(0.0);
+                    unsafe { zero::<V>(&mut plane[plane_rows * out_w..]) };
                 }
             }
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)`, in vectors where `dst` holds whole ones.
+///
+/// The planes' rows are a few dozen values: a library call per row (which the compiler makes
+/// of a plain copy loop, however written) costs more than the copy. Each store's address passed
+/// through [`std::hint::black_box`] hides the loop's shape from that rewrite (checked in the
+/// compiled kernels' code: no `memcpy`/`memset` calls left in the fill).
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn copy<V: Vector>(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let whole = dst.len() / V::LANES * V::LANES;
+    let to = dst.as_mut_ptr();
+    for j in (0..whole).step_by(V::LANES) {
+        // SAFETY: `j + LANES <= whole <= len` for both; V's features are the caller's promise.
+        unsafe { V::load(src.as_ptr().add(j)).store(std::hint::black_box(to.add(j))) };
+    }
+    for j in whole..dst.len() {
+        // SAFETY: `j < len` for both.
+        unsafe { std::hint::black_box(to.add(j)).write(src[j]) };
+    }
+}
+
+/// `dst.fill(0.0)`, in vectors where `dst` holds whole ones (not a library call: see [`copy`]).
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn zero<V: Vector>(dst: &mut [f32]) {
+    let whole = dst.len() / V::LANES * V::LANES;
+    let to = dst.as_mut_ptr();
+    for j in (0..whole).step_by(V::LANES) {
+        // SAFETY: `j + LANES <= whole <= len`; V's features are the caller's promise.
+        unsafe { V::splat(0.0).store(std::hint::black_box(to.add(j))) };
+    }
+    for j in whole..dst.len() {
+        // SAFETY: `j < len`.
+        unsafe { std::hint::black_box(to.add(j)).write(0.0) };
     }
 }
 
@@ -575,7 +625,8 @@ unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
     out: &mut [f32],
 ) {
     const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
-    conv.fill_planes(image, scratch);
+    // SAFETY: V's features are the caller's promise.
+    unsafe { conv.fill_planes::<V>(image, scratch) };
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
     let outputs = g.out_height() * g.out_width();
@@ -680,7 +731,8 @@ unsafe fn depthwise_image<V: Vector, const XV: usize>(
     out: &mut [f32],
 ) {
     const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
-    conv.fill_planes(image, scratch);
+    // SAFETY: V's features are the caller's promise.
+    unsafe { conv.fill_planes::<V>(image, scratch) };
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
     let outputs = g.out_height() * g.out_width();
@@ -1064,7 +1116,8 @@ mod tests {
     }
 
     /// Run `conv` (with a ReLU when `relu`, adding seeded values when `add`) on `images` images
-    /// of `input` into a NaN-filled output (every value must be written) and compare with
+    /// of `input` into a NaN-filled output (every value must be written), with a NaN-filled
+    /// scratch buffer, and compare with
     /// `expected` (the definition, to which the addition and the ReLU are applied here): f32
     /// sums of `taps` products of values in [-1, 1] round by at most taps * 2^-24 of the largest
     /// partial sum.
@@ -1087,7 +1140,10 @@ mod tests {
         }
         let g = *conv.geometry();
         let mut out = vec![f32::NAN; images * g.output_len()];
-        conv.run_adding(images, input, added.as_deref(), &mut out, &mut Vec::new()).unwrap();
+        // A scratch buffer left full of NaN (by another convolution, say): nothing of it may
+        // reach the output.
+        let mut scratch = vec![f32::NAN; conv.scratch_len() + 100];
+        conv.run_adding(images, input, added.as_deref(), &mut out, &mut scratch).unwrap();
         for (j, (a, e)) in out.iter().zip(&expected).enumerate() {
             assert!(
                 (a - e).abs() <= 1e-6 * taps.max(1) as f32 * 4.0,

@@ -2,18 +2,21 @@
 //!
 //! tract lowers the students' convolutions (few channels, 32x32 and smaller images) to im2col
 //! plus a matrix product and spends most of the time gathering im2col panels. After tract has
-//! decluttered the graph (batch norm folded, strided 1x1 convolutions split into a downsample and
-//! a plain 1x1), [`replace_convolutions`] swaps every convolution the kernel covers (f32, NCHW,
-//! one group or depthwise, no dilation, constant weights and bias, known shapes) for a [`DirectConv`] node;
-//! tract then optimises the rest as usual.
+//! decluttered the graph (batch norm folded, 1x1 convolutions turned into matrix products, after
+//! a downsample where strided), [`replace_convolutions`] swaps every convolution the kernel covers
+//! (f32, NCHW, one group or depthwise, no dilation, constant weights and bias, known shapes) and
+//! every strided 1x1 (a downsample and a matrix product) for a [`DirectConv`] node; tract then
+//! optimises the rest as usual.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use mekd_kernels::{Conv2d, Conv2dGeometry};
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::Downsample;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 
@@ -150,9 +153,55 @@ impl TypedOp for DirectConv {
     as_op!();
 }
 
-/// The [`DirectConv`] that computes `node`, or `None` when the kernel does not cover it; with
-/// `scale`, its output channels multiplied by these factors (folded into weights and bias).
-fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) -> TractResult<Option<DirectConv>> {
+/// A convolution found in the graph, before it becomes a [`DirectConv`]: its shape, weights
+/// (`[out_channels, in_channels / groups, kh, kw]`) and bias as the graph holds them, what it
+/// reads and in which layout.
+struct Found {
+    geometry: Conv2dGeometry,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    depthwise: bool,
+    /// Images per run; `None`: `[C, H, W]` without a batch axis.
+    batch: Option<usize>,
+    input: OutletId,
+}
+
+impl Found {
+    /// Add per-channel `values` (one, or one per output channel) to the output: into the bias.
+    fn add(&mut self, values: &[f32]) {
+        self.bias.iter_mut().zip(values.iter().cycle()).for_each(|(b, v)| *b += v);
+    }
+
+    /// Multiply the output by per-channel `values` (one, or one per output channel): into the
+    /// weights and the bias.
+    fn scale(&mut self, values: &[f32]) {
+        let per_channel = self.weights.len() / self.geometry.out_channels;
+        for ((w, b), &s) in self.weights.chunks_exact_mut(per_channel).zip(&mut self.bias).zip(values.iter().cycle()) {
+            w.iter_mut().for_each(|w| *w *= s);
+            *b *= s;
+        }
+    }
+
+    /// The layout of the input and output.
+    fn format(&self) -> DataFormat {
+        if self.batch.is_some() { DataFormat::NCHW } else { DataFormat::CHW }
+    }
+
+    /// The op, or `None` when the kernel refuses the shape (it stays with tract).
+    fn build(&self) -> Option<DirectConv> {
+        let kernel = if self.depthwise {
+            Conv2d::depthwise(self.geometry, &self.weights, Some(&self.bias))
+        } else {
+            Conv2d::new(self.geometry, &self.weights, Some(&self.bias))
+        };
+        let conv = Arc::new(kernel.ok()?);
+        Some(DirectConv { conv, batch: self.batch, pool: false, residual: false })
+    }
+}
+
+/// The convolution `node` computes, if the kernel covers it: f32, NCHW or CHW, one group or
+/// depthwise, no dilation, constant weights and bias, known shapes.
+fn conv_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
     let spec = &conv.pool_spec;
     if conv.q_params.is_some()
@@ -190,35 +239,85 @@ fn direct_conv_for(model: &TypedModel, node: &TypedNode, scale: Option<&[f32]>) 
         pad_before: [padding[0].pad_before, padding[1].pad_before],
         pad_after: [padding[0].pad_after, padding[1].pad_after],
     };
-    let weights = weights.try_as_plain_ram()?;
-    let mut weights = weights.as_slice::<f32>()?.to_vec();
+    let weights = weights.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let bias = bias.try_as_plain_ram()?;
     let bias = bias.as_slice::<f32>()?;
-    let mut bias: Vec<f32> = match bias.len() {
+    let bias: Vec<f32> = match bias.len() {
         0 => vec![0.0; geometry.out_channels],
         1 => vec![bias[0]; geometry.out_channels],
-        _ => bias.to_vec(),
+        n if n == geometry.out_channels => bias.to_vec(),
+        _ => return Ok(None),
     };
-    if let Some(scale) = scale {
-        let per_channel = weights.len() / geometry.out_channels.max(1);
-        if bias.len() != geometry.out_channels || per_channel * geometry.out_channels != weights.len() {
-            return Ok(None);
-        }
-        for ((w, b), &s) in weights.chunks_exact_mut(per_channel).zip(&mut bias).zip(scale.iter().cycle()) {
-            w.iter_mut().for_each(|w| *w *= s);
-            *b *= s;
-        }
+    Ok(Some(Found { geometry, weights, bias, depthwise, batch, input: node.inputs[0] }))
+}
+
+/// The strided 1x1 convolution `node` computes, if it is one as tract leaves it after
+/// decluttering: an `EinSum` `NIHW,OI->NOHW` (or `IHW,OI->OHW`) of f32 values with constant
+/// `[O, I]` weights, reading the `Downsample`s of the height and width axes (ResNet's
+/// shortcuts).
+fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
     }
-    let kernel = if depthwise {
-        Conv2d::depthwise(geometry, &weights, Some(&bias))
-    } else {
-        Conv2d::new(geometry, &weights, Some(&bias))
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let [x, w] = [&inputs[0], &inputs[1]].map(|s| s.chars().collect::<Vec<char>>());
+    let Some(y) = outputs.first().map(|s| s.chars().collect::<Vec<char>>()) else { return Ok(None) };
+    let rank = x.len();
+    if !(rank == 3 || rank == 4) || y.len() != rank || w.len() != 2 || outputs.len() != 1 {
+        return Ok(None);
+    }
+    // x: [N,] I, H, W; w: O, I; y: [N,] O, H, W; the channel axis sums, the others pass.
+    let c = rank - 3;
+    let (o, i) = (w[0], w[1]);
+    let passes = x[..c] == y[..c] && x[c + 1..] == y[c + 1..];
+    if x[c] != i || y[c] != o || o == i || !passes || x.contains(&o) || y.contains(&i) {
+        return Ok(None);
+    }
+    let weights_fact = model.outlet_fact(node.inputs[1])?;
+    let Some(weights) = weights_fact.konst.as_ref().filter(|k| k.datum_type() == f32::datum_type()) else {
+        return Ok(None);
     };
-    match kernel {
-        Ok(kernel) => Ok(Some(DirectConv { conv: Arc::new(kernel), batch, pool: false, residual: false })),
-        // A shape the kernel refuses stays with tract.
-        Err(_) => Ok(None),
+    // Walk back through the downsamples of a stride, each read by this chain alone.
+    let mut input = node.inputs[0];
+    let mut stride = [1, 1];
+    while let Some(down) = model.node(input.node).op_as::<Downsample>() {
+        let axis = down.axis.wrapping_sub(c + 1);
+        let alone = model.outlet_successors(input).len() == 1;
+        if axis > 1 || down.modulo != 0 || down.stride < 1 || !alone || stride[axis] != 1 {
+            break;
+        }
+        stride[axis] = down.stride as usize;
+        input = model.node(input.node).inputs[0];
     }
+    // Unstrided, tract's matrix product is as fast (MobileNet's pointwise layers, measured):
+    // ours pays off where tract gathers the strided input first.
+    if stride == [1, 1] {
+        return Ok(None);
+    }
+    let in_fact = model.outlet_fact(input)?;
+    let Some(shape) = in_fact.shape.as_concrete() else { return Ok(None) };
+    if in_fact.datum_type != f32::datum_type() || shape.len() != rank {
+        return Ok(None);
+    }
+    let [in_channels, in_height, in_width] = [shape[c], shape[c + 1], shape[c + 2]];
+    let out_channels = weights.shape()[0];
+    if weights.shape() != [out_channels, in_channels] {
+        return Ok(None);
+    }
+    let geometry = Conv2dGeometry {
+        in_channels,
+        in_height,
+        in_width,
+        out_channels,
+        kernel: [1, 1],
+        stride,
+        pad_before: [0, 0],
+        pad_after: [0, 0],
+    };
+    let weights = weights.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let batch = (rank == 4).then(|| shape[0]);
+    Ok(Some(Found { geometry, weights, bias: vec![0.0; out_channels], depthwise: false, batch, input }))
 }
 
 /// The node that alone reads node `id`'s output (which is not a model output), and the slot
@@ -277,19 +376,24 @@ fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
     Ok(zero.then_some(max))
 }
 
-/// The per-channel scale that alone reads convolution `id`'s output, if there is one: batch
-/// norm's scale, which tract folds into a convolution of one group but leaves as a `Mul` after
-/// a depthwise one. One factor, or one per output channel laid out `[C, 1, 1]` (with a leading
-/// 1 where the output has a batch axis).
-fn scale_after(model: &TypedModel, id: usize, channels: usize) -> TractResult<Option<(usize, Vec<f32>)>> {
-    let Some((mul, konst)) = binary_with_constant_after(model, id, "Mul")? else { return Ok(None) };
+/// The binary `op_name` (`Add`, `Mul`) that alone reads node `id`'s output with a constant of
+/// one value, or one per output channel laid out `[C, 1, 1]` (with a leading 1 where the output
+/// has a batch axis): that node and the values. Batch norm's shift and scale, which tract folds
+/// into a convolution of one group but leaves after a depthwise one or a 1x1 one.
+fn per_channel_after(
+    model: &TypedModel,
+    id: usize,
+    op_name: &str,
+    channels: usize,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
+    let Some((next, konst)) = binary_with_constant_after(model, id, op_name)? else { return Ok(None) };
     let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let shape = konst.shape();
     let per_channel = shape.len() >= 3
         && shape[shape.len() - 3] == channels
         && shape[shape.len() - 2..] == [1, 1]
         && shape[..shape.len() - 3].iter().all(|&d| d == 1);
-    Ok((values.len() == 1 || per_channel).then_some((mul, values)))
+    Ok((values.len() == 1 || per_channel).then_some((next, values)))
 }
 
 /// The 2x2, stride-2, unpadded max pooling that alone reads node `id`'s output, if there is
@@ -320,18 +424,27 @@ fn max_pool_after(model: &TypedModel, id: usize, format: DataFormat) -> TractRes
 pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(conv) = node.op_as::<Conv>() else { continue };
-        let scaled = match scale_after(model, id, conv.output_channels())? {
-            Some((mul, factors)) => direct_conv_for(model, node, Some(&factors))?.map(|op| (op, mul)),
-            None => None,
+        let found = match conv_node(model, node)? {
+            Some(found) => Some(found),
+            None => pointwise_node(model, node)?,
         };
-        let (mut op, last) = match scaled {
-            Some(scaled) => scaled,
-            None => match direct_conv_for(model, node, None)? {
-                Some(op) => (op, id),
-                None => continue,
-            },
-        };
+        let Some(mut found) = found else { continue };
+        let channels = found.geometry.out_channels;
+        // Batch norm's shift and scale where tract left them, in whatever order: into the
+        // weights and the bias.
+        let mut last = id;
+        loop {
+            if let Some((add, values)) = per_channel_after(model, last, "Add", channels)? {
+                found.add(&values);
+                last = add;
+            } else if let Some((mul, values)) = per_channel_after(model, last, "Mul", channels)? {
+                found.scale(&values);
+                last = mul;
+            } else {
+                break;
+            }
+        }
+        let Some(mut op) = found.build() else { continue };
         let residual = residual_add_after(model, last)?;
         let last = residual.map_or(last, |(add, _)| add);
         op.residual = residual.is_some();
@@ -340,14 +453,14 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
             op.conv = Arc::new((*op.conv).clone().with_relu());
         }
         let last = relu.unwrap_or(last);
-        let pool = max_pool_after(model, last, conv.pool_spec.data_format)?;
+        let pool = max_pool_after(model, last, found.format())?;
         op.pool = pool.is_some();
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
-        let mut inputs = vec![patch.tap_model(model, node.inputs[0])?];
+        let mut inputs = vec![patch.tap_model(model, found.input)?];
         if let Some((_, other)) = residual {
             inputs.push(patch.tap_model(model, other)?);
         }
-        let output = patch.wire_node(&node.name, op, &inputs)?[0];
+        let output = patch.wire_node(&model.node(id).name, op, &inputs)?[0];
         patch.shunt_outside(model, OutletId::new(pool.unwrap_or(last), 0), output)?;
         patch.apply(model)?;
     }

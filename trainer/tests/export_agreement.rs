@@ -76,10 +76,16 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
             }
             if arch.name().starts_with("resnet") {
                 assert!(convs.iter().any(|c| c.contains("+ add + relu")), "{arch}: no residual fused: {convs:?}");
+                // The strided 1x1 shortcuts (a downsample and a matrix product in tract's graph).
+                let shortcuts = convs.iter().filter(|c| c.contains("kernel 1x1, stride 2x2")).count();
+                assert_eq!(shortcuts, 2, "{arch}: both strided shortcuts ran ours: {convs:?}");
             }
             if arch == Architecture::MobileNet {
                 let depthwise = convs.iter().filter(|c| c.contains("depthwise-conv/")).count();
                 assert_eq!(depthwise, 13, "{arch}: every depthwise convolution ran ours: {convs:?}");
+                // Batch norm's scale and shift (running statistics) folded, the ReLU fused.
+                let fused = convs.iter().filter(|c| c.contains("depthwise-conv/") && c.contains("+ relu")).count();
+                assert_eq!(fused, 13, "{arch}: every depthwise convolution's ReLU fused: {convs:?}");
             }
         }
         // The dynamic batch axis: batch 1 gives the first row.

@@ -487,9 +487,9 @@ unsafe fn copy<V: Vector>(dst: &mut [f32], src: &[f32]) {
         // SAFETY: `j + LANES <= whole <= len` for both; V's features are the caller's promise.
         unsafe { V::load(src.as_ptr().add(j)).store(std::hint::black_box(to.add(j))) };
     }
-    for j in whole..dst.len() {
+    for (j, &value) in src.iter().enumerate().skip(whole) {
         // SAFETY: `j < len` for both.
-        unsafe { std::hint::black_box(to.add(j)).write(src[j]) };
+        unsafe { std::hint::black_box(to.add(j)).write(value) };
     }
 }
 

@@ -21,7 +21,10 @@
 //!
 //! A depthwise convolution ([`Conv2d::depthwise`]: each output channel reads only its own input
 //! channel) has no weights to share between channels: its tile is one channel by 4 vectors of
-//! outputs, read from the same planes.
+//! outputs, read from the same planes. Where a channel has at most 16 outputs (MobileNet's last
+//! layers, hundreds of 4x4 or 2x2 channels), filling its planes would cost more than its few
+//! multiply-adds: the image is transposed to `[pixels][channels]` instead and a vector holds one
+//! output of as many channels.
 
 use std::fmt;
 
@@ -286,8 +289,18 @@ impl Conv2d {
         let block = tile.channels;
         let blocks = out_channels.div_ceil(block);
         let taps_per_channel = kh * kw;
-        // Depthwise: `[channels][kh][kw]`, as given.
-        let packed = if depthwise {
+        let packed = if depthwise && tile.across_channels {
+            // `[blocks][kh][kw][block]`: each tap's weights for a vector of channels.
+            let mut packed = vec![0f32; blocks * taps_per_channel * block];
+            for (c, weights) in weights.chunks_exact(taps_per_channel).enumerate() {
+                let (b, lane) = (c / block, c % block);
+                for (tap, &w) in weights.iter().enumerate() {
+                    packed[(b * taps_per_channel + tap) * block + lane] = w;
+                }
+            }
+            packed
+        } else if depthwise {
+            // `[channels][kh][kw]`, as given.
             weights.to_vec()
         } else {
             let mut packed = vec![0f32; blocks * in_channels * taps_per_channel * block];
@@ -310,7 +323,7 @@ impl Conv2d {
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
-        let plane_len = outputs.div_ceil(tile.outputs()) * tile.outputs() + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS;
+        let plane_len = outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS;
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
@@ -362,7 +375,7 @@ impl Conv2d {
     /// consecutive outputs of each), `depthwise-conv/avx512/1x64`.
     pub fn kernel_name(&self) -> String {
         let kind = if self.depthwise { "depthwise-conv" } else { "direct-conv" };
-        format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs())
+        format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs)
     }
 
     /// Values of the shifted planes of one image.
@@ -372,8 +385,17 @@ impl Conv2d {
     }
 
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded row (and
-    /// a vector past it, which rows copied in whole vectors read).
+    /// a vector past it, which rows copied in whole vectors read); across channels, the padded
+    /// input and the output, both `[pixels][channels]`.
     pub fn scratch_len(&self) -> usize {
+        if self.tile.across_channels {
+            let g = &self.geometry;
+            let padded =
+                (g.in_height + g.pad_before[0] + g.pad_after[0]) * (g.in_width + g.pad_before[1] + g.pad_after[1]);
+            // As `depthwise_across` lays them out: a vector more than the channels per pixel.
+            let stride = self.bias.len() + self.tile.channels;
+            return (padded + g.out_height() * g.out_width()) * stride;
+        }
         self.planes_len() + self.padded_row_len + MAX_TILE_OUTPUTS
     }
 
@@ -523,18 +545,21 @@ const MAX_TILE_OUTPUTS: usize = 64;
 struct Tile {
     /// Output channels.
     channels: usize,
-    /// Vectors of consecutive outputs per channel.
-    vectors: usize,
-    /// Values per vector.
-    lanes: usize,
+    /// Consecutive outputs of each channel.
+    outputs: usize,
+    /// A vector's lanes run across channels (one output of `channels` channels) instead of
+    /// along a channel's outputs: the depthwise kernel for small images, which reads the input
+    /// transposed to `[pixels][channels]` instead of from shifted planes.
+    across_channels: bool,
     /// Each kernel is a concrete function of this crate, never inlined into a caller (a generic
     /// one would be compiled in the calling crate, with its build profile).
     kernel: ImageKernel,
 }
 
 impl Tile {
-    fn outputs(&self) -> usize {
-        self.vectors * self.lanes
+    /// `channels x vectors * lanes` outputs, the vectors along each channel's outputs.
+    fn along(channels: usize, vectors: usize, lanes: usize, kernel: ImageKernel) -> Tile {
+        Tile { channels, outputs: vectors * lanes, across_channels: false, kernel }
     }
 
     /// The kernel for this vector unit: 4 output channels where there are that few, else 8;
@@ -546,47 +571,50 @@ impl Tile {
         match simd {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 => match few {
-                true => Tile { channels: 4, vectors: 4, lanes: 16, kernel: x86::avx512_4 },
-                false if outputs <= 16 => Tile { channels: 8, vectors: 1, lanes: 16, kernel: x86::avx512_8_short },
-                false => Tile { channels: 8, vectors: 2, lanes: 16, kernel: x86::avx512_8 },
+                true => Tile::along(4, 4, 16, x86::avx512_4),
+                false if outputs <= 16 => Tile::along(8, 1, 16, x86::avx512_8_short),
+                false => Tile::along(8, 2, 16, x86::avx512_8),
             },
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => match few {
-                true => Tile { channels: 4, vectors: 2, lanes: 8, kernel: x86::avx2_4 },
-                false => Tile { channels: 8, vectors: 1, lanes: 8, kernel: x86::avx2_8 },
+                true => Tile::along(4, 2, 8, x86::avx2_4),
+                false => Tile::along(8, 1, 8, x86::avx2_8),
             },
             _ => {
                 let (vectors, lanes) = (portable::VECTORS, portable::LANES);
                 match few {
-                    true => Tile { channels: 4, vectors, lanes, kernel: portable::block_4 },
-                    false => Tile { channels: 8, vectors, lanes, kernel: portable::block_8 },
+                    true => Tile::along(4, vectors, lanes, portable::block_4),
+                    false => Tile::along(8, vectors, lanes, portable::block_8),
                 }
             }
         }
     }
 
-    /// The depthwise kernel for this vector unit: one channel, 4 vectors of outputs (four
-    /// independent sums per tap; one vector on AVX-512 where a channel has at most 16 outputs).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
+    /// The depthwise kernel for this vector unit: where a channel has at most
+    /// [`ACROSS_CHANNELS_MAX_OUTPUTS`] outputs, a vector of channels at a time (filling a
+    /// channel's planes would cost more than its few multiply-adds); else one channel by 4
+    /// vectors of outputs (four independent sums per tap).
     fn depthwise(simd: Simd, outputs: usize) -> Tile {
+        let across = |channels, kernel| Tile { channels, outputs: 1, across_channels: true, kernel };
+        let small = outputs <= ACROSS_CHANNELS_MAX_OUTPUTS;
         match simd {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 if outputs <= 16 => {
-                Tile { channels: 1, vectors: 1, lanes: 16, kernel: x86::depthwise_avx512_short }
-            }
+            Simd::Avx512 if small => across(16, x86::depthwise_across_avx512),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => Tile { channels: 1, vectors: 4, lanes: 16, kernel: x86::depthwise_avx512 },
+            Simd::Avx512 => Tile::along(1, 4, 16, x86::depthwise_avx512),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => Tile { channels: 1, vectors: 4, lanes: 8, kernel: x86::depthwise_avx2 },
-            _ => Tile {
-                channels: 1,
-                vectors: 4 * portable::VECTORS,
-                lanes: portable::LANES,
-                kernel: portable::depthwise,
-            },
+            Simd::Avx2 if small => across(8, x86::depthwise_across_avx2),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => Tile::along(1, 4, 8, x86::depthwise_avx2),
+            _ if small => across(portable::LANES, portable::depthwise_across),
+            _ => Tile::along(1, 4 * portable::VECTORS, portable::LANES, portable::depthwise),
         }
     }
 }
+
+/// The most outputs per channel for which a depthwise convolution runs across channels
+/// (MobileNet's 4x4 and 2x2 layers; its 8x8 ones run faster along the outputs).
+const ACROSS_CHANNELS_MAX_OUTPUTS: usize = 16;
 
 fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), Conv2dError> {
     if actual == expected { Ok(()) } else { Err(Conv2dError::Length { what, actual, expected }) }
@@ -765,11 +793,100 @@ unsafe fn depthwise_image<V: Vector, const XV: usize>(
     }
 }
 
+/// One image of a depthwise convolution with few outputs per channel, a vector of channels at
+/// a time: the input transposed into `[padded pixels][channels]` (zero padding around it), then
+/// per vector of channels and output pixel, each tap multiplies a vector of inputs with that
+/// tap's vector of weights; the `[pixels][channels]` result transposed back into the output.
+///
+/// # Safety
+/// As [`image`].
+#[inline(always)]
+unsafe fn depthwise_across<V: Vector>(
+    conv: &Conv2d,
+    image: &[f32],
+    scratch: &mut [f32],
+    add: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let g = &conv.geometry;
+    let ([kh, kw], [sy, sx], [top, left]) = (g.kernel, g.stride, g.pad_before);
+    let (h, w) = (g.in_height, g.in_width);
+    let padded_width = w + left + g.pad_after[1];
+    let padded_len = (h + top + g.pad_after[0]) * padded_width;
+    let (out_h, out_w) = (g.out_height(), g.out_width());
+    let outputs = out_h * out_w;
+    // The stride between pixels of both buffers: the channels rounded up to whole vectors, and
+    // one vector more, so that a pixel's channels are not a power-of-two stride apart (512
+    // channels are 2 KiB: every pixel in the same two sets of the L1 cache).
+    let stride = conv.bias.len() + V::LANES;
+    let taps = kh * kw;
+    let (padded, result) = scratch.split_at_mut(padded_len * stride);
+    let result = &mut result[..outputs * stride];
+    // SAFETY: V's features are the caller's promise.
+    unsafe { zero::<V>(padded) };
+    // Every access below stays within these lengths: rows `oy * sy + ky < padded height` and
+    // columns `ox * sx + kx < padded width` (the geometry's output size), channels below
+    // `stride`; checked once here instead of per value.
+    assert!(image.len() == g.input_len() && out.len() == g.output_len() && add.is_none_or(|a| a.len() == out.len()));
+    assert!(conv.packed.len() == conv.bias.len() * taps && conv.bias.len().is_multiple_of(V::LANES));
+    // A vector of channels at a time, so that the accesses of one pass touch few cache lines.
+    let (from, to) = (image.as_ptr(), padded.as_mut_ptr());
+    for first in (0..g.in_channels).step_by(V::LANES) {
+        let channels = first..(first + V::LANES).min(g.in_channels);
+        for y in 0..h {
+            for x in 0..w {
+                let at = ((y + top) * padded_width + left + x) * stride;
+                for c in channels.clone() {
+                    // SAFETY: see the assertions above.
+                    unsafe { *to.add(at + c) = *from.add((c * h + y) * w + x) };
+                }
+            }
+        }
+    }
+    let (padded, result, weights) = (padded.as_ptr(), result.as_mut_ptr(), conv.packed.as_ptr());
+    for first in (0..conv.bias.len()).step_by(V::LANES) {
+        // SAFETY: V's features are the caller's promise; every pointer stays within its
+        // buffer (the assertions above).
+        unsafe {
+            let weights = weights.add(first * taps);
+            let bias = V::load(conv.bias.as_ptr().add(first));
+            for oy in 0..out_h {
+                for ox in 0..out_w {
+                    let corner = padded.add(((oy * sy) * padded_width + ox * sx) * stride + first);
+                    let mut acc = bias;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let input = V::load(corner.add((ky * padded_width + kx) * stride));
+                            acc = V::mul_add(acc, V::load(weights.add((ky * kw + kx) * V::LANES)), input);
+                        }
+                    }
+                    acc.store(result.add((oy * out_w + ox) * stride + first));
+                }
+            }
+        }
+    }
+    let (result, to) = (result.cast_const(), out.as_mut_ptr());
+    for first in (0..g.out_channels).step_by(V::LANES) {
+        for c in first..(first + V::LANES).min(g.out_channels) {
+            for q in 0..outputs {
+                // SAFETY: see the assertions above.
+                unsafe {
+                    let mut v = *result.add(q * stride + c);
+                    if let Some(add) = add {
+                        v += *add.as_ptr().add(c * outputs + q);
+                    }
+                    *to.add(c * outputs + q) = if conv.relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Conv2d, Vector, depthwise_image, image};
+    use super::{Conv2d, Vector, depthwise_across, depthwise_image, image};
 
     impl Vector for __m512 {
         const LANES: usize = 16;
@@ -883,8 +1000,28 @@ mod x86 {
     }
 
     depthwise_kernel!(depthwise_avx512, "avx512f,avx2,fma", __m512, 4);
-    depthwise_kernel!(depthwise_avx512_short, "avx512f,avx2,fma", __m512, 1);
     depthwise_kernel!(depthwise_avx2, "avx2,fma", __m256, 4);
+
+    macro_rules! across_kernel {
+        ($name:ident, $features:literal, $vector:ty) => {
+            /// # Safety
+            /// As the dense kernels.
+            #[target_feature(enable = $features)]
+            #[inline(never)]
+            pub(super) unsafe fn $name(
+                conv: &Conv2d,
+                input: &[f32],
+                scratch: &mut [f32],
+                add: Option<&[f32]>,
+                out: &mut [f32],
+            ) {
+                unsafe { depthwise_across::<$vector>(conv, input, scratch, add, out) }
+            }
+        };
+    }
+
+    across_kernel!(depthwise_across_avx512, "avx512f,avx2,fma", __m512);
+    across_kernel!(depthwise_across_avx2, "avx2,fma", __m256);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
@@ -1010,6 +1147,20 @@ mod portable {
     ) {
         // SAFETY: as above.
         unsafe { depthwise_image::<Lanes, { 4 * VECTORS }>(conv, input, scratch, add, out) }
+    }
+
+    /// # Safety
+    /// As [`block_4`].
+    #[inline(never)]
+    pub(super) unsafe fn depthwise_across(
+        conv: &Conv2d,
+        input: &[f32],
+        scratch: &mut [f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        // SAFETY: as above.
+        unsafe { super::depthwise_across::<Lanes>(conv, input, scratch, add, out) }
     }
 }
 
@@ -1163,6 +1314,10 @@ mod tests {
             geometry(24, [4, 4], 24, [3, 3], [2, 2], [1, 1, 1, 1]),
             geometry(5, [7, 9], 5, [3, 5], [2, 1], [0, 2, 1, 1]),
             geometry(3, [2, 2], 3, [3, 3], [1, 1], [1, 1, 1, 1]),
+            // At most 16 outputs per channel: the kernels across channels, with channel
+            // counts that leave a partial vector, and odd padding and strides.
+            geometry(40, [4, 4], 40, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(7, [3, 5], 7, [3, 3], [2, 2], [1, 0, 0, 2]),
         ];
         for (simd, relu, add) in Simd::available()
             .into_iter()
@@ -1183,6 +1338,8 @@ mod tests {
                 let expected = reference(&g, images, &input, &dense, &bias);
                 let conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
+                let across = g.out_height() * g.out_width() <= ACROSS_CHANNELS_MAX_OUTPUTS;
+                assert_eq!(conv.tile.across_channels, across, "{g}");
                 check(conv, relu, add, images, &input, expected, taps);
             }
         }

@@ -1,6 +1,6 @@
 //! Multiply-adds per second of the direct convolution on the zoo's shapes, per vector unit (the
-//! fastest of 9 rounds):
-//! `cargo run -p mekd-kernels --example conv-speed`.
+//! fastest of 9 rounds): `cargo run -p mekd-kernels --example conv-speed [FILTER]`, where FILTER
+//! keeps the lines that contain it (e.g. `depthwise`, `avx512`).
 
 use std::time::Instant;
 
@@ -20,38 +20,59 @@ fn main() {
     ];
     for simd in Simd::available() {
         for &(c, hw, o, k, s, p) in &shapes {
-            let g = Conv2dGeometry {
-                in_channels: c,
-                in_height: hw,
-                in_width: hw,
-                out_channels: o,
-                kernel: [k, k],
-                stride: [s, s],
-                pad_before: [p, p],
-                pad_after: [p, p],
-            };
-            let weights = vec![0.5f32; g.weights_len()];
-            let conv = Conv2d::with_simd(g, &weights, None, simd).expect("a valid shape");
-            let input = vec![1.0f32; g.input_len()];
-            let mut out = vec![0f32; g.output_len()];
-            let mut scratch = Vec::new();
-            // The fastest of 9 rounds: this machine's neighbours slow single rounds by up to 25%.
-            let calls = (40_000_000 / g.macs()).max(10);
-            let secs = (0..9)
-                .map(|_| {
-                    let t = Instant::now();
-                    for _ in 0..calls {
-                        conv.run(1, &input, &mut out, &mut scratch).expect("sizes match");
-                    }
-                    t.elapsed().as_secs_f64()
-                })
-                .fold(f64::INFINITY, f64::min);
-            println!(
-                "{:<28} {g}: {:8.1} us/call, {:6.2} GMAC/s",
-                conv.kernel_name(),
-                secs / calls as f64 * 1e6,
-                (g.macs() * calls) as f64 / secs / 1e9
-            );
+            let g = geometry(c, hw, o, k, s, p);
+            let conv = Conv2d::with_simd(g, &vec![0.5f32; g.weights_len()], None, simd).expect("a valid shape");
+            report(&conv);
         }
     }
+    // MobileNet's depthwise layers, with the best vector unit.
+    for (c, hw, s) in
+        [(32, 32, 1), (64, 32, 2), (128, 16, 1), (128, 16, 2), (256, 8, 1), (256, 8, 2), (512, 4, 1), (1024, 2, 1)]
+    {
+        let g = geometry(c, hw, c, 3, s, 1);
+        let conv = Conv2d::depthwise(g, &vec![0.5f32; c * 9], None).expect("a valid shape");
+        report(&conv);
+    }
+}
+
+fn geometry(c: usize, hw: usize, o: usize, k: usize, s: usize, p: usize) -> Conv2dGeometry {
+    Conv2dGeometry {
+        in_channels: c,
+        in_height: hw,
+        in_width: hw,
+        out_channels: o,
+        kernel: [k, k],
+        stride: [s, s],
+        pad_before: [p, p],
+        pad_after: [p, p],
+    }
+}
+
+/// Time `conv` on one image of ones and print its speed, unless the command line's filter
+/// leaves it out.
+fn report(conv: &Conv2d) {
+    let g = *conv.geometry();
+    let line = format!("{:<28} {g}", conv.kernel_name());
+    if std::env::args().nth(1).is_some_and(|filter| !line.contains(&filter)) {
+        return;
+    }
+    let input = vec![1.0f32; g.input_len()];
+    let mut out = vec![0f32; g.output_len()];
+    let mut scratch = Vec::new();
+    // The fastest of 9 rounds: this machine's neighbours slow single rounds by up to 25%.
+    let calls = (40_000_000 / conv.macs()).max(10);
+    let secs = (0..9)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..calls {
+                conv.run(1, &input, &mut out, &mut scratch).expect("sizes match");
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "{line}: {:8.1} us/call, {:6.2} GMAC/s",
+        secs / calls as f64 * 1e6,
+        (conv.macs() * calls) as f64 / secs / 1e9
+    );
 }

@@ -384,8 +384,8 @@ impl Conv2d {
         g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len
     }
 
-    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded row (and
-    /// a vector past it, which rows copied in whole vectors read); across channels, the padded
+    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
+    /// across channels, the padded
     /// input and the output, both `[pixels][channels]`.
     pub fn scratch_len(&self) -> usize {
         if self.tile.across_channels {
@@ -396,7 +396,7 @@ impl Conv2d {
             let stride = self.bias.len() + self.tile.channels;
             return (padded + g.out_height() * g.out_width()) * stride;
         }
-        self.planes_len() + self.padded_row_len + MAX_TILE_OUTPUTS
+        self.planes_len() + self.padded_len()
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
@@ -451,30 +451,36 @@ impl Conv2d {
         let g = &self.geometry;
         let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
-        let plane_rows = g.out_height() + (g.kernel[0] - 1) / sy;
-        let (planes, padded_row) = scratch.split_at_mut(self.planes_len());
+        let plane_rows = self.plane_rows();
+        let row_len = self.padded_row_len;
+        let (planes, padded) = scratch.split_at_mut(self.planes_len());
         // SAFETY (all calls below): V's features are the caller's promise.
-        // Columns left of and right of the image stay zero; each row overwrites the image's.
-        unsafe { zero::<V>(&mut padded_row[..self.padded_row_len]) };
-        let first = left.min(self.padded_row_len);
-        let columns = w.min(self.padded_row_len - first);
+        // One channel, zero-padded: the padding stays zero, each channel overwrites the image.
+        unsafe { zero::<V>(padded) };
+        let first = left.min(row_len);
+        let columns = w.min(row_len - first);
         // A plane row is written in whole vectors: the values past its end land on the next
-        // row (written next) or on the tail (zeroed last), within the plane (`Conv2d::build`).
+        // row (written next) or on the tail (zeroed last), within the plane (`Conv2d::build`);
+        // the reads past a padded row's end stay within the scratch (its slack).
         let wide = out_w.div_ceil(V::LANES) * V::LANES;
         for (channel, planes) in image.chunks_exact(h * w).zip(planes.chunks_exact_mut(sy * kw * self.plane_len)) {
+            // First the whole padded channel, then the planes from it: a row read right after
+            // it was written, at other offsets than written, would wait for the stores to
+            // complete (measured: the fill's hot spot when it went row by row).
+            for (y, row) in channel.chunks_exact(w).enumerate() {
+                if y + top < plane_rows * sy {
+                    unsafe { copy::<V>(&mut padded[(y + top) * row_len + first..][..columns], &row[..columns]) };
+                }
+            }
             for (py, planes) in planes.chunks_exact_mut(kw * self.plane_len).enumerate() {
                 for r in 0..plane_rows {
-                    let y = (r * sy + py).wrapping_sub(top);
-                    let inside = y < h;
-                    if inside {
-                        unsafe { copy::<V>(&mut padded_row[first..first + columns], &channel[y * w..][..columns]) };
-                    }
+                    let padded_row = &padded[(r * sy + py) * row_len..];
                     for (kx, plane) in planes.chunks_exact_mut(self.plane_len).enumerate() {
                         let dst = &mut plane[r * out_w..][..wide];
-                        if !inside {
-                            unsafe { zero::<V>(dst) };
-                        } else if sx == 1 {
+                        if sx == 1 {
                             unsafe { copy::<V>(dst, &padded_row[kx..][..wide]) };
+                        } else if sx == 2 {
+                            unsafe { copy_even::<V>(dst, &padded_row[kx..][..2 * wide]) };
                         } else {
                             for (d, s) in dst[..out_w].iter_mut().zip(padded_row[kx..].chunks_exact(sx)) {
                                 *d = s[0];
@@ -488,6 +494,19 @@ impl Conv2d {
                 }
             }
         }
+    }
+
+    /// Rows of each plane: the output's and the `(kh - 1) / sy` below them the lower taps read.
+    fn plane_rows(&self) -> usize {
+        let g = &self.geometry;
+        g.out_height() + (g.kernel[0] - 1) / g.stride[0]
+    }
+
+    /// Values of the padded channel the planes are copied from: `plane_rows * sy` rows of
+    /// `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors, for
+    /// a stride of 2) may run into.
+    fn padded_len(&self) -> usize {
+        self.plane_rows() * self.geometry.stride[0] * self.padded_row_len + MAX_TILE_OUTPUTS
     }
 }
 
@@ -512,6 +531,25 @@ unsafe fn copy<V: Vector>(dst: &mut [f32], src: &[f32]) {
     for (j, &value) in src.iter().enumerate().skip(whole) {
         // SAFETY: `j < len` for both.
         unsafe { std::hint::black_box(to.add(j)).write(value) };
+    }
+}
+
+/// `dst[i] = src[2 * i]` for every `i` of `dst` (whole vectors; `src` twice as long): the
+/// columns of one phase of a stride-2 convolution.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn copy_even<V: Vector>(dst: &mut [f32], src: &[f32]) {
+    assert!(dst.len().is_multiple_of(V::LANES) && src.len() == 2 * dst.len());
+    let to = dst.as_mut_ptr();
+    for j in (0..dst.len()).step_by(V::LANES) {
+        // SAFETY: `j + LANES <= dst.len()` and `2 * j + 2 * LANES <= src.len()`; V's features
+        // are the caller's promise.
+        unsafe {
+            let pair = src.as_ptr().add(2 * j);
+            V::even(V::load(pair), V::load(pair.add(V::LANES))).store(std::hint::black_box(to.add(j)));
+        }
     }
 }
 
@@ -635,6 +673,9 @@ trait Vector: Copy {
     unsafe fn add(a: Self, b: Self) -> Self;
     /// Lane-wise `max(a, 0)`.
     unsafe fn relu(a: Self) -> Self;
+    /// The even lanes of `a` then of `b` (lanes 0, 2, ... of the two as one vector of twice the
+    /// lanes).
+    unsafe fn even(a: Self, b: Self) -> Self;
 }
 
 /// One image: fill its shifted planes, then convolve a tile of `CO` output channels by `XV`
@@ -920,6 +961,12 @@ mod x86 {
         unsafe fn relu(a: Self) -> Self {
             _mm512_max_ps(a, _mm512_setzero_ps())
         }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn even(a: Self, b: Self) -> Self {
+            let index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            _mm512_permutex2var_ps(a, index, b)
+        }
     }
 
     impl Vector for __m256 {
@@ -953,6 +1000,13 @@ mod x86 {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn relu(a: Self) -> Self {
             _mm256_max_ps(a, _mm256_setzero_ps())
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn even(a: Self, b: Self) -> Self {
+            // Per 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit quarters reordered.
+            let halves = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(halves)))
         }
     }
 
@@ -1062,6 +1116,10 @@ mod portable {
             unsafe fn relu(a: Self) -> Self {
                 unsafe { vmaxq_f32(a, vdupq_n_f32(0.0)) }
             }
+            #[inline(always)]
+            unsafe fn even(a: Self, b: Self) -> Self {
+                unsafe { vuzp1q_f32(a, b) }
+            }
         }
     }
 
@@ -1096,6 +1154,10 @@ mod portable {
             #[inline(always)]
             unsafe fn relu(a: Self) -> Self {
                 a.max(0.0)
+            }
+            #[inline(always)]
+            unsafe fn even(a: Self, _b: Self) -> Self {
+                a
             }
         }
     }

@@ -923,159 +923,141 @@ unsafe fn depthwise_across<V: Vector>(
     }
 }
 
+/// A compiled kernel ([`ImageKernel`]) named `$name` that runs `$run` (an instance of a generic
+/// kernel), with `$attr` (its documentation, the target features it is compiled for). Never
+/// inlined: each is a concrete function of this crate, compiled with its features and profile.
+macro_rules! kernel {
+    ($(#[$attr:meta])* $name:ident, $run:expr) => {
+        $(#[$attr])*
+        #[inline(never)]
+        pub(super) unsafe fn $name(
+            conv: &Conv2d,
+            input: &[f32],
+            scratch: &mut [f32],
+            add: Option<&[f32]>,
+            out: &mut [f32],
+        ) {
+            // SAFETY: the caller's promise (the features and the buffers' lengths).
+            unsafe { $run(conv, input, scratch, add, out) }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Conv2d, Vector, depthwise_across, depthwise_image, image};
 
-    impl Vector for __m512 {
-        const LANES: usize = 16;
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn splat(value: f32) -> Self {
-            _mm512_set1_ps(value)
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load(src: *const f32) -> Self {
-            unsafe { _mm512_loadu_ps(src) }
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn store(self, dst: *mut f32) {
-            unsafe { _mm512_storeu_ps(dst, self) }
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
-            _mm512_fmadd_ps(a, b, acc)
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            _mm512_add_ps(a, b)
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn relu(a: Self) -> Self {
-            _mm512_max_ps(a, _mm512_setzero_ps())
-        }
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn even(a: Self, b: Self) -> Self {
+    /// `Vector` for an x86 register type, from its intrinsics: set1, loadu, storeu, fmadd, add,
+    /// max, setzero (`$even`: the body of `Vector::even` over `$a` and `$b`).
+    macro_rules! vector {
+        (
+            $ty:ty, $lanes:literal, $features:literal,
+            [$set1:ident, $load:ident, $store:ident, $fmadd:ident, $add:ident, $max:ident, $zero:ident],
+            |$a:ident, $b:ident| $even:block
+        ) => {
+            impl Vector for $ty {
+                const LANES: usize = $lanes;
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn splat(value: f32) -> Self {
+                    $set1(value)
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn load(src: *const f32) -> Self {
+                    unsafe { $load(src) }
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn store(self, dst: *mut f32) {
+                    unsafe { $store(dst, self) }
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
+                    $fmadd(a, b, acc)
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn add(a: Self, b: Self) -> Self {
+                    $add(a, b)
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn relu(a: Self) -> Self {
+                    $max(a, $zero())
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn even($a: Self, $b: Self) -> Self $even
+            }
+        };
+    }
+
+    vector!(
+        __m512,
+        16,
+        "avx512f",
+        [
+            _mm512_set1_ps,
+            _mm512_loadu_ps,
+            _mm512_storeu_ps,
+            _mm512_fmadd_ps,
+            _mm512_add_ps,
+            _mm512_max_ps,
+            _mm512_setzero_ps
+        ],
+        |a, b| {
             let index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             _mm512_permutex2var_ps(a, index, b)
         }
-    }
+    );
 
-    impl Vector for __m256 {
-        const LANES: usize = 8;
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn splat(value: f32) -> Self {
-            _mm256_set1_ps(value)
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn load(src: *const f32) -> Self {
-            unsafe { _mm256_loadu_ps(src) }
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn store(self, dst: *mut f32) {
-            unsafe { _mm256_storeu_ps(dst, self) }
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self {
-            _mm256_fmadd_ps(a, b, acc)
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn add(a: Self, b: Self) -> Self {
-            _mm256_add_ps(a, b)
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn relu(a: Self) -> Self {
-            _mm256_max_ps(a, _mm256_setzero_ps())
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn even(a: Self, b: Self) -> Self {
+    vector!(
+        __m256,
+        8,
+        "avx2,fma",
+        [
+            _mm256_set1_ps,
+            _mm256_loadu_ps,
+            _mm256_storeu_ps,
+            _mm256_fmadd_ps,
+            _mm256_add_ps,
+            _mm256_max_ps,
+            _mm256_setzero_ps
+        ],
+        |a, b| {
             // Per 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit quarters reordered.
             let halves = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
             _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(halves)))
         }
-    }
+    );
 
-    macro_rules! kernel {
-        ($name:ident, $features:literal, $vector:ty, $co:literal, $vectors:literal) => {
-            /// # Safety
-            /// The CPU must have the enabled features ([`super::Simd::detect`]); the buffers
-            /// have the lengths [`Conv2d::run_adding`] checks.
-            #[target_feature(enable = $features)]
-            #[inline(never)]
-            pub(super) unsafe fn $name(
-                conv: &Conv2d,
-                input: &[f32],
-                scratch: &mut [f32],
-                add: Option<&[f32]>,
-                out: &mut [f32],
-            ) {
-                unsafe { image::<$vector, $co, $vectors>(conv, input, scratch, add, out) }
-            }
+    /// A kernel compiled for `$features`.
+    macro_rules! x86_kernel {
+        ($name:ident, $features:literal, $run:expr) => {
+            kernel!(
+                /// # Safety
+                /// The CPU must have the enabled features ([`super::Simd::detect`]); the buffers
+                /// have the lengths [`Conv2d::run_adding`] checks.
+                #[target_feature(enable = $features)]
+                $name,
+                $run
+            );
         };
     }
 
-    kernel!(avx512_4, "avx512f,avx2,fma", __m512, 4, 4);
-    kernel!(avx512_8, "avx512f,avx2,fma", __m512, 8, 2);
-    kernel!(avx512_8_short, "avx512f,avx2,fma", __m512, 8, 1);
-    kernel!(avx2_4, "avx2,fma", __m256, 4, 2);
-    kernel!(avx2_8, "avx2,fma", __m256, 8, 1);
-
-    macro_rules! depthwise_kernel {
-        ($name:ident, $features:literal, $vector:ty, $vectors:literal) => {
-            /// # Safety
-            /// As the dense kernels.
-            #[target_feature(enable = $features)]
-            #[inline(never)]
-            pub(super) unsafe fn $name(
-                conv: &Conv2d,
-                input: &[f32],
-                scratch: &mut [f32],
-                add: Option<&[f32]>,
-                out: &mut [f32],
-            ) {
-                unsafe { depthwise_image::<$vector, $vectors>(conv, input, scratch, add, out) }
-            }
-        };
-    }
-
-    depthwise_kernel!(depthwise_avx512, "avx512f,avx2,fma", __m512, 4);
-    depthwise_kernel!(depthwise_avx2, "avx2,fma", __m256, 4);
-
-    macro_rules! across_kernel {
-        ($name:ident, $features:literal, $vector:ty) => {
-            /// # Safety
-            /// As the dense kernels.
-            #[target_feature(enable = $features)]
-            #[inline(never)]
-            pub(super) unsafe fn $name(
-                conv: &Conv2d,
-                input: &[f32],
-                scratch: &mut [f32],
-                add: Option<&[f32]>,
-                out: &mut [f32],
-            ) {
-                unsafe { depthwise_across::<$vector>(conv, input, scratch, add, out) }
-            }
-        };
-    }
-
-    across_kernel!(depthwise_across_avx512, "avx512f,avx2,fma", __m512);
-    across_kernel!(depthwise_across_avx2, "avx2,fma", __m256);
+    x86_kernel!(avx512_4, "avx512f,avx2,fma", image::<__m512, 4, 4>);
+    x86_kernel!(avx512_8, "avx512f,avx2,fma", image::<__m512, 8, 2>);
+    x86_kernel!(avx512_8_short, "avx512f,avx2,fma", image::<__m512, 8, 1>);
+    x86_kernel!(avx2_4, "avx2,fma", image::<__m256, 4, 2>);
+    x86_kernel!(avx2_8, "avx2,fma", image::<__m256, 8, 1>);
+    x86_kernel!(depthwise_avx512, "avx512f,avx2,fma", depthwise_image::<__m512, 4>);
+    x86_kernel!(depthwise_avx2, "avx2,fma", depthwise_image::<__m256, 4>);
+    x86_kernel!(depthwise_across_avx512, "avx512f,avx2,fma", depthwise_across::<__m512>);
+    x86_kernel!(depthwise_across_avx2, "avx2,fma", depthwise_across::<__m256>);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
@@ -1168,62 +1150,27 @@ mod portable {
     /// Values per vector.
     pub(super) const LANES: usize = <Lanes as Vector>::LANES;
 
-    /// # Safety
-    /// The buffers have the lengths [`Conv2d::run_adding`] checks (`unsafe` to share the
-    /// kernels' signature; `Lanes` needs only the target's baseline).
-    #[inline(never)]
-    pub(super) unsafe fn block_4(
-        conv: &Conv2d,
-        input: &[f32],
-        scratch: &mut [f32],
-        add: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        // SAFETY: the caller's promise; `Lanes` needs only the target's baseline.
-        unsafe { image::<Lanes, 4, VECTORS>(conv, input, scratch, add, out) }
-    }
-
-    /// # Safety
-    /// As [`block_4`].
-    #[inline(never)]
-    pub(super) unsafe fn block_8(
-        conv: &Conv2d,
-        input: &[f32],
-        scratch: &mut [f32],
-        add: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        // SAFETY: as above.
-        unsafe { image::<Lanes, 8, VECTORS>(conv, input, scratch, add, out) }
-    }
-
-    /// # Safety
-    /// As [`block_4`].
-    #[inline(never)]
-    pub(super) unsafe fn depthwise(
-        conv: &Conv2d,
-        input: &[f32],
-        scratch: &mut [f32],
-        add: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        // SAFETY: as above.
-        unsafe { depthwise_image::<Lanes, { 4 * VECTORS }>(conv, input, scratch, add, out) }
-    }
-
-    /// # Safety
-    /// As [`block_4`].
-    #[inline(never)]
-    pub(super) unsafe fn depthwise_across(
-        conv: &Conv2d,
-        input: &[f32],
-        scratch: &mut [f32],
-        add: Option<&[f32]>,
-        out: &mut [f32],
-    ) {
-        // SAFETY: as above.
-        unsafe { super::depthwise_across::<Lanes>(conv, input, scratch, add, out) }
-    }
+    kernel!(
+        /// # Safety
+        /// The buffers have the lengths [`Conv2d::run_adding`] checks (`unsafe` to share the
+        /// kernels' signature; `Lanes` needs only the target's baseline).
+        block_4, image::<Lanes, 4, VECTORS>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        block_8, image::<Lanes, 8, VECTORS>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        depthwise, depthwise_image::<Lanes, { 4 * VECTORS }>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        depthwise_across, super::depthwise_across::<Lanes>
+    );
 }
 
 #[cfg(test)]

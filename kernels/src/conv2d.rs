@@ -324,6 +324,11 @@ impl Conv2d {
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
         let plane_len = outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS;
+        // The planes' size is a product `validate` does not bound (a stride may be any size).
+        let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
+        if planes.is_none_or(|v| v > MAX_SCRATCH) {
+            return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
+        }
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
@@ -574,6 +579,9 @@ unsafe fn zero<V: Vector>(dst: &mut [f32]) {
 /// A compiled kernel: fill the shifted planes of one image in the scratch buffer, convolve,
 /// add the values to add (if any), store into the image's output.
 type ImageKernel = unsafe fn(&Conv2d, &[f32], &mut [f32], Option<&[f32]>, &mut [f32]);
+
+/// The most values of the planes of one image (1 GiB of f32).
+const MAX_SCRATCH: usize = 1 << 28;
 
 /// The most outputs of one channel a tile holds (the store buffer's length).
 const MAX_TILE_OUTPUTS: usize = 64;
@@ -1388,6 +1396,11 @@ mod tests {
         let mut huge = good;
         huge.in_width = usize::MAX / 2;
         assert!(matches!(Conv2d::new(huge, &weights, None), Err(Conv2dError::Geometry(_))));
+        // A valid geometry (one output row) whose planes would not fit in memory.
+        let mut strided = good;
+        strided.stride = [1 << 40, 1];
+        assert_eq!(strided.out_height(), 1);
+        assert!(matches!(Conv2d::new(strided, &weights, None), Err(Conv2dError::Geometry(_))));
         assert!(matches!(Conv2d::new(good, &weights[1..], None), Err(Conv2dError::Length { what: "weights", .. })));
         assert!(matches!(Conv2d::new(good, &weights, Some(&[1.0])), Err(Conv2dError::Length { what: "bias", .. })));
         let conv = Conv2d::new(good, &weights, None).unwrap();

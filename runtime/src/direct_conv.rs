@@ -87,7 +87,8 @@ impl Op for DirectConv {
 }
 
 thread_local! {
-    /// The phase planes of the image being convolved, reused between calls on this thread.
+    /// The kernel's scratch buffer (the planes of the image being convolved), reused between calls
+    /// on this thread.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The convolution's output before a fused pooling, reused likewise.
     static UNPOOLED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

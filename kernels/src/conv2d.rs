@@ -390,18 +390,27 @@ impl Conv2d {
     }
 
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
-    /// across channels, the padded
-    /// input and the output, both `[pixels][channels]`.
+    /// across channels, the padded input and the output, both `[pixels][channels]`.
     pub fn scratch_len(&self) -> usize {
         if self.tile.across_channels {
-            let g = &self.geometry;
-            let padded =
-                (g.in_height + g.pad_before[0] + g.pad_after[0]) * (g.in_width + g.pad_before[1] + g.pad_after[1]);
-            // As `depthwise_across` lays them out: a vector more than the channels per pixel.
-            let stride = self.bias.len() + self.tile.channels;
-            return (padded + g.out_height() * g.out_width()) * stride;
+            let layout = self.across_layout();
+            return (layout.padded_pixels + self.geometry.out_height() * self.geometry.out_width()) * layout.stride;
         }
         self.planes_len() + self.padded_len()
+    }
+
+    /// How [`depthwise_across`] lays out its `[pixels][channels]` buffers.
+    fn across_layout(&self) -> AcrossLayout {
+        let g = &self.geometry;
+        let padded_width = g.in_width + g.pad_before[1] + g.pad_after[1];
+        AcrossLayout {
+            padded_width,
+            padded_pixels: (g.in_height + g.pad_before[0] + g.pad_after[0]) * padded_width,
+            // The channels rounded up to whole vectors, and one vector more, so that a pixel's
+            // channels are not a power-of-two stride apart (512 channels are 2 KiB: every
+            // pixel in the same two sets of the L1 cache).
+            stride: self.bias.len() + self.tile.channels,
+        }
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
@@ -446,13 +455,14 @@ impl Conv2d {
     }
 
     /// Copy one image into the zero-padded shifted planes (`scratch`: [`Conv2d::scratch_len`]
-    /// values). Inlined into each compiled kernel, so that its copies use the kernel's vector
-    /// unit (and no library call per row: rows are a few dozen values).
+    /// values) and return where they start, for a kernel whose tiles hold `x_block` outputs
+    /// of a channel. Inlined into each compiled kernel, so that its copies use the kernel's
+    /// vector unit (and no library call per row: rows are a few dozen values).
     ///
     /// # Safety
     /// The CPU must have `V`'s features.
     #[inline(always)]
-    unsafe fn fill_planes<V: Vector>(&self, image: &[f32], scratch: &mut [f32]) {
+    unsafe fn fill_planes<V: Vector>(&self, image: &[f32], scratch: &mut [f32], x_block: usize) -> *const f32 {
         let g = &self.geometry;
         let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
@@ -499,6 +509,13 @@ impl Conv2d {
                 }
             }
         }
+        // Every tap's reads, from its offset to a whole tile past the last output, lie within
+        // the planes (`Conv2d::build` sized them for this tile): checked once here instead of
+        // per load.
+        let outputs = g.out_height() * out_w;
+        let reach = self.taps.iter().max().map_or(0, |t| t + outputs.div_ceil(x_block) * x_block);
+        assert!(x_block == self.tile.outputs && reach <= planes.len());
+        planes.as_ptr()
     }
 
     /// Rows of each plane: the output's and the `(kh - 1) / sy` below them the lower taps read.
@@ -574,6 +591,17 @@ unsafe fn zero<V: Vector>(dst: &mut [f32]) {
         // SAFETY: `j < len`.
         unsafe { std::hint::black_box(to.add(j)).write(0.0) };
     }
+}
+
+/// The buffers of [`depthwise_across`]: the zero-padded input, then the output, each
+/// `[pixels][stride]`.
+struct AcrossLayout {
+    /// Width of the padded input.
+    padded_width: usize,
+    /// Pixels of the padded input.
+    padded_pixels: usize,
+    /// Values between one pixel's channels and the next's.
+    stride: usize,
 }
 
 /// A compiled kernel: fill the shifted planes of one image in the scratch buffer, convolve,
@@ -702,23 +730,18 @@ unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
     out: &mut [f32],
 ) {
     const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
-    // SAFETY: V's features are the caller's promise.
-    unsafe { conv.fill_planes::<V>(image, scratch) };
     let x_block = XV * V::LANES;
+    // SAFETY: V's features are the caller's promise.
+    let planes = unsafe { conv.fill_planes::<V>(image, scratch, x_block) };
     let g = &conv.geometry;
     let outputs = g.out_height() * g.out_width();
-    // Every tap's reads, from its offset to a whole tile past the last output, lie within the
-    // planes (`Conv2d::build` sized them so): checked once here instead of per load.
-    let reach = conv.taps.iter().max().map_or(0, |t| t + outputs.div_ceil(x_block) * x_block);
-    assert!(reach <= conv.planes_len() && scratch.len() >= conv.planes_len());
-    let planes = scratch.as_ptr();
     let taps = conv.taps.len();
     let mut buffer = [0f32; MAX_TILE_OUTPUTS];
     for (b, (weights, bias)) in conv.packed.chunks_exact(taps * CO).zip(conv.bias.chunks_exact(CO)).enumerate() {
         let channels = (g.out_channels - b * CO).min(CO);
         for q0 in (0..outputs).step_by(x_block) {
             // SAFETY: the caller guarantees V's features; every read lies within the planes
-            // (the assertion above).
+            // (`fill_planes` checked their reach).
             unsafe {
                 let mut acc: [[V; XV]; CO] = [[V::splat(0.0); XV]; CO];
                 for (c, lanes) in acc.iter_mut().enumerate() {
@@ -808,14 +831,11 @@ unsafe fn depthwise_image<V: Vector, const XV: usize>(
     out: &mut [f32],
 ) {
     const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
-    // SAFETY: V's features are the caller's promise.
-    unsafe { conv.fill_planes::<V>(image, scratch) };
     let x_block = XV * V::LANES;
+    // SAFETY: V's features are the caller's promise.
+    let planes = unsafe { conv.fill_planes::<V>(image, scratch, x_block) };
     let g = &conv.geometry;
     let outputs = g.out_height() * g.out_width();
-    let reach = conv.taps.iter().max().map_or(0, |t| t + outputs.div_ceil(x_block) * x_block);
-    assert!(reach <= conv.planes_len() && scratch.len() >= conv.planes_len());
-    let planes = scratch.as_ptr();
     let taps_per_channel = g.kernel[0] * g.kernel[1];
     let mut buffer = [0f32; MAX_TILE_OUTPUTS];
     for (c, (weights, taps)) in
@@ -860,16 +880,11 @@ unsafe fn depthwise_across<V: Vector>(
     let g = &conv.geometry;
     let ([kh, kw], [sy, sx], [top, left]) = (g.kernel, g.stride, g.pad_before);
     let (h, w) = (g.in_height, g.in_width);
-    let padded_width = w + left + g.pad_after[1];
-    let padded_len = (h + top + g.pad_after[0]) * padded_width;
     let (out_h, out_w) = (g.out_height(), g.out_width());
     let outputs = out_h * out_w;
-    // The stride between pixels of both buffers: the channels rounded up to whole vectors, and
-    // one vector more, so that a pixel's channels are not a power-of-two stride apart (512
-    // channels are 2 KiB: every pixel in the same two sets of the L1 cache).
-    let stride = conv.bias.len() + V::LANES;
+    let AcrossLayout { padded_width, padded_pixels, stride } = conv.across_layout();
     let taps = kh * kw;
-    let (padded, result) = scratch.split_at_mut(padded_len * stride);
+    let (padded, result) = scratch.split_at_mut(padded_pixels * stride);
     let result = &mut result[..outputs * stride];
     // SAFETY: V's features are the caller's promise.
     unsafe { zero::<V>(padded) };
@@ -878,6 +893,7 @@ unsafe fn depthwise_across<V: Vector>(
     // `stride`; checked once here instead of per value.
     assert!(image.len() == g.input_len() && out.len() == g.output_len() && add.is_none_or(|a| a.len() == out.len()));
     assert!(conv.packed.len() == conv.bias.len() * taps && conv.bias.len().is_multiple_of(V::LANES));
+    assert_eq!(conv.tile.channels, V::LANES);
     // A vector of channels at a time, so that the accesses of one pass touch few cache lines.
     let (from, to) = (image.as_ptr(), padded.as_mut_ptr());
     for first in (0..g.in_channels).step_by(V::LANES) {

@@ -1,11 +1,12 @@
-//! Multiply-adds per second of the direct convolution on the zoo's shapes, per vector unit (the
-//! fastest of 9 rounds): `cargo run -p mekd-kernels --example conv-speed [FILTER]`, where FILTER
+//! Multiply-adds per second of the convolution kernels on the zoo's shapes, per vector unit and
+//! algorithm (Winograd's counted at the definition's multiply-adds, so that the figures compare;
+//! the fastest of 9 rounds): `cargo run -p mekd-kernels --example conv-speed [FILTER]`, where FILTER
 //! keeps the lines that contain it (e.g. `depthwise`, `avx512`).
 
 use std::time::Instant;
 
 use mekd_kernels::conv2d::Simd;
-use mekd_kernels::{Conv2d, Conv2dGeometry};
+use mekd_kernels::{Algorithm, Conv2d, Conv2dGeometry};
 
 fn main() {
     let shapes = [
@@ -21,8 +22,13 @@ fn main() {
     for simd in Simd::available() {
         for &(c, hw, o, k, s, p) in &shapes {
             let g = geometry(c, hw, o, k, s, p);
-            let conv = Conv2d::with_simd(g, &vec![0.5f32; g.weights_len()], None, simd).expect("a valid shape");
-            report(&conv);
+            let weights = vec![0.5f32; g.weights_len()];
+            for algorithm in [Algorithm::Direct, Algorithm::Winograd] {
+                // Winograd's applies to the 3x3 stride-1 shapes only.
+                if let Ok(conv) = Conv2d::with_algorithm(g, &weights, None, simd, algorithm) {
+                    report(&conv);
+                }
+            }
         }
     }
     // MobileNet's depthwise layers, with the best vector unit.

@@ -25,8 +25,14 @@
 //! layers, hundreds of 4x4 or 2x2 channels), filling its planes would cost more than its few
 //! multiply-adds: the image is transposed to `[pixels][channels]` instead and a vector holds one
 //! output of as many channels.
+//!
+//! Dense 3x3 convolutions of stride 1 with enough input channels run Winograd's F(2x2, 3x3)
+//! instead ([`Algorithm::Winograd`], in `winograd.rs`): 2.25x fewer multiply-adds, the same
+//! tiles of output channels by vectors of outputs in its matrix products.
 
 use std::fmt;
+
+mod winograd;
 
 /// The shape of one convolution: `[N, in_channels, in_height, in_width]` in,
 /// `[N, out_channels, out_height, out_width]` out.
@@ -210,11 +216,34 @@ impl Simd {
     }
 }
 
+/// How a dense convolution computes its outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// The multiply-adds of the definition, over shifted planes.
+    Direct,
+    /// Winograd's F(2x2, 3x3): 3x3 kernels of stride 1 only.
+    Winograd,
+}
+
+impl Algorithm {
+    /// The faster one for `geometry` (dense): Winograd where it applies and the input has at
+    /// least [`WINOGRAD_MIN_IN_CHANNELS`] channels and the output more than 4 (fewer leave its
+    /// transforms and its 8-channel tiles more costly than the multiply-adds they save).
+    pub fn best(geometry: &Conv2dGeometry) -> Algorithm {
+        let enough = geometry.in_channels >= WINOGRAD_MIN_IN_CHANNELS && geometry.out_channels > 4;
+        if enough && winograd::applies(geometry) { Algorithm::Winograd } else { Algorithm::Direct }
+    }
+}
+
+/// The fewest input channels for which [`Algorithm::best`] picks Winograd's.
+pub const WINOGRAD_MIN_IN_CHANNELS: usize = 8;
+
 /// A convolution with its weights packed for the kernel: build once, run many times.
 #[derive(Clone)]
 pub struct Conv2d {
     geometry: Conv2dGeometry,
     simd: Simd,
+    algorithm: Algorithm,
     tile: Tile,
     /// `[blocks][in_channels][kernel h][kernel w][block]`, zero beyond `out_channels`.
     packed: Vec<f32>,
@@ -253,13 +282,24 @@ impl Conv2d {
         bias: Option<&[f32]>,
         simd: Simd,
     ) -> Result<Conv2d, Conv2dError> {
-        Conv2d::build(geometry, weights, bias, simd, false)
+        Conv2d::build(geometry, weights, bias, simd, Algorithm::best(&geometry), false)
+    }
+
+    /// As [`Conv2d::with_simd`], with a given algorithm (an error where it does not apply).
+    pub fn with_algorithm(
+        geometry: Conv2dGeometry,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        simd: Simd,
+        algorithm: Algorithm,
+    ) -> Result<Conv2d, Conv2dError> {
+        Conv2d::build(geometry, weights, bias, simd, algorithm, false)
     }
 
     /// A depthwise convolution (groups = channels, `in_channels == out_channels`): `weights`
     /// are `[channels, 1, kh, kw]`, `bias` `[channels]` or none; for the best vector unit.
     pub fn depthwise(geometry: Conv2dGeometry, weights: &[f32], bias: Option<&[f32]>) -> Result<Conv2d, Conv2dError> {
-        Conv2d::build(geometry, weights, bias, Simd::detect(), true)
+        Conv2d::build(geometry, weights, bias, Simd::detect(), Algorithm::Direct, true)
     }
 
     fn build(
@@ -267,9 +307,15 @@ impl Conv2d {
         weights: &[f32],
         bias: Option<&[f32]>,
         simd: Simd,
+        algorithm: Algorithm,
         depthwise: bool,
     ) -> Result<Conv2d, Conv2dError> {
         geometry.validate()?;
+        if algorithm == Algorithm::Winograd && (depthwise || !winograd::applies(&geometry)) {
+            return Err(Conv2dError::Geometry(format!(
+                "{geometry}: Winograd's F(2x2, 3x3) needs a dense 3x3 kernel of stride 1"
+            )));
+        }
         if !Simd::available().contains(&simd) {
             return Err(Conv2dError::Geometry(format!("this machine cannot run the {} kernel", simd.name())));
         }
@@ -285,10 +331,37 @@ impl Conv2d {
         let Conv2dGeometry { in_channels, out_channels, kernel: [kh, kw], stride: [sy, sx], .. } = geometry;
         let (out_h, out_w) = (geometry.out_height(), geometry.out_width());
         let outputs = out_h * out_w;
-        let tile = if depthwise { Tile::depthwise(simd, outputs) } else { Tile::choose(simd, out_channels, outputs) };
+        let tile = match (depthwise, algorithm) {
+            (true, _) => Tile::depthwise(simd, outputs),
+            (false, Algorithm::Direct) => Tile::choose(simd, out_channels, outputs),
+            (false, Algorithm::Winograd) => Tile::winograd(simd, out_channels),
+        };
         let block = tile.channels;
         let blocks = out_channels.div_ceil(block);
         let taps_per_channel = kh * kw;
+        let mut padded_bias = vec![0f32; blocks * block];
+        if let Some(bias) = bias {
+            padded_bias[..out_channels].copy_from_slice(bias);
+        }
+        if algorithm == Algorithm::Winograd {
+            let layout = winograd::Layout::new(&geometry, tile.outputs);
+            if layout.scratch_len(block, tile.outputs) > MAX_SCRATCH {
+                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
+            }
+            return Ok(Conv2d {
+                geometry,
+                simd,
+                algorithm,
+                tile,
+                packed: winograd::pack(&geometry, weights, block),
+                bias: padded_bias,
+                taps: Vec::new(),
+                plane_len: 0,
+                padded_row_len: 0,
+                relu: false,
+                depthwise,
+            });
+        }
         let packed = if depthwise && tile.across_channels {
             // `[blocks][kh][kw][block]`: each tap's weights for a vector of channels.
             let mut packed = vec![0f32; blocks * taps_per_channel * block];
@@ -316,10 +389,6 @@ impl Conv2d {
             }
             packed
         };
-        let mut padded_bias = vec![0f32; blocks * block];
-        if let Some(bias) = bias {
-            padded_bias[..out_channels].copy_from_slice(bias);
-        }
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
@@ -341,6 +410,7 @@ impl Conv2d {
         Ok(Conv2d {
             geometry,
             simd,
+            algorithm,
             tile,
             packed,
             bias: padded_bias,
@@ -376,10 +446,20 @@ impl Conv2d {
         &self.geometry
     }
 
+    /// The algorithm (depthwise convolutions: [`Algorithm::Direct`]).
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
     /// Which compiled kernel runs, e.g. `direct-conv/avx512/8x32` (a tile of output channels x
-    /// consecutive outputs of each), `depthwise-conv/avx512/1x64`.
+    /// consecutive outputs of each), `depthwise-conv/avx512/1x64`, `winograd-conv/avx512/8x32`
+    /// (output channels x consecutive 2x2 blocks of outputs).
     pub fn kernel_name(&self) -> String {
-        let kind = if self.depthwise { "depthwise-conv" } else { "direct-conv" };
+        let kind = match (self.depthwise, self.algorithm) {
+            (true, _) => "depthwise-conv",
+            (false, Algorithm::Direct) => "direct-conv",
+            (false, Algorithm::Winograd) => "winograd-conv",
+        };
         format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs)
     }
 
@@ -392,6 +472,10 @@ impl Conv2d {
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
     /// across channels, the padded input and the output, both `[pixels][channels]`.
     pub fn scratch_len(&self) -> usize {
+        if self.algorithm == Algorithm::Winograd {
+            let layout = winograd::Layout::new(&self.geometry, self.tile.outputs);
+            return layout.scratch_len(self.tile.channels, self.tile.outputs);
+        }
         if self.tile.across_channels {
             let layout = self.across_layout();
             return (layout.padded_pixels + self.geometry.out_height() * self.geometry.out_width()) * layout.stride;
@@ -550,9 +634,10 @@ unsafe fn copy<V: Vector>(dst: &mut [f32], src: &[f32]) {
         // SAFETY: `j + LANES <= whole <= len` for both; V's features are the caller's promise.
         unsafe { V::load(src.as_ptr().add(j)).store(std::hint::black_box(to.add(j))) };
     }
-    for (j, &value) in src.iter().enumerate().skip(whole) {
-        // SAFETY: `j < len` for both.
-        unsafe { std::hint::black_box(to.add(j)).write(value) };
+    let rest = dst.len() - whole;
+    if rest > 0 {
+        // SAFETY: `whole + rest == len` for both; V's features are the caller's promise.
+        unsafe { V::load_partial(src.as_ptr().add(whole), rest).store_partial(to.add(whole), rest) };
     }
 }
 
@@ -587,9 +672,10 @@ unsafe fn zero<V: Vector>(dst: &mut [f32]) {
         // SAFETY: `j + LANES <= whole <= len`; V's features are the caller's promise.
         unsafe { V::splat(0.0).store(std::hint::black_box(to.add(j))) };
     }
-    for j in whole..dst.len() {
-        // SAFETY: `j < len`.
-        unsafe { std::hint::black_box(to.add(j)).write(0.0) };
+    let rest = dst.len() - whole;
+    if rest > 0 {
+        // SAFETY: `whole + rest == len`; V's features are the caller's promise.
+        unsafe { V::splat(0.0).store_partial(to.add(whole), rest) };
     }
 }
 
@@ -664,6 +750,22 @@ impl Tile {
         }
     }
 
+    /// The Winograd kernel for this vector unit: output channels by a vector of 2x2 blocks of
+    /// outputs (tiles); on AVX-512, 16 channels where there are more than 8 (as many
+    /// accumulators as 8 by two vectors, half the loads), else 8.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
+    fn winograd(simd: Simd, out_channels: usize) -> Tile {
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if out_channels > 8 => Tile::along(16, 1, 16, x86::winograd_avx512_16),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => Tile::along(8, 1, 16, x86::winograd_avx512_8),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => Tile::along(8, 1, 8, x86::winograd_avx2),
+            _ => Tile::along(8, portable::VECTORS, portable::LANES, portable::winograd_8),
+        }
+    }
+
     /// The depthwise kernel for this vector unit: where a channel has at most
     /// [`ACROSS_CHANNELS_MAX_OUTPUTS`] outputs, a vector of channels at a time (filling a
     /// channel's planes would cost more than its few multiply-adds); else one channel by 4
@@ -707,11 +809,41 @@ trait Vector: Copy {
     /// `acc + a * b` (fused where the unit has it).
     unsafe fn mul_add(acc: Self, a: Self, b: Self) -> Self;
     unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn sub(a: Self, b: Self) -> Self;
     /// Lane-wise `max(a, 0)`.
     unsafe fn relu(a: Self) -> Self;
     /// The even lanes of `a` then of `b` (lanes 0, 2, ... of the two as one vector of twice the
     /// lanes).
     unsafe fn even(a: Self, b: Self) -> Self;
+    /// The lanes of `a` and `b` alternating, `a0 b0 a1 b1 ...`, as two vectors (the inverse of
+    /// [`Vector::even`] and its odd counterpart).
+    unsafe fn interleave(a: Self, b: Self) -> (Self, Self);
+    /// The first `n` (less than `LANES`) values at `src`, the other lanes zero: element by
+    /// element, unless the unit has masked loads.
+    #[inline(always)]
+    unsafe fn load_partial(src: *const f32, n: usize) -> Self {
+        let mut values = [0f32; MAX_TILE_OUTPUTS];
+        for (j, value) in values.iter_mut().enumerate().take(n) {
+            // SAFETY: the caller's promise (`n` values to read).
+            *value = unsafe { src.add(j).read() };
+        }
+        // SAFETY: `values` holds at least LANES values; the features are the caller's promise.
+        unsafe { Self::load(values.as_ptr()) }
+    }
+    /// Write the first `n` (less than `LANES`) lanes to `dst`: element by element (each
+    /// address through [`std::hint::black_box`], see [`copy`]), unless the unit has masked
+    /// stores.
+    #[inline(always)]
+    unsafe fn store_partial(self, dst: *mut f32, n: usize) {
+        let mut values = [0f32; MAX_TILE_OUTPUTS];
+        // SAFETY: `values` holds at least LANES values; the rest is the caller's promise.
+        unsafe {
+            self.store(values.as_mut_ptr());
+            for (j, &value) in values.iter().enumerate().take(n) {
+                std::hint::black_box(dst.add(j)).write(value);
+            }
+        }
+    }
 }
 
 /// One image: fill its shifted planes, then convolve a tile of `CO` output channels by `XV`
@@ -805,15 +937,39 @@ unsafe fn store<V: Vector, const XV: usize>(
         for (j, lane) in lanes.iter().enumerate() {
             lane.store(buffer[j * V::LANES..][..V::LANES].as_mut_ptr());
         }
+        finish::<V>(&buffer[..n], add, relu, dst);
     }
-    let row = &mut buffer[..n];
-    if let Some(add) = add {
-        row.iter_mut().zip(add).for_each(|(v, a)| *v += a);
+}
+
+/// `dst = src (+ add) (clamped at zero when relu)`, in vectors where `dst` holds whole ones.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn finish<V: Vector>(src: &[f32], add: Option<&[f32]>, relu: bool, dst: &mut [f32]) {
+    let n = dst.len();
+    assert!(src.len() == n && add.is_none_or(|add| add.len() == n));
+    // SAFETY: `j + lanes <= n` for each buffer; V's features are the caller's promise.
+    unsafe {
+        for j in (0..n).step_by(V::LANES) {
+            let lanes = (n - j).min(V::LANES);
+            let load = |from: *const f32| match lanes == V::LANES {
+                true => V::load(from.add(j)),
+                false => V::load_partial(from.add(j), lanes),
+            };
+            let mut v = load(src.as_ptr());
+            if let Some(add) = add {
+                v = V::add(v, load(add.as_ptr()));
+            }
+            if relu {
+                v = V::relu(v);
+            }
+            match lanes == V::LANES {
+                true => v.store(dst.as_mut_ptr().add(j)),
+                false => v.store_partial(dst.as_mut_ptr().add(j), lanes),
+            }
+        }
     }
-    if relu {
-        row.iter_mut().for_each(|v| *v = v.max(0.0));
-    }
-    dst.copy_from_slice(row);
 }
 
 /// One image of a depthwise convolution: fill its shifted planes, then, per channel, a tile of
@@ -971,15 +1127,18 @@ macro_rules! kernel {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Conv2d, Vector, depthwise_across, depthwise_image, image};
+    use super::{Conv2d, Vector, depthwise_across, depthwise_image, image, winograd};
 
     /// `Vector` for an x86 register type, from its intrinsics: set1, loadu, storeu, fmadd, add,
-    /// max, setzero (`$even`: the body of `Vector::even` over `$a` and `$b`).
+    /// sub, max, setzero (`$even` and `$interleave`: the bodies of `Vector::even` and
+    /// `Vector::interleave`).
     macro_rules! vector {
         (
             $ty:ty, $lanes:literal, $features:literal,
-            [$set1:ident, $load:ident, $store:ident, $fmadd:ident, $add:ident, $max:ident, $zero:ident],
-            |$a:ident, $b:ident| $even:block
+            [$set1:ident, $load:ident, $store:ident, $fmadd:ident, $add:ident, $sub:ident, $max:ident, $zero:ident],
+            |$a:ident, $b:ident| $even:block,
+            |$c:ident, $d:ident| $interleave:block
+            $(, $extra:item)*
         ) => {
             impl Vector for $ty {
                 const LANES: usize = $lanes;
@@ -1010,12 +1169,21 @@ mod x86 {
                 }
                 #[inline]
                 #[target_feature(enable = $features)]
+                unsafe fn sub(a: Self, b: Self) -> Self {
+                    $sub(a, b)
+                }
+                #[inline]
+                #[target_feature(enable = $features)]
                 unsafe fn relu(a: Self) -> Self {
                     $max(a, $zero())
                 }
                 #[inline]
                 #[target_feature(enable = $features)]
                 unsafe fn even($a: Self, $b: Self) -> Self $even
+                #[inline]
+                #[target_feature(enable = $features)]
+                unsafe fn interleave($c: Self, $d: Self) -> (Self, Self) $interleave
+                $($extra)*
             }
         };
     }
@@ -1030,12 +1198,29 @@ mod x86 {
             _mm512_storeu_ps,
             _mm512_fmadd_ps,
             _mm512_add_ps,
+            _mm512_sub_ps,
             _mm512_max_ps,
             _mm512_setzero_ps
         ],
         |a, b| {
             let index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             _mm512_permutex2var_ps(a, index, b)
+        },
+        |a, b| {
+            let low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            (_mm512_permutex2var_ps(a, low, b), _mm512_permutex2var_ps(a, high, b))
+        },
+        // Masked: no element-by-element loop for a row's last values.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_partial(src: *const f32, n: usize) -> Self {
+            unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, src) }
+        },
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_partial(self, dst: *mut f32, n: usize) {
+            unsafe { _mm512_mask_storeu_ps(dst, ((1u32 << n) - 1) as __mmask16, self) }
         }
     );
 
@@ -1049,6 +1234,7 @@ mod x86 {
             _mm256_storeu_ps,
             _mm256_fmadd_ps,
             _mm256_add_ps,
+            _mm256_sub_ps,
             _mm256_max_ps,
             _mm256_setzero_ps
         ],
@@ -1056,6 +1242,11 @@ mod x86 {
             // Per 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; then the 64-bit quarters reordered.
             let halves = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
             _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(halves)))
+        },
+        |a, b| {
+            // Per 128-bit half: a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7.
+            let (low, high) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            (_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high))
         }
     );
 
@@ -1082,12 +1273,15 @@ mod x86 {
     x86_kernel!(depthwise_avx2, "avx2,fma", depthwise_image::<__m256, 4>);
     x86_kernel!(depthwise_across_avx512, "avx512f,avx2,fma", depthwise_across::<__m512>);
     x86_kernel!(depthwise_across_avx2, "avx2,fma", depthwise_across::<__m256>);
+    x86_kernel!(winograd_avx512_16, "avx512f,avx2,fma", winograd::image::<__m512, 16, 1>);
+    x86_kernel!(winograd_avx512_8, "avx512f,avx2,fma", winograd::image::<__m512, 8, 1>);
+    x86_kernel!(winograd_avx2, "avx2,fma", winograd::image::<__m256, 8, 1>);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
 /// 8 outputs), plain f32 elsewhere (the compiler may still vectorise it).
 mod portable {
-    use super::{Conv2d, Vector, depthwise_image, image};
+    use super::{Conv2d, Vector, depthwise_image, image, winograd};
 
     #[cfg(target_arch = "aarch64")]
     mod lanes {
@@ -1119,12 +1313,20 @@ mod portable {
                 unsafe { vaddq_f32(a, b) }
             }
             #[inline(always)]
+            unsafe fn sub(a: Self, b: Self) -> Self {
+                unsafe { vsubq_f32(a, b) }
+            }
+            #[inline(always)]
             unsafe fn relu(a: Self) -> Self {
                 unsafe { vmaxq_f32(a, vdupq_n_f32(0.0)) }
             }
             #[inline(always)]
             unsafe fn even(a: Self, b: Self) -> Self {
                 unsafe { vuzp1q_f32(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn interleave(a: Self, b: Self) -> (Self, Self) {
+                unsafe { (vzip1q_f32(a, b), vzip2q_f32(a, b)) }
             }
         }
     }
@@ -1158,12 +1360,20 @@ mod portable {
                 a + b
             }
             #[inline(always)]
+            unsafe fn sub(a: Self, b: Self) -> Self {
+                a - b
+            }
+            #[inline(always)]
             unsafe fn relu(a: Self) -> Self {
                 a.max(0.0)
             }
             #[inline(always)]
             unsafe fn even(a: Self, _b: Self) -> Self {
                 a
+            }
+            #[inline(always)]
+            unsafe fn interleave(a: Self, b: Self) -> (Self, Self) {
+                (a, b)
             }
         }
     }
@@ -1194,6 +1404,11 @@ mod portable {
         /// # Safety
         /// As [`block_4`].
         depthwise_across, super::depthwise_across::<Lanes>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        winograd_8, winograd::image::<Lanes, 8, VECTORS>
     );
 }
 
@@ -1292,11 +1507,59 @@ mod tests {
                 let input = values(images * g.input_len(), 1 + i as u64);
                 let weights = values(g.weights_len(), 100 + i as u64);
                 let bias = values(g.out_channels, 200 + i as u64);
-                let conv = Conv2d::with_simd(g, &weights, Some(&bias), simd).unwrap();
+                let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, Algorithm::Direct).unwrap();
                 let expected = reference(&g, images, &input, &weights, &bias);
                 check(conv, relu, add, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
             }
         }
+    }
+
+    #[test]
+    fn every_winograd_kernel_matches_the_definition() {
+        // ResNet's 3x3 layers, and odd ones: output widths and heights that leave half a 2x2
+        // block and partial vectors of blocks, asymmetric and no padding, a single output,
+        // channel counts that leave partial tiles of output channels.
+        let cases = [
+            geometry(16, [32, 32], 16, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(32, [16, 16], 32, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(64, [8, 8], 64, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(9, [7, 5], 11, [3, 3], [1, 1], [0, 2, 1, 0]),
+            geometry(8, [3, 3], 5, [3, 3], [1, 1], [0, 0, 0, 0]),
+            geometry(12, [2, 9], 3, [3, 3], [1, 1], [2, 1, 2, 1]),
+            geometry(3, [1, 1], 17, [3, 3], [1, 1], [1, 1, 1, 1]),
+            geometry(10, [21, 37], 9, [3, 3], [1, 1], [1, 0, 1, 3]),
+        ];
+        for (simd, relu, add) in Simd::available()
+            .into_iter()
+            .flat_map(|simd| [(simd, false, false), (simd, true, false), (simd, true, true)])
+        {
+            for (i, g) in cases.into_iter().enumerate() {
+                let images = 2;
+                let input = values(images * g.input_len(), 21 + i as u64);
+                let weights = values(g.weights_len(), 120 + i as u64);
+                let bias = values(g.out_channels, 220 + i as u64);
+                let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, Algorithm::Winograd).unwrap();
+                assert!(conv.kernel_name().starts_with("winograd-conv/"));
+                let expected = reference(&g, images, &input, &weights, &bias);
+                check(conv, relu, add, images, &input, expected, g.in_channels * 9);
+            }
+        }
+        // The best algorithm is Winograd's for ResNet's layers, not for its first (3 channels).
+        assert_eq!(Algorithm::best(&cases[0]), Algorithm::Winograd);
+        assert_eq!(Algorithm::best(&cases[6]), Algorithm::Direct);
+        for g in [
+            geometry(16, [8, 8], 16, [3, 3], [2, 2], [1, 1, 1, 1]),
+            geometry(16, [8, 8], 16, [5, 5], [1, 1], [1, 1, 1, 1]),
+            geometry(16, [8, 8], 16, [1, 1], [1, 1], [0, 0, 0, 0]),
+        ] {
+            assert_eq!(Algorithm::best(&g), Algorithm::Direct);
+            let weights = values(g.weights_len(), 5);
+            let err = Conv2d::with_algorithm(g, &weights, None, Simd::detect(), Algorithm::Winograd).unwrap_err();
+            assert!(err.to_string().contains("Winograd"), "{err}");
+        }
+        let g = cases[2];
+        let err = Conv2d::build(g, &values(64 * 9, 1), None, Simd::detect(), Algorithm::Winograd, true).unwrap_err();
+        assert!(err.to_string().contains("dense"), "{err}");
     }
 
     /// Run `conv` (with a ReLU when `relu`, adding seeded values when `add`) on `images` images
@@ -1369,7 +1632,7 @@ mod tests {
                     dense[(c * channels + c) * taps..][..taps].copy_from_slice(&weights[c * taps..][..taps]);
                 }
                 let expected = reference(&g, images, &input, &dense, &bias);
-                let conv = Conv2d::build(g, &weights, Some(&bias), simd, true).unwrap();
+                let conv = Conv2d::build(g, &weights, Some(&bias), simd, Algorithm::Direct, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
                 let across = g.out_height() * g.out_width() <= ACROSS_CHANNELS_MAX_OUTPUTS;
                 assert_eq!(conv.tile.across_channels, across, "{g}");

@@ -11,5 +11,5 @@
 pub mod conv2d;
 pub mod pool;
 
-pub use conv2d::{Conv2d, Conv2dError, Conv2dGeometry, Simd};
+pub use conv2d::{Algorithm, Conv2d, Conv2dError, Conv2dGeometry, Simd};
 pub use pool::{max_pool_2x2, max_pool_2x2_shape};

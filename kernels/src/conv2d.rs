@@ -226,12 +226,15 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The faster one for `geometry` (dense): Winograd where it applies and the input has at
-    /// least [`WINOGRAD_MIN_IN_CHANNELS`] channels and the output more than 4 (fewer leave its
-    /// transforms and its 8-channel tiles more costly than the multiply-adds they save).
-    pub fn best(geometry: &Conv2dGeometry) -> Algorithm {
+    /// The faster one for `geometry` (dense) on `simd`: Winograd where it applies, the input
+    /// has at least [`WINOGRAD_MIN_IN_CHANNELS`] channels and the output more than 4 (fewer
+    /// leave its transforms and its 8-channel tiles more costly than the multiply-adds they
+    /// save), on a unit with vectors of at least 4 lanes (`conv-speed`: faster on AVX-512 and
+    /// AVX2, slower in plain f32 code; NEON by the same count of operations as AVX2).
+    pub fn best(geometry: &Conv2dGeometry, simd: Simd) -> Algorithm {
         let enough = geometry.in_channels >= WINOGRAD_MIN_IN_CHANNELS && geometry.out_channels > 4;
-        if enough && winograd::applies(geometry) { Algorithm::Winograd } else { Algorithm::Direct }
+        let vectors = simd != Simd::Portable || portable::LANES >= 4;
+        if enough && vectors && winograd::applies(geometry) { Algorithm::Winograd } else { Algorithm::Direct }
     }
 }
 
@@ -282,7 +285,7 @@ impl Conv2d {
         bias: Option<&[f32]>,
         simd: Simd,
     ) -> Result<Conv2d, Conv2dError> {
-        Conv2d::build(geometry, weights, bias, simd, Algorithm::best(&geometry), false)
+        Conv2d::build(geometry, weights, bias, simd, Algorithm::best(&geometry, simd), false)
     }
 
     /// As [`Conv2d::with_simd`], with a given algorithm (an error where it does not apply).
@@ -1545,14 +1548,16 @@ mod tests {
             }
         }
         // The best algorithm is Winograd's for ResNet's layers, not for its first (3 channels).
-        assert_eq!(Algorithm::best(&cases[0]), Algorithm::Winograd);
-        assert_eq!(Algorithm::best(&cases[6]), Algorithm::Direct);
+        let vectors = Simd::detect() != Simd::Portable || portable::LANES >= 4;
+        let winograd = if vectors { Algorithm::Winograd } else { Algorithm::Direct };
+        assert_eq!(Algorithm::best(&cases[0], Simd::detect()), winograd);
+        assert_eq!(Algorithm::best(&cases[6], Simd::detect()), Algorithm::Direct);
         for g in [
             geometry(16, [8, 8], 16, [3, 3], [2, 2], [1, 1, 1, 1]),
             geometry(16, [8, 8], 16, [5, 5], [1, 1], [1, 1, 1, 1]),
             geometry(16, [8, 8], 16, [1, 1], [1, 1], [0, 0, 0, 0]),
         ] {
-            assert_eq!(Algorithm::best(&g), Algorithm::Direct);
+            assert_eq!(Algorithm::best(&g, Simd::detect()), Algorithm::Direct);
             let weights = values(g.weights_len(), 5);
             let err = Conv2d::with_algorithm(g, &weights, None, Simd::detect(), Algorithm::Winograd).unwrap_err();
             assert!(err.to_string().contains("Winograd"), "{err}");

@@ -263,6 +263,10 @@ pub struct Conv2d {
     relu: bool,
     /// One group per channel: output channel `c` reads input channel `c` only.
     depthwise: bool,
+    /// A dense 1x1 convolution of stride 1 without padding whose outputs fill whole tiles
+    /// (MobileNet's pointwise layers): each input channel is its own only plane, read where it
+    /// is (no copy).
+    in_place: bool,
 }
 
 impl fmt::Debug for Conv2d {
@@ -363,6 +367,7 @@ impl Conv2d {
                 padded_row_len: 0,
                 relu: false,
                 depthwise,
+                in_place: false,
             });
         }
         let packed = if depthwise && tile.across_channels {
@@ -395,7 +400,13 @@ impl Conv2d {
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
-        let plane_len = outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS;
+        let unpadded = geometry.pad_before == [0, 0] && geometry.pad_after == [0, 0];
+        let in_place =
+            !depthwise && [kh, kw, sy, sx] == [1, 1, 1, 1] && unpadded && outputs.is_multiple_of(tile.outputs);
+        let plane_len = match in_place {
+            true => outputs,
+            false => outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS,
+        };
         // The planes' size is a product `validate` does not bound (a stride may be any size).
         let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
         if planes.is_none_or(|v| v > MAX_SCRATCH) {
@@ -423,6 +434,7 @@ impl Conv2d {
             padded_row_len: out_w * sx + kw,
             relu: false,
             depthwise,
+            in_place,
         })
     }
 
@@ -449,6 +461,12 @@ impl Conv2d {
         &self.geometry
     }
 
+    /// Whether the input is read where it is, not copied first: a dense 1x1 convolution of
+    /// stride 1 without padding whose outputs per channel fill whole tiles.
+    pub fn reads_in_place(&self) -> bool {
+        self.in_place
+    }
+
     /// The algorithm (depthwise convolutions: [`Algorithm::Direct`]).
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
@@ -469,7 +487,7 @@ impl Conv2d {
     /// Values of the shifted planes of one image.
     fn planes_len(&self) -> usize {
         let g = &self.geometry;
-        g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len
+        if self.in_place { 0 } else { g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len }
     }
 
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
@@ -542,7 +560,7 @@ impl Conv2d {
     }
 
     /// Copy one image into the zero-padded shifted planes (`scratch`: [`Conv2d::scratch_len`]
-    /// values) and return where they start, for a kernel whose tiles hold `x_block` outputs
+    /// values; none where the image is read in place) and return where they start, for a kernel whose tiles hold `x_block` outputs
     /// of a channel. Inlined into each compiled kernel, so that its copies use the kernel's
     /// vector unit (and no library call per row: rows are a few dozen values).
     ///
@@ -551,6 +569,12 @@ impl Conv2d {
     #[inline(always)]
     unsafe fn fill_planes<V: Vector>(&self, image: &[f32], scratch: &mut [f32], x_block: usize) -> *const f32 {
         let g = &self.geometry;
+        if self.in_place {
+            // The last tap (channel) reads its outputs, a whole number of tiles: the image's end.
+            let reach = self.taps.iter().max().map_or(0, |t| t + g.out_height() * g.out_width());
+            assert!(x_block == self.tile.outputs && reach <= image.len());
+            return image.as_ptr();
+        }
         let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
         let plane_rows = self.plane_rows();
@@ -615,6 +639,9 @@ impl Conv2d {
     /// `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors, for
     /// a stride of 2) may run into.
     fn padded_len(&self) -> usize {
+        if self.in_place {
+            return 0;
+        }
         self.plane_rows() * self.geometry.stride[0] * self.padded_row_len + MAX_TILE_OUTPUTS
     }
 }
@@ -735,7 +762,7 @@ impl Tile {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 => match few {
                 true => Tile::along(4, 4, 16, x86::avx512_4),
-                false if outputs <= 16 => Tile::along(8, 1, 16, x86::avx512_8_short),
+                false if outputs <= 16 => Tile::along(16, 1, 16, x86::avx512_16_short),
                 false => Tile::along(8, 2, 16, x86::avx512_8),
             },
             #[cfg(target_arch = "x86_64")]
@@ -1269,7 +1296,7 @@ mod x86 {
 
     x86_kernel!(avx512_4, "avx512f,avx2,fma", image::<__m512, 4, 4>);
     x86_kernel!(avx512_8, "avx512f,avx2,fma", image::<__m512, 8, 2>);
-    x86_kernel!(avx512_8_short, "avx512f,avx2,fma", image::<__m512, 8, 1>);
+    x86_kernel!(avx512_16_short, "avx512f,avx2,fma", image::<__m512, 16, 1>);
     x86_kernel!(avx2_4, "avx2,fma", image::<__m256, 4, 2>);
     x86_kernel!(avx2_8, "avx2,fma", image::<__m256, 8, 1>);
     x86_kernel!(depthwise_avx512, "avx512f,avx2,fma", depthwise_image::<__m512, 4>);
@@ -1494,6 +1521,9 @@ mod tests {
             geometry(64, [8, 8], 64, [3, 3], [1, 1], [1, 1, 1, 1]),
             geometry(5, [9, 13], 11, [3, 2], [2, 3], [0, 2, 1, 0]),
             geometry(2, [5, 7], 1, [1, 1], [1, 1], [0, 0, 0, 0]),
+            // MobileNet's pointwise layers, read in place: whole tiles of outputs.
+            geometry(32, [8, 8], 24, [1, 1], [1, 1], [0, 0, 0, 0]),
+            geometry(40, [4, 4], 20, [1, 1], [1, 1], [0, 0, 0, 0]),
             // Padding wider than the image, on a strided axis.
             geometry(2, [3, 2], 3, [1, 4], [1, 2], [0, 3, 0, 2]),
         ]
@@ -1511,6 +1541,8 @@ mod tests {
                 let weights = values(g.weights_len(), 100 + i as u64);
                 let bias = values(g.out_channels, 200 + i as u64);
                 let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, Algorithm::Direct).unwrap();
+                let pointwise = g.kernel == [1, 1] && g.stride == [1, 1] && g.in_channels > 30;
+                assert_eq!(conv.reads_in_place(), pointwise, "{g}");
                 let expected = reference(&g, images, &input, &weights, &bias);
                 check(conv, relu, add, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
             }

@@ -5,7 +5,7 @@
 //! decluttered the graph (batch norm folded, 1x1 convolutions turned into matrix products, after
 //! a downsample where strided), [`replace_convolutions`] swaps every convolution the kernel covers
 //! (f32, NCHW, one group or depthwise, no dilation, constant weights and bias, known shapes) and
-//! every strided 1x1 (a downsample and a matrix product) for a [`DirectConv`] node; tract then
+//! every 1x1 (a matrix product, after a downsample where strided) for a [`DirectConv`] node; tract then
 //! optimises the rest as usual.
 
 use std::cell::RefCell;
@@ -188,14 +188,22 @@ impl Found {
         if self.batch.is_some() { DataFormat::NCHW } else { DataFormat::CHW }
     }
 
-    /// The op, or `None` when the kernel refuses the shape (it stays with tract).
+    /// The op, or `None` when the kernel refuses the shape or would not be faster (it stays
+    /// with tract): an unstrided 1x1 convolution pays off where the kernel reads its input in
+    /// place (whole tiles of outputs; MobileNet's pointwise layers down to 4x4), not where it
+    /// would copy it first (the 2x2 layers, with a tile mostly empty).
     fn build(&self) -> Option<DirectConv> {
         let kernel = if self.depthwise {
             Conv2d::depthwise(self.geometry, &self.weights, Some(&self.bias))
         } else {
             Conv2d::new(self.geometry, &self.weights, Some(&self.bias))
         };
-        let conv = Arc::new(kernel.ok()?);
+        let kernel = kernel.ok()?;
+        let g = &self.geometry;
+        if g.kernel == [1, 1] && g.stride == [1, 1] && !kernel.reads_in_place() {
+            return None;
+        }
+        let conv = Arc::new(kernel);
         Some(DirectConv { conv, batch: self.batch, pool: false, residual: false })
     }
 }
@@ -252,10 +260,10 @@ fn conv_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>>
     Ok(Some(Found { geometry, weights, bias, depthwise, batch, input: node.inputs[0] }))
 }
 
-/// The strided 1x1 convolution `node` computes, if it is one as tract leaves it after
-/// decluttering: an `EinSum` `NIHW,OI->NOHW` (or `IHW,OI->OHW`) of f32 values with constant
-/// `[O, I]` weights, reading the `Downsample`s of the height and width axes (ResNet's
-/// shortcuts).
+/// The 1x1 convolution `node` computes, if it is one as tract leaves it after decluttering:
+/// an `EinSum` `NIHW,OI->NOHW` (or `IHW,OI->OHW`) of f32 values with constant `[O, I]`
+/// weights, reading the input directly (MobileNet's pointwise layers) or through the
+/// `Downsample`s of the height and width axes (ResNet's strided shortcuts).
 fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
     if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
@@ -290,11 +298,6 @@ fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fo
         }
         stride[axis] = down.stride as usize;
         input = model.node(input.node).inputs[0];
-    }
-    // Unstrided, tract's matrix product is as fast (MobileNet's pointwise layers, measured):
-    // ours pays off where tract gathers the strided input first.
-    if stride == [1, 1] {
-        return Ok(None);
     }
     let in_fact = model.outlet_fact(input)?;
     let Some(shape) = in_fact.shape.as_concrete() else { return Ok(None) };

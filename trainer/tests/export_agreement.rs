@@ -91,6 +91,10 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
                 // Batch norm's scale and shift (running statistics) folded, the ReLU fused.
                 let fused = convs.iter().filter(|c| c.contains("depthwise-conv/") && c.contains("+ relu")).count();
                 assert_eq!(fused, 13, "{arch}: every depthwise convolution's ReLU fused: {convs:?}");
+                // The pointwise layers whose outputs fill whole tiles (read in place) run ours:
+                // at least the six 4x4 ones, 28x28 or 32x32 input alike.
+                let pointwise = convs.iter().filter(|c| c.contains("kernel 1x1, stride 1x1")).count();
+                assert!(pointwise >= 6, "{arch}: the pointwise layers ran ours: {convs:?}");
             }
         }
         // The dynamic batch axis: batch 1 gives the first row.

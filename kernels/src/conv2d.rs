@@ -32,6 +32,7 @@
 
 use std::fmt;
 
+mod depthwise;
 mod winograd;
 
 /// The shape of one convolution: `[N, in_channels, in_height, in_width]` in,
@@ -338,8 +339,11 @@ impl Conv2d {
         let Conv2dGeometry { in_channels, out_channels, kernel: [kh, kw], stride: [sy, sx], .. } = geometry;
         let (out_h, out_w) = (geometry.out_height(), geometry.out_width());
         let outputs = out_h * out_w;
+        let unpadded = geometry.pad_before == [0, 0] && geometry.pad_after == [0, 0];
+        let pointwise = !depthwise && [kh, kw, sy, sx] == [1, 1, 1, 1] && unpadded;
         let tile = match (depthwise, algorithm) {
             (true, _) => Tile::depthwise(simd, outputs),
+            (false, Algorithm::Direct) if pointwise && runs_pointwise_across(outputs) => Tile::pointwise_across(simd),
             (false, Algorithm::Direct) => Tile::choose(simd, out_channels, outputs),
             (false, Algorithm::Winograd) => Tile::winograd(simd, out_channels),
         };
@@ -400,9 +404,7 @@ impl Conv2d {
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
-        let unpadded = geometry.pad_before == [0, 0] && geometry.pad_after == [0, 0];
-        let in_place =
-            !depthwise && [kh, kw, sy, sx] == [1, 1, 1, 1] && unpadded && outputs.is_multiple_of(tile.outputs);
+        let in_place = pointwise && outputs.is_multiple_of(tile.outputs);
         let plane_len = match in_place {
             true => outputs,
             false => outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS,
@@ -420,6 +422,9 @@ impl Conv2d {
                     taps.push(plane * plane_len + ky / sy * out_w);
                 }
             }
+        }
+        if depthwise && !tile.across_channels {
+            taps = depthwise::Layout::new(&geometry).taps(&geometry);
         }
         Ok(Conv2d {
             geometry,
@@ -462,7 +467,8 @@ impl Conv2d {
     }
 
     /// Whether the input is read where it is, not copied first: a dense 1x1 convolution of
-    /// stride 1 without padding whose outputs per channel fill whole tiles.
+    /// stride 1 without padding whose outputs per channel fill whole tiles (or run across
+    /// channels, 4 at a time).
     pub fn reads_in_place(&self) -> bool {
         self.in_place
     }
@@ -497,7 +503,10 @@ impl Conv2d {
             let layout = winograd::Layout::new(&self.geometry, self.tile.outputs);
             return layout.scratch_len(self.tile.channels, self.tile.outputs);
         }
-        if self.tile.across_channels {
+        if self.depthwise && !self.tile.across_channels {
+            return depthwise::Layout::new(&self.geometry).scratch_len(self.geometry.stride[1]);
+        }
+        if self.tile.across_channels && self.depthwise {
             let layout = self.across_layout();
             return (layout.padded_pixels + self.geometry.out_height() * self.geometry.out_width()) * layout.stride;
         }
@@ -646,12 +655,31 @@ impl Conv2d {
     }
 }
 
+/// `pointer`, hidden from the optimiser: an empty `asm!` block claims to change it, so that a
+/// loop of stores through it is not recognised as a copy or a fill (and turned into a library
+/// call); unlike [`std::hint::black_box`], it stays in its register (no round trip through the
+/// stack per store).
+#[inline(always)]
+fn opaque(pointer: *mut f32) -> *mut f32 {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm"))]
+    {
+        pointer.map_addr(|mut address| {
+            // SAFETY: the block is empty: it reads, writes and changes nothing (the address, and
+            // with it the pointer's provenance, stays as it was).
+            unsafe { std::arch::asm!("/* {0} */", inout(reg) address, options(nomem, nostack, preserves_flags)) };
+            address
+        })
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")))]
+    std::hint::black_box(pointer)
+}
+
 /// `dst.copy_from_slice(src)`, in vectors where `dst` holds whole ones.
 ///
 /// The planes' rows are a few dozen values: a library call per row (which the compiler makes
 /// of a plain copy loop, however written) costs more than the copy. Each store's address passed
-/// through [`std::hint::black_box`] hides the loop's shape from that rewrite (checked in the
-/// compiled kernels' code: no `memcpy`/`memset` calls left in the fill).
+/// through [`opaque`] hides the loop's shape from that rewrite (checked in the compiled
+/// kernels' code: no `memcpy`/`memset` calls left in the fill).
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
@@ -662,7 +690,7 @@ unsafe fn copy<V: Vector>(dst: &mut [f32], src: &[f32]) {
     let to = dst.as_mut_ptr();
     for j in (0..whole).step_by(V::LANES) {
         // SAFETY: `j + LANES <= whole <= len` for both; V's features are the caller's promise.
-        unsafe { V::load(src.as_ptr().add(j)).store(std::hint::black_box(to.add(j))) };
+        unsafe { V::load(src.as_ptr().add(j)).store(opaque(to.add(j))) };
     }
     let rest = dst.len() - whole;
     if rest > 0 {
@@ -685,7 +713,7 @@ unsafe fn copy_even<V: Vector>(dst: &mut [f32], src: &[f32]) {
         // are the caller's promise.
         unsafe {
             let pair = src.as_ptr().add(2 * j);
-            V::even(V::load(pair), V::load(pair.add(V::LANES))).store(std::hint::black_box(to.add(j)));
+            V::even(V::load(pair), V::load(pair.add(V::LANES))).store(opaque(to.add(j)));
         }
     }
 }
@@ -700,7 +728,7 @@ unsafe fn zero<V: Vector>(dst: &mut [f32]) {
     let to = dst.as_mut_ptr();
     for j in (0..whole).step_by(V::LANES) {
         // SAFETY: `j + LANES <= whole <= len`; V's features are the caller's promise.
-        unsafe { V::splat(0.0).store(std::hint::black_box(to.add(j))) };
+        unsafe { V::splat(0.0).store(opaque(to.add(j))) };
     }
     let rest = dst.len() - whole;
     if rest > 0 {
@@ -726,6 +754,9 @@ type ImageKernel = unsafe fn(&Conv2d, &[f32], &mut [f32], Option<&[f32]>, &mut [
 
 /// The most values of the planes of one image (1 GiB of f32).
 const MAX_SCRATCH: usize = 1 << 28;
+
+/// The most lanes of a vector (AVX-512's 16 f32).
+const MAX_LANES: usize = 16;
 
 /// The most outputs of one channel a tile holds (the store buffer's length).
 const MAX_TILE_OUTPUTS: usize = 64;
@@ -753,8 +784,8 @@ impl Tile {
     }
 
     /// The kernel for this vector unit: 4 output channels where there are that few, else 8;
-    /// on AVX-512, two vectors of 16 outputs per channel (four with 4 channels), one where a
-    /// channel has at most 16 outputs.
+    /// on AVX-512, two vectors of 16 outputs per channel (four with 4 channels), or 16 channels
+    /// by one vector where a channel has at most 16 outputs.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
     fn choose(simd: Simd, out_channels: usize, outputs: usize) -> Tile {
         let few = out_channels <= 4;
@@ -780,6 +811,26 @@ impl Tile {
         }
     }
 
+    /// The kernel of a 1x1 convolution with few outputs per channel
+    /// ([`runs_pointwise_across`]),
+    /// vectors across output channels: 4 outputs by 4 vectors of channels (2 on AVX2, which
+    /// has 16 registers).
+    fn pointwise_across(simd: Simd) -> Tile {
+        let across = |vectors: usize, lanes: usize, kernel| Tile {
+            channels: vectors * lanes,
+            outputs: POINTWISE_ACROSS_TILE,
+            across_channels: true,
+            kernel,
+        };
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => across(4, 16, x86::pointwise_across_avx512),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => across(2, 8, x86::pointwise_across_avx2),
+            _ => across(portable::ACROSS_VECTORS, portable::LANES, portable::pointwise_across),
+        }
+    }
+
     /// The Winograd kernel for this vector unit: output channels by a vector of 2x2 blocks of
     /// outputs (tiles); on AVX-512, 16 channels where there are more than 8 (as many
     /// accumulators as 8 by two vectors, half the loads), else 8.
@@ -797,9 +848,9 @@ impl Tile {
     }
 
     /// The depthwise kernel for this vector unit: where a channel has at most
-    /// [`ACROSS_CHANNELS_MAX_OUTPUTS`] outputs, a vector of channels at a time (filling a
-    /// channel's planes would cost more than its few multiply-adds); else one channel by 4
-    /// vectors of outputs (four independent sums per tap).
+    /// [`ACROSS_CHANNELS_MAX_OUTPUTS`] outputs, a vector of channels at a time (a vector of a
+    /// channel's outputs would be mostly empty); else a vector of consecutive outputs of a row
+    /// (`depthwise.rs`).
     fn depthwise(simd: Simd, outputs: usize) -> Tile {
         let across = |channels, kernel| Tile { channels, outputs: 1, across_channels: true, kernel };
         let small = outputs <= ACROSS_CHANNELS_MAX_OUTPUTS;
@@ -807,16 +858,26 @@ impl Tile {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 if small => across(16, x86::depthwise_across_avx512),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => Tile::along(1, 4, 16, x86::depthwise_avx512),
+            Simd::Avx512 => Tile::along(1, 1, 16, x86::depthwise_avx512),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 if small => across(8, x86::depthwise_across_avx2),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => Tile::along(1, 4, 8, x86::depthwise_avx2),
+            Simd::Avx2 => Tile::along(1, 1, 8, x86::depthwise_avx2),
             _ if small => across(portable::LANES, portable::depthwise_across),
-            _ => Tile::along(1, 4 * portable::VECTORS, portable::LANES, portable::depthwise),
+            _ => Tile::along(1, 1, portable::LANES, portable::depthwise_rows),
         }
     }
 }
+
+/// Whether a dense 1x1 convolution of stride 1 without padding, `outputs` per channel, runs
+/// with vectors across output channels (MobileNet's 2x2 layers: a vector of 16 outputs of a
+/// channel would be mostly empty): fewer than 16, a multiple of [`POINTWISE_ACROSS_TILE`].
+fn runs_pointwise_across(outputs: usize) -> bool {
+    outputs < 16 && outputs.is_multiple_of(POINTWISE_ACROSS_TILE)
+}
+
+/// Outputs per tile of [`pointwise_across`].
+const POINTWISE_ACROSS_TILE: usize = 4;
 
 /// The most outputs per channel for which a depthwise convolution runs across channels
 /// (MobileNet's 4x4 and 2x2 layers; its 8x8 ones run faster along the outputs).
@@ -832,6 +893,7 @@ fn check_len(what: &'static str, actual: usize, expected: usize) -> Result<(), C
 /// Every method needs the CPU features of its implementation; `load` reads and `store` writes
 /// `LANES` values.
 trait Vector: Copy {
+    /// At most [`MAX_LANES`].
     const LANES: usize;
     unsafe fn splat(value: f32) -> Self;
     unsafe fn load(src: *const f32) -> Self;
@@ -852,7 +914,7 @@ trait Vector: Copy {
     /// element, unless the unit has masked loads.
     #[inline(always)]
     unsafe fn load_partial(src: *const f32, n: usize) -> Self {
-        let mut values = [0f32; MAX_TILE_OUTPUTS];
+        let mut values = [0f32; MAX_LANES];
         for (j, value) in values.iter_mut().enumerate().take(n) {
             // SAFETY: the caller's promise (`n` values to read).
             *value = unsafe { src.add(j).read() };
@@ -861,16 +923,16 @@ trait Vector: Copy {
         unsafe { Self::load(values.as_ptr()) }
     }
     /// Write the first `n` (less than `LANES`) lanes to `dst`: element by element (each
-    /// address through [`std::hint::black_box`], see [`copy`]), unless the unit has masked
+    /// address through [`opaque`], see [`copy`]), unless the unit has masked
     /// stores.
     #[inline(always)]
     unsafe fn store_partial(self, dst: *mut f32, n: usize) {
-        let mut values = [0f32; MAX_TILE_OUTPUTS];
+        let mut values = [0f32; MAX_LANES];
         // SAFETY: `values` holds at least LANES values; the rest is the caller's promise.
         unsafe {
             self.store(values.as_mut_ptr());
             for (j, &value) in values.iter().enumerate().take(n) {
-                std::hint::black_box(dst.add(j)).write(value);
+                opaque(dst.add(j)).write(value);
             }
         }
     }
@@ -1002,52 +1064,6 @@ unsafe fn finish<V: Vector>(src: &[f32], add: Option<&[f32]>, relu: bool, dst: &
     }
 }
 
-/// One image of a depthwise convolution: fill its shifted planes, then, per channel, a tile of
-/// `XV` vectors of consecutive outputs; each tap loads `XV` vectors and multiplies them with
-/// the channel's weight.
-///
-/// # Safety
-/// As [`image`].
-#[inline(always)]
-unsafe fn depthwise_image<V: Vector, const XV: usize>(
-    conv: &Conv2d,
-    image: &[f32],
-    scratch: &mut [f32],
-    add: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
-    let x_block = XV * V::LANES;
-    // SAFETY: V's features are the caller's promise.
-    let planes = unsafe { conv.fill_planes::<V>(image, scratch, x_block) };
-    let g = &conv.geometry;
-    let outputs = g.out_height() * g.out_width();
-    let taps_per_channel = g.kernel[0] * g.kernel[1];
-    let mut buffer = [0f32; MAX_TILE_OUTPUTS];
-    for (c, (weights, taps)) in
-        conv.packed.chunks_exact(taps_per_channel).zip(conv.taps.chunks_exact(taps_per_channel)).enumerate()
-    {
-        let bias = conv.bias[c];
-        for q0 in (0..outputs).step_by(x_block) {
-            // SAFETY: as in `image`.
-            unsafe {
-                let mut acc = [V::splat(bias); XV];
-                for (&w, &tap) in weights.iter().zip(taps) {
-                    let src = planes.add(tap + q0);
-                    let weight = V::splat(w);
-                    for (j, lane) in acc.iter_mut().enumerate() {
-                        *lane = V::mul_add(*lane, weight, V::load(src.add(j * V::LANES)));
-                    }
-                }
-                let n = (outputs - q0).min(x_block);
-                let at = c * outputs + q0;
-                let add = add.map(|add| &add[at..][..n]);
-                store(&acc, add, conv.relu, &mut out[at..][..n], &mut buffer);
-            }
-        }
-    }
-}
-
 /// One image of a depthwise convolution with few outputs per channel, a vector of channels at
 /// a time: the input transposed into `[padded pixels][channels]` (zero padding around it), then
 /// per vector of channels and output pixel, each tap multiplies a vector of inputs with that
@@ -1133,6 +1149,74 @@ unsafe fn depthwise_across<V: Vector>(
     }
 }
 
+/// One image of a dense 1x1 convolution of stride 1 without padding, few outputs per channel
+/// ([`runs_pointwise_across`]), `KV` vectors of output channels by 4 outputs at a time: each input
+/// channel loads `KV` vectors of weights (packed `[blocks][in_channels][block]`) and multiplies
+/// them with each of the 4 input values, read in place; the `[outputs][channels]` tile is
+/// transposed into the output as it is stored.
+///
+/// # Safety
+/// As [`image`].
+#[inline(always)]
+unsafe fn pointwise_across<V: Vector, const KV: usize>(
+    conv: &Conv2d,
+    image: &[f32],
+    _scratch: &mut [f32],
+    add: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    const Q: usize = POINTWISE_ACROSS_TILE;
+    let g = &conv.geometry;
+    let outputs = g.out_height() * g.out_width();
+    let (inputs, block) = (g.in_channels, KV * V::LANES);
+    assert!(block <= MAX_TILE_OUTPUTS && block == conv.tile.channels && outputs.is_multiple_of(Q));
+    assert!(image.len() == inputs * outputs && out.len() == g.out_channels * outputs);
+    assert!(add.is_none_or(|a| a.len() == out.len()) && conv.packed.len() == conv.bias.len() * inputs);
+    let mut buffer = [[0f32; MAX_TILE_OUTPUTS]; Q];
+    for (b, (weights, bias)) in conv.packed.chunks_exact(inputs * block).zip(conv.bias.chunks_exact(block)).enumerate()
+    {
+        for q0 in (0..outputs).step_by(Q) {
+            // SAFETY: V's features are the caller's promise; the weights and bias hold `block`
+            // values per input channel (the assertions), the image `outputs` per channel.
+            unsafe {
+                let mut acc = [[V::splat(0.0); KV]; Q];
+                for lanes in acc.iter_mut() {
+                    for (j, lane) in lanes.iter_mut().enumerate() {
+                        *lane = V::load(bias.as_ptr().add(j * V::LANES));
+                    }
+                }
+                let x = image.as_ptr().add(q0);
+                for c in 0..inputs {
+                    let w = weights.as_ptr().add(c * block);
+                    let mut ws = [V::splat(0.0); KV];
+                    for (j, v) in ws.iter_mut().enumerate() {
+                        *v = V::load(w.add(j * V::LANES));
+                    }
+                    for (q, lanes) in acc.iter_mut().enumerate() {
+                        let input = V::splat(*x.add(c * outputs + q));
+                        for (lane, w) in lanes.iter_mut().zip(&ws) {
+                            *lane = V::mul_add(*lane, input, *w);
+                        }
+                    }
+                }
+                for (lanes, row) in acc.iter().zip(&mut buffer) {
+                    for (j, lane) in lanes.iter().enumerate() {
+                        lane.store(row.as_mut_ptr().add(j * V::LANES));
+                    }
+                }
+            }
+            let channels = (g.out_channels - b * block).min(block);
+            for k in 0..channels {
+                for (q, row) in buffer.iter().enumerate() {
+                    let at = (b * block + k) * outputs + q0 + q;
+                    let v = row[k] + add.map_or(0.0, |add| add[at]);
+                    out[at] = if conv.relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+}
+
 /// A compiled kernel ([`ImageKernel`]) named `$name` that runs `$run` (an instance of a generic
 /// kernel), with `$attr` (its documentation, the target features it is compiled for). Never
 /// inlined: each is a concrete function of this crate, compiled with its features and profile.
@@ -1157,7 +1241,7 @@ macro_rules! kernel {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Conv2d, Vector, depthwise_across, depthwise_image, image, winograd};
+    use super::{Conv2d, Vector, depthwise, depthwise_across, image, pointwise_across, winograd};
 
     /// `Vector` for an x86 register type, from its intrinsics: set1, loadu, storeu, fmadd, add,
     /// sub, max, setzero (`$even` and `$interleave`: the bodies of `Vector::even` and
@@ -1299,10 +1383,12 @@ mod x86 {
     x86_kernel!(avx512_16_short, "avx512f,avx2,fma", image::<__m512, 16, 1>);
     x86_kernel!(avx2_4, "avx2,fma", image::<__m256, 4, 2>);
     x86_kernel!(avx2_8, "avx2,fma", image::<__m256, 8, 1>);
-    x86_kernel!(depthwise_avx512, "avx512f,avx2,fma", depthwise_image::<__m512, 4>);
-    x86_kernel!(depthwise_avx2, "avx2,fma", depthwise_image::<__m256, 4>);
+    x86_kernel!(depthwise_avx512, "avx512f,avx2,fma", depthwise::image::<__m512>);
+    x86_kernel!(depthwise_avx2, "avx2,fma", depthwise::image::<__m256>);
     x86_kernel!(depthwise_across_avx512, "avx512f,avx2,fma", depthwise_across::<__m512>);
     x86_kernel!(depthwise_across_avx2, "avx2,fma", depthwise_across::<__m256>);
+    x86_kernel!(pointwise_across_avx512, "avx512f,avx2,fma", pointwise_across::<__m512, 4>);
+    x86_kernel!(pointwise_across_avx2, "avx2,fma", pointwise_across::<__m256, 2>);
     x86_kernel!(winograd_avx512_16, "avx512f,avx2,fma", winograd::image::<__m512, 16, 1>);
     x86_kernel!(winograd_avx512_8, "avx512f,avx2,fma", winograd::image::<__m512, 8, 1>);
     x86_kernel!(winograd_avx2, "avx2,fma", winograd::image::<__m256, 8, 1>);
@@ -1311,7 +1397,11 @@ mod x86 {
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
 /// 8 outputs), plain f32 elsewhere (the compiler may still vectorise it).
 mod portable {
-    use super::{Conv2d, Vector, depthwise_image, image, winograd};
+    use super::{Conv2d, Vector, depthwise, image, winograd};
+
+    /// Vectors of output channels per tile of [`super::pointwise_across`] (plain f32: as many
+    /// channels as the other tiles).
+    pub(super) const ACROSS_VECTORS: usize = if LANES == 1 { 8 } else { 4 };
 
     #[cfg(target_arch = "aarch64")]
     mod lanes {
@@ -1428,7 +1518,7 @@ mod portable {
     kernel!(
         /// # Safety
         /// As [`block_4`].
-        depthwise, depthwise_image::<Lanes, { 4 * VECTORS }>
+        depthwise_rows, depthwise::image::<Lanes>
     );
     kernel!(
         /// # Safety
@@ -1439,6 +1529,11 @@ mod portable {
         /// # Safety
         /// As [`block_4`].
         winograd_8, winograd::image::<Lanes, 8, VECTORS>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        pointwise_across, super::pointwise_across::<Lanes, ACROSS_VECTORS>
     );
 }
 
@@ -1524,6 +1619,10 @@ mod tests {
             // MobileNet's pointwise layers, read in place: whole tiles of outputs.
             geometry(32, [8, 8], 24, [1, 1], [1, 1], [0, 0, 0, 0]),
             geometry(40, [4, 4], 20, [1, 1], [1, 1], [0, 0, 0, 0]),
+            // MobileNet's 2x2 pointwise layers: across output channels, in place; 8 outputs
+            // per channel (two tiles), channels that leave a partial vector.
+            geometry(48, [2, 2], 70, [1, 1], [1, 1], [0, 0, 0, 0]),
+            geometry(33, [2, 4], 9, [1, 1], [1, 1], [0, 0, 0, 0]),
             // Padding wider than the image, on a strided axis.
             geometry(2, [3, 2], 3, [1, 4], [1, 2], [0, 3, 0, 2]),
         ]
@@ -1543,6 +1642,8 @@ mod tests {
                 let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, Algorithm::Direct).unwrap();
                 let pointwise = g.kernel == [1, 1] && g.stride == [1, 1] && g.in_channels > 30;
                 assert_eq!(conv.reads_in_place(), pointwise, "{g}");
+                let few = g.out_height() * g.out_width() < 16;
+                assert_eq!(conv.tile.across_channels, pointwise && few, "{g}");
                 let expected = reference(&g, images, &input, &weights, &bias);
                 check(conv, relu, add, images, &input, expected, g.in_channels * g.kernel[0] * g.kernel[1]);
             }
@@ -1647,6 +1748,9 @@ mod tests {
             geometry(24, [4, 4], 24, [3, 3], [2, 2], [1, 1, 1, 1]),
             geometry(5, [7, 9], 5, [3, 5], [2, 1], [0, 2, 1, 1]),
             geometry(3, [2, 2], 3, [3, 3], [1, 1], [1, 1, 1, 1]),
+            // Rows split into 3 phases (element by element), odd widths split into 2.
+            geometry(6, [11, 13], 6, [3, 3], [1, 3], [1, 2, 0, 1]),
+            geometry(9, [9, 37], 9, [5, 3], [2, 2], [2, 1, 1, 2]),
             // At most 16 outputs per channel: the kernels across channels, with channel
             // counts that leave a partial vector, and odd padding and strides.
             geometry(40, [4, 4], 40, [3, 3], [1, 1], [1, 1, 1, 1]),

@@ -43,9 +43,17 @@ fn main() {
         }
     }
     // MobileNet's depthwise layers, with the best vector unit.
-    for (c, hw, s) in
-        [(32, 32, 1), (64, 32, 2), (128, 16, 1), (128, 16, 2), (256, 8, 1), (256, 8, 2), (512, 4, 1), (1024, 2, 1)]
-    {
+    for (c, hw, s) in [
+        (32, 32, 1),
+        (64, 32, 2),
+        (128, 16, 1),
+        (128, 16, 2),
+        (256, 8, 1),
+        (256, 8, 2),
+        (512, 4, 1),
+        (512, 4, 2),
+        (1024, 2, 1),
+    ] {
         let g = geometry(c, hw, c, 3, s, 1);
         let conv = Conv2d::depthwise(g, &vec![0.5f32; c * 9], None).expect("a valid shape");
         report(&conv);

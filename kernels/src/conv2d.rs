@@ -15,24 +15,30 @@
 //! weights. Weights are packed once, at construction, in the order the taps are walked.
 //!
 //! The same code is compiled for each vector unit and chosen when the kernel is built
-//! ([`Simd::detect`]): tiles of 8 output channels by 32 outputs on AVX-512 (16 where a channel
-//! has no more), by 8 on AVX2 and on NEON, with fused multiply-adds where the target has them.
-//! The planes are filled inside the compiled kernel, with its vector unit.
+//! ([`Simd::detect`]): tiles of 8 output channels by 32 outputs on AVX-512 (16 by 16 where a
+//! channel has no more), by 8 on AVX2 and on NEON, with fused multiply-adds where the target
+//! has them. The planes are filled inside the compiled kernel, with its vector unit.
+//!
+//! A 1x1 convolution of stride 1 without padding (MobileNet's pointwise layers) needs no
+//! planes: where its outputs fill whole tiles, each input channel is read where it is
+//! ([`Conv2d::reads_in_place`]); where a channel has fewer than 16 outputs (its 2x2 layers), a
+//! vector runs across 16 output channels instead, 4 outputs at a time.
 //!
 //! A depthwise convolution ([`Conv2d::depthwise`]: each output channel reads only its own input
-//! channel) has no weights to share between channels: its tile is one channel by 4 vectors of
-//! outputs, read from the same planes. Where a channel has at most 16 outputs (MobileNet's last
-//! layers, hundreds of 4x4 or 2x2 channels), filling its planes would cost more than its few
-//! multiply-adds: the image is transposed to `[pixels][channels]` instead and a vector holds one
-//! output of as many channels.
+//! channel) has no weights to share between channels and 9 multiply-adds per output: copying
+//! planes would cost more. Its vectors run along output rows, read straight from the padded
+//! channel (`depthwise.rs`); where a channel has at most 16 outputs (MobileNet's last layers,
+//! hundreds of 4x4 or 2x2 channels), the image is transposed to `[pixels][channels]` instead
+//! and a vector holds one output of as many channels.
 //!
 //! Dense 3x3 convolutions of stride 1 with enough input channels run Winograd's F(2x2, 3x3)
 //! instead ([`Algorithm::Winograd`], in `winograd.rs`): 2.25x fewer multiply-adds, the same
-//! tiles of output channels by vectors of outputs in its matrix products.
+//! kind of tiles of output channels by vectors of outputs in its matrix products.
 
 use std::fmt;
 
 mod depthwise;
+mod permute;
 mod winograd;
 
 /// The shape of one convolution: `[N, in_channels, in_height, in_width]` in,
@@ -268,6 +274,9 @@ pub struct Conv2d {
     /// (MobileNet's pointwise layers): each input channel is its own only plane, read where it
     /// is (no copy).
     in_place: bool,
+    /// Per tap, where each output lane reads: a depthwise convolution of tiny channels run in
+    /// registers (`permute.rs`, AVX-512); empty otherwise.
+    lane_taps: Vec<permute::LaneTap>,
 }
 
 impl fmt::Debug for Conv2d {
@@ -341,8 +350,10 @@ impl Conv2d {
         let outputs = out_h * out_w;
         let unpadded = geometry.pad_before == [0, 0] && geometry.pad_after == [0, 0];
         let pointwise = !depthwise && [kh, kw, sy, sx] == [1, 1, 1, 1] && unpadded;
+        // Tiny depthwise channels in registers, where the unit permutes across four vectors.
+        let permuted = depthwise && simd == Simd::Avx512 && permute::applies(&geometry);
         let tile = match (depthwise, algorithm) {
-            (true, _) => Tile::depthwise(simd, outputs),
+            (true, _) => Tile::depthwise(simd, outputs, permuted),
             (false, Algorithm::Direct) if pointwise && runs_pointwise_across(outputs) => Tile::pointwise_across(simd),
             (false, Algorithm::Direct) => Tile::choose(simd, out_channels, outputs),
             (false, Algorithm::Winograd) => Tile::winograd(simd, out_channels),
@@ -372,6 +383,7 @@ impl Conv2d {
                 relu: false,
                 depthwise,
                 in_place: false,
+                lane_taps: Vec::new(),
             });
         }
         let packed = if depthwise && tile.across_channels {
@@ -440,6 +452,7 @@ impl Conv2d {
             relu: false,
             depthwise,
             in_place,
+            lane_taps: if permuted { permute::lane_taps(&geometry) } else { Vec::new() },
         })
     }
 
@@ -499,6 +512,9 @@ impl Conv2d {
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
     /// across channels, the padded input and the output, both `[pixels][channels]`.
     pub fn scratch_len(&self) -> usize {
+        if !self.lane_taps.is_empty() {
+            return 0;
+        }
         if self.algorithm == Algorithm::Winograd {
             let layout = winograd::Layout::new(&self.geometry, self.tile.outputs);
             return layout.scratch_len(self.tile.channels, self.tile.outputs);
@@ -847,14 +863,18 @@ impl Tile {
         }
     }
 
-    /// The depthwise kernel for this vector unit: where a channel has at most
+    /// The depthwise kernel for this vector unit: tiny channels in registers where `permuted`
+    /// (`permute.rs`, AVX-512); where a channel has at most
     /// [`ACROSS_CHANNELS_MAX_OUTPUTS`] outputs, a vector of channels at a time (a vector of a
     /// channel's outputs would be mostly empty); else a vector of consecutive outputs of a row
     /// (`depthwise.rs`).
-    fn depthwise(simd: Simd, outputs: usize) -> Tile {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // x86 only
+    fn depthwise(simd: Simd, outputs: usize, permuted: bool) -> Tile {
         let across = |channels, kernel| Tile { channels, outputs: 1, across_channels: true, kernel };
         let small = outputs <= ACROSS_CHANNELS_MAX_OUTPUTS;
         match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if permuted => Tile::along(1, 1, 16, permute::image),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 if small => across(16, x86::depthwise_across_avx512),
             #[cfg(target_arch = "x86_64")]
@@ -1755,6 +1775,11 @@ mod tests {
             // counts that leave a partial vector, and odd padding and strides.
             geometry(40, [4, 4], 40, [3, 3], [1, 1], [1, 1, 1, 1]),
             geometry(7, [3, 5], 7, [3, 3], [2, 2], [1, 0, 0, 2]),
+            // Tiny channels in registers on AVX-512: inputs in the last two of four vectors
+            // (MobileNet's 8x8 -> 4x4), odd shapes; and one too large for it (across channels).
+            geometry(18, [8, 8], 18, [3, 3], [2, 2], [1, 1, 1, 1]),
+            geometry(5, [7, 6], 5, [3, 3], [2, 2], [0, 1, 1, 0]),
+            geometry(20, [9, 9], 20, [3, 3], [3, 3], [1, 1, 1, 1]),
         ];
         for (simd, relu, add) in Simd::available()
             .into_iter()
@@ -1775,8 +1800,10 @@ mod tests {
                 let expected = reference(&g, images, &input, &dense, &bias);
                 let conv = Conv2d::build(g, &weights, Some(&bias), simd, Algorithm::Direct, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
+                let permuted = simd == Simd::Avx512 && permute::applies(&g);
+                assert_eq!(conv.lane_taps.is_empty(), !permuted, "{g}");
                 let across = g.out_height() * g.out_width() <= ACROSS_CHANNELS_MAX_OUTPUTS;
-                assert_eq!(conv.tile.across_channels, across, "{g}");
+                assert_eq!(conv.tile.across_channels, across && !permuted, "{g}");
                 check(conv, relu, add, images, &input, expected, taps);
             }
         }

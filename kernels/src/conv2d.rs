@@ -545,8 +545,8 @@ impl Conv2d {
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
     /// `output` `[images, out_channels, out_height, out_width]`, every value of which is written
-    /// (its previous contents never read); `scratch` is resized as needed (keep it between calls
-    /// to save the allocation).
+    /// (its previous contents never read); `scratch` is grown as needed (keep it between calls
+    /// to save the allocation; any contents will do).
     pub fn run(
         &self,
         images: usize,
@@ -573,7 +573,14 @@ impl Conv2d {
         if let Some(add) = add {
             check_len("added input", add.len(), output.len())?;
         }
-        scratch.resize(self.scratch_len(), 0.0);
+        // Grown, never shrunk: convolutions of different sizes share one buffer, and growing it
+        // again would write zeros the kernels do not need (they never read what they did not
+        // write).
+        let needed = self.scratch_len();
+        if scratch.len() < needed {
+            scratch.resize(needed, 0.0);
+        }
+        let scratch = &mut scratch[..needed];
         for (i, (image, out)) in input.chunks_exact(in_len).zip(output.chunks_exact_mut(out_len)).enumerate() {
             let add = add.map(|add| &add[i * out_len..][..out_len]);
             // SAFETY: `Tile::choose` picked a kernel for `self.simd`, which `Conv2d::build`

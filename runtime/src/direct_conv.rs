@@ -119,7 +119,12 @@ impl EvalOp for DirectConv {
                     return self.conv.run_adding(images, input, add, out, scratch);
                 }
                 UNPOOLED.with_borrow_mut(|unpooled| {
-                    unpooled.resize(images * g.output_len(), 0.0);
+                    // Grown, never shrunk (the kernel writes every value it is given).
+                    let needed = images * g.output_len();
+                    if unpooled.len() < needed {
+                        unpooled.resize(needed, 0.0);
+                    }
+                    let unpooled = &mut unpooled[..needed];
                     self.conv.run_adding(images, input, add, unpooled, scratch)?;
                     let planes = images * g.out_channels;
                     mekd_kernels::max_pool_2x2(planes, g.out_height(), g.out_width(), unpooled, out)

@@ -509,8 +509,11 @@ impl Conv2d {
         if self.in_place { 0 } else { g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len }
     }
 
-    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel;
-    /// across channels, the padded input and the output, both `[pixels][channels]`.
+    /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel
+    /// (none where the input is read in place); for Winograd's, the padded image, one block's
+    /// transformed tiles and points; for a depthwise convolution along rows, one padded
+    /// channel; across channels, the padded input and the output, both `[pixels][channels]`;
+    /// in registers, none.
     pub fn scratch_len(&self) -> usize {
         if !self.lane_taps.is_empty() {
             return 0;
@@ -592,9 +595,10 @@ impl Conv2d {
     }
 
     /// Copy one image into the zero-padded shifted planes (`scratch`: [`Conv2d::scratch_len`]
-    /// values; none where the image is read in place) and return where they start, for a kernel whose tiles hold `x_block` outputs
-    /// of a channel. Inlined into each compiled kernel, so that its copies use the kernel's
-    /// vector unit (and no library call per row: rows are a few dozen values).
+    /// values) and return where they start (the image itself where it is read in place), for
+    /// a kernel whose tiles hold `x_block` outputs of a channel. Inlined into each compiled
+    /// kernel, so that its copies use the kernel's vector unit (and no library call per row:
+    /// rows are a few dozen values).
     ///
     /// # Safety
     /// The CPU must have `V`'s features.

@@ -491,8 +491,8 @@ pub fn argmax_rows(logits: &[f32], k: usize) -> Vec<usize> {
 
 /// Keep freed activations' memory in the process (glibc): every inference allocates its
 /// activations afresh and frees them, and glibc maps a block above its threshold (128 KiB at
-/// first) anew each time, so the kernel zeroes fresh pages on every inference (`clear_page`:
-/// 6.8% of MobileNet's profile at batch 1, gone with this). Raises the mmap and trim
+/// first) anew each time, so the kernel zeroes fresh pages on every inference (`clear_page`
+/// among the top entries of MobileNet's profile at batch 1 without this). Raises the mmap and trim
 /// thresholds to 64 and 128 MiB, once per process; elsewhere a no-op (ONNX Runtime keeps its
 /// own arena for the same reason).
 fn keep_activation_memory() {

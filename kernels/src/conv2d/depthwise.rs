@@ -104,7 +104,7 @@ pub(super) unsafe fn image<V: Vector>(
         let from = split.as_ptr();
         for y0 in (0..out_h).step_by(ROWS) {
             for x0 in (0..out_w).step_by(V::LANES) {
-                // SAFETY: V's features are the caller's promise; every read lies below `last`
+                // SAFETY: V's features are the caller's promise; every read lies below `reach`
                 // (rows clamped to the last output row).
                 unsafe {
                     let mut acc = [V::splat(bias); ROWS];

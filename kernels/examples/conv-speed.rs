@@ -34,7 +34,7 @@ fn main() {
         for &(c, hw, o, k, s, p) in &shapes {
             let g = geometry(c, hw, o, k, s, p);
             let weights = vec![0.5f32; g.weights_len()];
-            for algorithm in [Algorithm::Direct, Algorithm::Winograd] {
+            for algorithm in [Algorithm::Direct, Algorithm::Winograd, Algorithm::Winograd4x4] {
                 // Winograd's applies to the 3x3 stride-1 shapes only.
                 if let Ok(conv) = Conv2d::with_algorithm(g, &weights, None, simd, algorithm) {
                     report(&conv);

@@ -230,18 +230,40 @@ pub enum Algorithm {
     Direct,
     /// Winograd's F(2x2, 3x3): 3x3 kernels of stride 1 only.
     Winograd,
+    /// Winograd's F(4x4, 3x3): 3x3 kernels of stride 1 only; fewer multiply-adds than
+    /// F(2x2, 3x3) (36 per 4x4 block of outputs against 64), larger transforms, and up to about
+    /// ten times its rounding (still a few hundred-thousandths of the largest partial sum).
+    Winograd4x4,
 }
 
 impl Algorithm {
-    /// The faster one for `geometry` (dense) on `simd`: Winograd where it applies, the input
+    /// The faster one for `geometry` (dense) on `simd`: Winograd's where it applies, the input
     /// has at least [`WINOGRAD_MIN_IN_CHANNELS`] channels and the output more than 4 (fewer
     /// leave its transforms and its 8-channel tiles more costly than the multiply-adds they
     /// save), on a unit with vectors of at least 4 lanes (`conv-speed`: faster on AVX-512 and
-    /// AVX2, slower in plain f32 code; NEON by the same count of operations as AVX2).
+    /// AVX2, slower in plain f32 code; NEON by the same count of operations as AVX2); in 4x4
+    /// tiles where they take fewer vectors of matrix products than 2x2 ones (not where a 4x4
+    /// tiling leaves most of a vector empty, as 8x8 outputs on AVX-512).
     pub fn best(geometry: &Conv2dGeometry, simd: Simd) -> Algorithm {
         let enough = geometry.in_channels >= WINOGRAD_MIN_IN_CHANNELS && geometry.out_channels > 4;
         let vectors = simd != Simd::Portable || portable::LANES >= 4;
-        if enough && vectors && winograd::applies(geometry) { Algorithm::Winograd } else { Algorithm::Direct }
+        if !(enough && vectors && winograd::applies(geometry)) {
+            return Algorithm::Direct;
+        }
+        let x_block = Tile::winograd(simd, geometry.out_channels, 2).outputs;
+        match winograd::four_by_four_is_fewer(geometry, x_block) {
+            true => Algorithm::Winograd4x4,
+            false => Algorithm::Winograd,
+        }
+    }
+
+    /// Outputs per side of a Winograd tile (none for the direct algorithm).
+    fn winograd_tile(self) -> Option<usize> {
+        match self {
+            Algorithm::Direct => None,
+            Algorithm::Winograd => Some(2),
+            Algorithm::Winograd4x4 => Some(4),
+        }
     }
 }
 
@@ -328,9 +350,9 @@ impl Conv2d {
         depthwise: bool,
     ) -> Result<Conv2d, Conv2dError> {
         geometry.validate()?;
-        if algorithm == Algorithm::Winograd && (depthwise || !winograd::applies(&geometry)) {
+        if algorithm.winograd_tile().is_some() && (depthwise || !winograd::applies(&geometry)) {
             return Err(Conv2dError::Geometry(format!(
-                "{geometry}: Winograd's F(2x2, 3x3) needs a dense 3x3 kernel of stride 1"
+                "{geometry}: Winograd's F(2x2, 3x3) and F(4x4, 3x3) need a dense 3x3 kernel of stride 1"
             )));
         }
         if !Simd::available().contains(&simd) {
@@ -356,7 +378,8 @@ impl Conv2d {
             (true, _) => Tile::depthwise(simd, outputs, permuted),
             (false, Algorithm::Direct) if pointwise && runs_pointwise_across(outputs) => Tile::pointwise_across(simd),
             (false, Algorithm::Direct) => Tile::choose(simd, out_channels, outputs),
-            (false, Algorithm::Winograd) => Tile::winograd(simd, out_channels),
+            (false, Algorithm::Winograd) => Tile::winograd(simd, out_channels, 2),
+            (false, Algorithm::Winograd4x4) => Tile::winograd(simd, out_channels, 4),
         };
         let block = tile.channels;
         let blocks = out_channels.div_ceil(block);
@@ -365,8 +388,8 @@ impl Conv2d {
         if let Some(bias) = bias {
             padded_bias[..out_channels].copy_from_slice(bias);
         }
-        if algorithm == Algorithm::Winograd {
-            let layout = winograd::Layout::new(&geometry, tile.outputs);
+        if let Some(m) = algorithm.winograd_tile() {
+            let layout = winograd::Layout::new(&geometry, tile.outputs, m);
             if layout.scratch_len(block, tile.outputs) > MAX_SCRATCH {
                 return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
             }
@@ -375,7 +398,7 @@ impl Conv2d {
                 simd,
                 algorithm,
                 tile,
-                packed: winograd::pack(&geometry, weights, block),
+                packed: winograd::pack(&geometry, weights, block, m),
                 bias: padded_bias,
                 taps: Vec::new(),
                 plane_len: 0,
@@ -499,6 +522,7 @@ impl Conv2d {
             (true, _) => "depthwise-conv",
             (false, Algorithm::Direct) => "direct-conv",
             (false, Algorithm::Winograd) => "winograd-conv",
+            (false, Algorithm::Winograd4x4) => "winograd4x4-conv",
         };
         format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs)
     }
@@ -518,8 +542,8 @@ impl Conv2d {
         if !self.lane_taps.is_empty() {
             return 0;
         }
-        if self.algorithm == Algorithm::Winograd {
-            let layout = winograd::Layout::new(&self.geometry, self.tile.outputs);
+        if let Some(m) = self.algorithm.winograd_tile() {
+            let layout = winograd::Layout::new(&self.geometry, self.tile.outputs, m);
             return layout.scratch_len(self.tile.channels, self.tile.outputs);
         }
         if self.depthwise && !self.tile.across_channels {
@@ -858,18 +882,26 @@ impl Tile {
         }
     }
 
-    /// The Winograd kernel for this vector unit: output channels by a vector of 2x2 blocks of
-    /// outputs (tiles); on AVX-512, 16 channels where there are more than 8 (as many
+    /// The Winograd kernel for this vector unit and tiles of `m x m` outputs: output channels
+    /// by a vector of tiles; on AVX-512, 16 channels where there are more than 8 (as many
     /// accumulators as 8 by two vectors, half the loads), else 8.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))] // the size matters on x86 only
-    fn winograd(simd: Simd, out_channels: usize) -> Tile {
+    fn winograd(simd: Simd, out_channels: usize, m: usize) -> Tile {
+        let four = m == 4;
         match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if out_channels > 8 && four => Tile::along(16, 1, 16, x86::winograd4x4_avx512_16),
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 if out_channels > 8 => Tile::along(16, 1, 16, x86::winograd_avx512_16),
             #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if four => Tile::along(8, 1, 16, x86::winograd4x4_avx512_8),
+            #[cfg(target_arch = "x86_64")]
             Simd::Avx512 => Tile::along(8, 1, 16, x86::winograd_avx512_8),
             #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if four => Tile::along(8, 1, 8, x86::winograd4x4_avx2),
+            #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => Tile::along(8, 1, 8, x86::winograd_avx2),
+            _ if four => Tile::along(8, portable::VECTORS, portable::LANES, portable::winograd4x4_8),
             _ => Tile::along(8, portable::VECTORS, portable::LANES, portable::winograd_8),
         }
     }
@@ -938,6 +970,9 @@ trait Vector: Copy {
     /// The even lanes of `a` then of `b` (lanes 0, 2, ... of the two as one vector of twice the
     /// lanes).
     unsafe fn even(a: Self, b: Self) -> Self;
+    /// The odd lanes of `a` then of `b` (lanes 1, 3, ... of the two as one vector of twice the
+    /// lanes).
+    unsafe fn odd(a: Self, b: Self) -> Self;
     /// The lanes of `a` and `b` alternating, `a0 b0 a1 b1 ...`, as two vectors (the inverse of
     /// [`Vector::even`] and its odd counterpart).
     unsafe fn interleave(a: Self, b: Self) -> (Self, Self);
@@ -1275,13 +1310,14 @@ mod x86 {
     use super::{Conv2d, Vector, depthwise, depthwise_across, image, pointwise_across, winograd};
 
     /// `Vector` for an x86 register type, from its intrinsics: set1, loadu, storeu, fmadd, add,
-    /// sub, max, setzero (`$even` and `$interleave`: the bodies of `Vector::even` and
-    /// `Vector::interleave`).
+    /// sub, max, setzero (`$even`, `$odd` and `$interleave`: the bodies of `Vector::even`,
+    /// `Vector::odd` and `Vector::interleave`).
     macro_rules! vector {
         (
             $ty:ty, $lanes:literal, $features:literal,
             [$set1:ident, $load:ident, $store:ident, $fmadd:ident, $add:ident, $sub:ident, $max:ident, $zero:ident],
             |$a:ident, $b:ident| $even:block,
+            |$e:ident, $f:ident| $odd:block,
             |$c:ident, $d:ident| $interleave:block
             $(, $extra:item)*
         ) => {
@@ -1327,6 +1363,9 @@ mod x86 {
                 unsafe fn even($a: Self, $b: Self) -> Self $even
                 #[inline]
                 #[target_feature(enable = $features)]
+                unsafe fn odd($e: Self, $f: Self) -> Self $odd
+                #[inline]
+                #[target_feature(enable = $features)]
                 unsafe fn interleave($c: Self, $d: Self) -> (Self, Self) $interleave
                 $($extra)*
             }
@@ -1349,6 +1388,10 @@ mod x86 {
         ],
         |a, b| {
             let index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            _mm512_permutex2var_ps(a, index, b)
+        },
+        |a, b| {
+            let index = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
             _mm512_permutex2var_ps(a, index, b)
         },
         |a, b| {
@@ -1389,6 +1432,11 @@ mod x86 {
             _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(halves)))
         },
         |a, b| {
+            // As `even`, from lanes 1 and 3 of each half.
+            let halves = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(halves)))
+        },
+        |a, b| {
             // Per 128-bit half: a0 b0 a1 b1 | a4 b4 a5 b5 and a2 b2 a3 b3 | a6 b6 a7 b7.
             let (low, high) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
             (_mm256_permute2f128_ps::<0x20>(low, high), _mm256_permute2f128_ps::<0x31>(low, high))
@@ -1420,9 +1468,12 @@ mod x86 {
     x86_kernel!(depthwise_across_avx2, "avx2,fma", depthwise_across::<__m256>);
     x86_kernel!(pointwise_across_avx512, "avx512f,avx2,fma", pointwise_across::<__m512, 4>);
     x86_kernel!(pointwise_across_avx2, "avx2,fma", pointwise_across::<__m256, 2>);
-    x86_kernel!(winograd_avx512_16, "avx512f,avx2,fma", winograd::image::<__m512, 16, 1>);
-    x86_kernel!(winograd_avx512_8, "avx512f,avx2,fma", winograd::image::<__m512, 8, 1>);
-    x86_kernel!(winograd_avx2, "avx2,fma", winograd::image::<__m256, 8, 1>);
+    x86_kernel!(winograd_avx512_16, "avx512f,avx2,fma", winograd::image::<__m512, 2, 4, 16, 1>);
+    x86_kernel!(winograd_avx512_8, "avx512f,avx2,fma", winograd::image::<__m512, 2, 4, 8, 1>);
+    x86_kernel!(winograd_avx2, "avx2,fma", winograd::image::<__m256, 2, 4, 8, 1>);
+    x86_kernel!(winograd4x4_avx512_16, "avx512f,avx2,fma", winograd::image::<__m512, 4, 6, 16, 1>);
+    x86_kernel!(winograd4x4_avx512_8, "avx512f,avx2,fma", winograd::image::<__m512, 4, 6, 8, 1>);
+    x86_kernel!(winograd4x4_avx2, "avx2,fma", winograd::image::<__m256, 4, 6, 8, 1>);
 }
 
 /// What the target has without run-time detection: NEON on aarch64 (two registers of 4 per
@@ -1476,6 +1527,10 @@ mod portable {
                 unsafe { vuzp1q_f32(a, b) }
             }
             #[inline(always)]
+            unsafe fn odd(a: Self, b: Self) -> Self {
+                unsafe { vuzp2q_f32(a, b) }
+            }
+            #[inline(always)]
             unsafe fn interleave(a: Self, b: Self) -> (Self, Self) {
                 unsafe { (vzip1q_f32(a, b), vzip2q_f32(a, b)) }
             }
@@ -1523,6 +1578,10 @@ mod portable {
                 a
             }
             #[inline(always)]
+            unsafe fn odd(_a: Self, b: Self) -> Self {
+                b
+            }
+            #[inline(always)]
             unsafe fn interleave(a: Self, b: Self) -> (Self, Self) {
                 (a, b)
             }
@@ -1559,7 +1618,12 @@ mod portable {
     kernel!(
         /// # Safety
         /// As [`block_4`].
-        winograd_8, winograd::image::<Lanes, 8, VECTORS>
+        winograd_8, winograd::image::<Lanes, 2, 4, 8, VECTORS>
+    );
+    kernel!(
+        /// # Safety
+        /// As [`block_4`].
+        winograd4x4_8, winograd::image::<Lanes, 4, 6, 8, VECTORS>
     );
     kernel!(
         /// # Safety
@@ -1705,16 +1769,24 @@ mod tests {
                 let input = values(images * g.input_len(), 21 + i as u64);
                 let weights = values(g.weights_len(), 120 + i as u64);
                 let bias = values(g.out_channels, 220 + i as u64);
-                let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, Algorithm::Winograd).unwrap();
-                assert!(conv.kernel_name().starts_with("winograd-conv/"));
                 let expected = reference(&g, images, &input, &weights, &bias);
-                check(conv, relu, add, images, &input, expected, g.in_channels * 9);
+                for (algorithm, name) in
+                    [(Algorithm::Winograd, "winograd-conv/"), (Algorithm::Winograd4x4, "winograd4x4-conv/")]
+                {
+                    let conv = Conv2d::with_algorithm(g, &weights, Some(&bias), simd, algorithm).unwrap();
+                    assert!(conv.kernel_name().starts_with(name), "{}", conv.kernel_name());
+                    check(conv, relu, add, images, &input, expected.clone(), g.in_channels * 9);
+                }
             }
         }
-        // The best algorithm is Winograd's for ResNet's layers, not for its first (3 channels).
+        // The best algorithm is Winograd's for ResNet's layers, not for its first (3 channels):
+        // in 4x4 tiles at 32x32 and 16x16 outputs, in 2x2 ones at 8x8 (four 4x4 tiles would
+        // fill a quarter of an AVX-512 vector, half of an AVX2 or NEON kernel's).
         let vectors = Simd::detect() != Simd::Portable || portable::LANES >= 4;
-        let winograd = if vectors { Algorithm::Winograd } else { Algorithm::Direct };
-        assert_eq!(Algorithm::best(&cases[0], Simd::detect()), winograd);
+        let expect = |winograd| if vectors { winograd } else { Algorithm::Direct };
+        assert_eq!(Algorithm::best(&cases[0], Simd::detect()), expect(Algorithm::Winograd4x4));
+        assert_eq!(Algorithm::best(&cases[1], Simd::detect()), expect(Algorithm::Winograd4x4));
+        assert_eq!(Algorithm::best(&cases[2], Simd::detect()), expect(Algorithm::Winograd));
         assert_eq!(Algorithm::best(&cases[6], Simd::detect()), Algorithm::Direct);
         for g in [
             geometry(16, [8, 8], 16, [3, 3], [2, 2], [1, 1, 1, 1]),
@@ -1723,8 +1795,10 @@ mod tests {
         ] {
             assert_eq!(Algorithm::best(&g, Simd::detect()), Algorithm::Direct);
             let weights = values(g.weights_len(), 5);
-            let err = Conv2d::with_algorithm(g, &weights, None, Simd::detect(), Algorithm::Winograd).unwrap_err();
-            assert!(err.to_string().contains("Winograd"), "{err}");
+            for algorithm in [Algorithm::Winograd, Algorithm::Winograd4x4] {
+                let err = Conv2d::with_algorithm(g, &weights, None, Simd::detect(), algorithm).unwrap_err();
+                assert!(err.to_string().contains("Winograd"), "{err}");
+            }
         }
         let g = cases[2];
         let err = Conv2d::build(g, &values(64 * 9, 1), None, Simd::detect(), Algorithm::Winograd, true).unwrap_err();

@@ -80,10 +80,12 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
                 let shortcuts = convs.iter().filter(|c| c.contains("kernel 1x1, stride 2x2")).count();
                 assert_eq!(shortcuts, 2, "{arch}: both strided shortcuts ran ours: {convs:?}");
                 // Every dense 3x3 stride-1 convolution but the first (1 or 3 input channels)
-                // runs Winograd's F(2x2, 3x3).
-                let winograd = convs.iter().filter(|c| c.contains(" winograd-conv/")).count();
+                // runs Winograd's: F(4x4, 3x3) at 32x32 and 16x16 outputs, F(2x2, 3x3) at 8x8.
+                let winograd = |kind: &str| convs.iter().filter(|c| c.contains(kind)).count();
+                let (two, four) = (winograd(" winograd-conv/"), winograd(" winograd4x4-conv/"));
                 let dense_3x3 = convs.iter().filter(|c| c.contains("-conv/") && c.contains("kernel 3x3, stride 1x1"));
-                assert_eq!(winograd + 1, dense_3x3.count(), "{arch}: Winograd's everywhere it pays: {convs:?}");
+                assert_eq!(two + four + 1, dense_3x3.count(), "{arch}: Winograd's everywhere it pays: {convs:?}");
+                assert!(two > 0 && four > 0, "{arch}: both tile sizes where each pays: {convs:?}");
             }
             if arch == Architecture::MobileNet {
                 let depthwise = convs.iter().filter(|c| c.contains("depthwise-conv/")).count();

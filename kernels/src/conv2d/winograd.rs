@@ -1,17 +1,19 @@
-//! Winograd's F(2x2, 3x3) for dense 3x3 convolutions of stride 1 (ResNet's, which are most of
-//! its multiply-adds): 16 multiply-adds per input channel for each 2x2 block of outputs where
-//! the definition takes 36.
+//! Winograd's minimal filtering for dense 3x3 convolutions of stride 1 (ResNet's, which are
+//! most of its multiply-adds), in two sizes: F(2x2, 3x3), 16 multiply-adds per input channel
+//! for each 2x2 block of outputs where the definition takes 36, and F(4x4, 3x3), 36 for each
+//! 4x4 block where it takes 144 (larger transforms, and a few times F(2x2)'s rounding).
 //!
-//! Per image, each input channel's 4x4 patches (overlapping by 2, one per 2x2 block of
-//! outputs: a *tile*) are transformed to `V = Bt d B` (additions only); the weights were
-//! transformed once, when packed, to `U = G g Gt`. Each of the 16 *points* of a tile is then a
+//! Per image, each input channel's `N x N` patches (`N = M + 2` for `M x M` outputs,
+//! overlapping by 2: a *tile*) are transformed to `V = Bt d B`; the weights were transformed
+//! once, when packed, to `U = G g Gt`. Each of the `N * N` *points* of a tile is then a
 //! matrix product over the input channels, `M[p][k][t] = sum_c U[p][k][c] * V[p][c][t]`, run
 //! with the direct kernel's tile of output channels by vectors of consecutive tiles (a vector
 //! loaded per input channel, multiplied with a weight of each output channel). A tile's
-//! outputs are `Y = At M A` (additions only), computed as soon as the 16 points of a tile of
-//! output channels are, and stored with the bias, the values to add and the ReLU.
+//! outputs are `Y = At M A`, computed as soon as the points of a tile of output channels are,
+//! and stored with the bias, the values to add and the ReLU.
 //!
-//! The transforms (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+//! The transforms (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
+//! F(2x2, 3x3), additions only:
 //!
 //! ```text
 //!      | 1  0 -1  0 |        | 1    0    0  |
@@ -20,32 +22,53 @@
 //!      | 0  1  0 -1 |        | 0    0    1  |
 //! ```
 //!
-//! Rounding: the transformed weights are computed in f64, the rest in f32 with coefficients 1
-//! and 1/2; the result differs from the definition's by a few units in the last place of its
-//! largest partial sums (the tests' bound is the direct kernel's).
+//! F(4x4, 3x3):
+//!
+//! ```text
+//!      | 4  0 -5  0  1  0 |        |  1/4    0     0   |
+//!      | 0 -4 -4  1  1  0 |        | -1/6  -1/6  -1/6  |         | 1  1  1  1  1  0 |
+//! Bt = | 0  4 -4 -1  1  0 |    G = | -1/6   1/6  -1/6  |    At = | 0  1 -1  2 -2  0 |
+//!      | 0 -2 -1  2  1  0 |        |  1/24  1/12  1/6  |         | 0  1  1  4  4  0 |
+//!      | 0  2 -1 -2  1  0 |        |  1/24 -1/12  1/6  |         | 0  1 -1  8 -8  1 |
+//!      | 0  4  0 -5  0  1 |        |  0     0     1    |
+//! ```
+//!
+//! Rounding: the transformed weights are computed in f64, the rest in f32; F(2x2)'s result
+//! differs from the definition's by a few units in the last place of its largest partial
+//! sums, F(4x4)'s by up to about ten times that (its transforms multiply by up to 8; the
+//! tests' bounds say how much).
 
-use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, copy, copy_even, finish, zero};
+use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, copy, copy_even, finish, opaque, zero};
 
-/// Values of a transformed tile (4 x 4).
-const POINTS: usize = 16;
-
-/// Whether F(2x2, 3x3) computes `geometry` (dense; the caller checks that).
+/// Whether Winograd's computes `geometry` (dense; the caller checks that).
 pub(super) fn applies(geometry: &Conv2dGeometry) -> bool {
     geometry.kernel == [3, 3] && geometry.stride == [1, 1]
 }
 
-/// Where one image's values lie in the scratch buffer, and the tiles' arrangement.
+/// Whether F(4x4, 3x3) takes fewer matrix products than F(2x2, 3x3) for `geometry` with
+/// vectors of `x_block` tiles: `ceil(tiles / x_block)` vectors of 36 points each, against 16
+/// points each (an 8x8 output is 16 2x2 tiles, a vector on AVX-512, but 4 4x4 ones: a
+/// quarter of a vector).
+pub(super) fn four_by_four_is_fewer(geometry: &Conv2dGeometry, x_block: usize) -> bool {
+    let vectors = |m: usize| (geometry.out_height().div_ceil(m) * geometry.out_width().div_ceil(m)).div_ceil(x_block);
+    vectors(4) * 36 < vectors(2) * 16
+}
+
+/// Where one image's values lie in the scratch buffer, and the tiles' arrangement, for tiles
+/// of `m x m` outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Layout {
-    /// Tiles per row of the output (its width, halved and rounded up).
+    /// Outputs per tile side (2 or 4).
+    m: usize,
+    /// Tiles per row of the output (its width over `m`, rounded up).
     tiles_wide: usize,
     /// Rows of tiles.
     tiles_high: usize,
-    /// Columns of each phase (even, odd) of a zero-padded row: the padded row has two per
-    /// tile and two more for the last tile's reach.
+    /// Columns of each of the `m` phases (columns equal modulo `m`) of a zero-padded row: the
+    /// padded row has `m` per tile and two more for the last tile's reach.
     phase_width: usize,
-    /// Values of one padded channel: two rows per row of tiles and two more, each its even
-    /// columns then its odd ones.
+    /// Values of one padded channel: `m` rows per row of tiles and two more, each its `m`
+    /// phases in turn.
     padded_channel: usize,
     /// Values of the padded image: its channels, and slack that whole-vector reads and writes
     /// of the last row run into.
@@ -57,13 +80,16 @@ pub(super) struct Layout {
 }
 
 impl Layout {
-    /// The layout of `geometry` for a kernel whose tiles hold `x_block` tiles of a channel.
-    pub(super) fn new(geometry: &Conv2dGeometry, x_block: usize) -> Layout {
-        let tiles_wide = geometry.out_width().div_ceil(2);
-        let tiles_high = geometry.out_height().div_ceil(2);
+    /// The layout of `geometry` for a kernel whose tiles hold `x_block` tiles (of `m x m`
+    /// outputs) of a channel.
+    pub(super) fn new(geometry: &Conv2dGeometry, x_block: usize, m: usize) -> Layout {
+        assert!(m == 2 || m == 4);
+        let tiles_wide = geometry.out_width().div_ceil(m);
+        let tiles_high = geometry.out_height().div_ceil(m);
         let phase_width = tiles_wide + 1;
-        let padded_channel = (2 * tiles_high + 2) * 2 * phase_width;
+        let padded_channel = (m * tiles_high + 2) * m * phase_width;
         Layout {
+            m,
             tiles_wide,
             tiles_high,
             phase_width,
@@ -78,42 +104,62 @@ impl Layout {
         self.tiles_wide * self.tiles_high
     }
 
-    /// Values of one zero-padded channel before its rows are split into their phases (its
-    /// rows as wide as both phases), and the slack of a split in whole vectors.
-    fn unsplit_len(&self) -> usize {
-        self.padded_channel + 2 * MAX_TILE_OUTPUTS + 1
+    /// Points of a transformed tile.
+    fn points(&self) -> usize {
+        (self.m + 2) * (self.m + 2)
     }
 
-    /// Values of the scratch buffer: the padded image, one block's transformed tiles, the 16
-    /// points of one tile of output channels (`channels x x_block`), two rows of its outputs
+    /// Values of one zero-padded channel before its rows are split into their phases (its
+    /// rows as wide as all phases), and the slack of a split in whole vectors (F(4x4)'s reads
+    /// four vectors of a row at a time).
+    fn unsplit_len(&self) -> usize {
+        self.padded_channel + 4 * MAX_TILE_OUTPUTS + 1
+    }
+
+    /// Rows of a padded channel.
+    fn padded_rows(&self) -> usize {
+        self.m * self.tiles_high + 2
+    }
+
+    /// Values of the scratch buffer: the padded image, one block's transformed tiles, the
+    /// points of one tile of output channels (`channels x x_block`), `m` rows of its outputs
     /// and one padded channel before its split.
     pub(super) fn scratch_len(&self, channels: usize, x_block: usize) -> usize {
-        self.padded_len + POINTS * self.point_stride + POINTS * channels * x_block + 4 * x_block + self.unsplit_len()
+        self.padded_len
+            + self.points() * (self.point_stride + channels * x_block)
+            + self.m * self.m * x_block
+            + self.unsplit_len()
     }
 }
 
 /// `[blocks][point][in_channels][block]`: the transformed weights `G g Gt` of each output
-/// channel and input channel, zero beyond `out_channels`, the points of a tile of `block`
-/// output channels together (the order the kernel reads them).
-pub(super) fn pack(geometry: &Conv2dGeometry, weights: &[f32], block: usize) -> Vec<f32> {
-    const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
-    let (inputs, outputs) = (geometry.in_channels, geometry.out_channels);
+/// channel and input channel for tiles of `m x m` outputs, zero beyond `out_channels`, the
+/// points of a tile of `block` output channels together (the order the kernel reads them).
+pub(super) fn pack(geometry: &Conv2dGeometry, weights: &[f32], block: usize, m: usize) -> Vec<f32> {
+    const G2: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+    const G4: [[f64; 3]; 6] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let g: &[[f64; 3]] = if m == 4 { &G4 } else { &G2 };
+    let (n, inputs, outputs) = (g.len(), geometry.in_channels, geometry.out_channels);
+    let points = n * n;
     let blocks = outputs.div_ceil(block);
-    let mut packed = vec![0f32; blocks * POINTS * inputs * block];
+    let mut packed = vec![0f32; blocks * points * inputs * block];
     for (k, filters) in weights.chunks_exact(inputs * 9).enumerate() {
         let (b, lane) = (k / block, k % block);
-        for (c, g) in filters.chunks_exact(9).enumerate() {
-            // `G g`, 4 x 3, then `(G g) Gt`, 4 x 4.
-            let mut left = [[0f64; 3]; 4];
-            for (i, row) in left.iter_mut().enumerate() {
-                for (j, value) in row.iter_mut().enumerate() {
-                    *value = (0..3).map(|m| G[i][m] * g[m * 3 + j] as f64).sum();
-                }
-            }
+        for (c, w) in filters.chunks_exact(9).enumerate() {
+            // `G w`, n x 3, then `(G w) Gt`, n x n.
+            let left: Vec<[f64; 3]> =
+                g.iter().map(|gi| std::array::from_fn(|j| (0..3).map(|k| gi[k] * w[k * 3 + j] as f64).sum())).collect();
             for (i, row) in left.iter().enumerate() {
-                for (j, gj) in G.iter().enumerate() {
-                    let u: f64 = (0..3).map(|m| row[m] * gj[m]).sum();
-                    packed[((b * POINTS + i * 4 + j) * inputs + c) * block + lane] = u as f32;
+                for (j, gj) in g.iter().enumerate() {
+                    let u: f64 = (0..3).map(|k| row[k] * gj[k]).sum();
+                    packed[((b * points + i * n + j) * inputs + c) * block + lane] = u as f32;
                 }
             }
         }
@@ -121,32 +167,35 @@ pub(super) fn pack(geometry: &Conv2dGeometry, weights: &[f32], block: usize) -> 
     packed
 }
 
-/// One image: transform its input, then per tile of `CO` output channels by `XV` vectors of
-/// consecutive tiles, the 16 points' products over the input channels, then their outputs.
+/// One image, in tiles of `M x M` outputs (`N = M + 2`): transform its input, then per tile of
+/// `CO` output channels by `XV` vectors of consecutive tiles, the `N * N` points' products over
+/// the input channels, then their outputs.
 ///
 /// # Safety
 /// The CPU must have `V`'s features; `image`, `scratch`, `add` and `out` have the lengths
 /// [`Conv2d::run_adding`] checks.
 #[inline(always)]
-pub(super) unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
+pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: usize, const XV: usize>(
     conv: &Conv2d,
     image: &[f32],
     scratch: &mut [f32],
     add: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS) };
+    const { assert!(XV * V::LANES <= MAX_TILE_OUTPUTS && (M == 2 || M == 4) && N == M + 2) };
+    let points_per_tile = N * N;
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
-    let layout = Layout::new(g, x_block);
+    let layout = Layout::new(g, x_block, M);
     assert!(x_block == conv.tile.outputs && CO == conv.tile.channels);
     assert!(scratch.len() >= layout.scratch_len(CO, x_block));
     let (padded, rest) = scratch.split_at_mut(layout.padded_len);
-    let (transformed, rest) = rest.split_at_mut(POINTS * layout.point_stride);
-    let (points, rest) = rest.split_at_mut(POINTS * CO * x_block);
-    let (rows, unsplit) = rest.split_at_mut(4 * x_block);
+    let (transformed, rest) = rest.split_at_mut(points_per_tile * layout.point_stride);
+    let (points, rest) = rest.split_at_mut(points_per_tile * CO * x_block);
+    let (rows, unsplit) = rest.split_at_mut(M * M * x_block);
+    let unsplit = &mut unsplit[..layout.unsplit_len()];
     // SAFETY: V's features are the caller's promise.
-    unsafe { pad::<V>(g, &layout, image, &mut unsplit[..layout.unsplit_len()], padded) };
+    unsafe { pad::<V, M>(g, &layout, image, unsplit, padded) };
     let tiles = layout.tiles();
     let outputs = g.out_height() * g.out_width();
     let (inputs, stride) = (g.in_channels, layout.point_stride);
@@ -155,14 +204,14 @@ pub(super) unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
     for t0 in (0..tiles).step_by(x_block) {
         let block = t0..(t0 + x_block).min(tiles);
         // SAFETY: V's features are the caller's promise.
-        unsafe { transform::<V>(g, &layout, padded, block.clone(), x_block, transformed) };
+        unsafe { transform::<V, M, N>(g, &layout, padded, block.clone(), x_block, transformed) };
         for (b, (weights, bias)) in
-            conv.packed.chunks_exact(POINTS * inputs * CO).zip(conv.bias.chunks_exact(CO)).enumerate()
+            conv.packed.chunks_exact(points_per_tile * inputs * CO).zip(conv.bias.chunks_exact(CO)).enumerate()
         {
             for (p, weights) in weights.chunks_exact(inputs * CO).enumerate() {
                 // SAFETY: V's features are the caller's promise; the reads stay within the
-                // transformed tiles (`x_block` of each channel, `p < 16`) and the writes within
-                // the points (`p < 16`, `c < CO`).
+                // transformed tiles (`x_block` of each channel, `p < N * N`) and the writes
+                // within the points (`p < N * N`, `c < CO`).
                 unsafe {
                     let mut acc: [[V; XV]; CO] = [[V::splat(0.0); XV]; CO];
                     let src = v.add(p * stride);
@@ -187,96 +236,207 @@ pub(super) unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
                 }
             }
             let channels = (g.out_channels - b * CO).min(CO);
+            let row_len = M * x_block;
             for (co, &bias) in bias.iter().enumerate().take(channels) {
-                let (top, bottom) = rows.split_at_mut(2 * x_block);
                 for j in 0..XV {
-                    // SAFETY: as above; the rows hold `2 * x_block` values each.
+                    // SAFETY: as above; `rows` holds `M` rows of `M * x_block` values.
                     unsafe {
                         let point = |p: usize| V::load(m.add((p * CO + co) * x_block + j * V::LANES));
-                        let [y00, y01, y10, y11] = transform_output(point, V::splat(bias));
-                        let (a, b) = V::interleave(y00, y01);
-                        a.store(top.as_mut_ptr().add(2 * j * V::LANES));
-                        b.store(top.as_mut_ptr().add((2 * j + 1) * V::LANES));
-                        let (a, b) = V::interleave(y10, y11);
-                        a.store(bottom.as_mut_ptr().add(2 * j * V::LANES));
-                        b.store(bottom.as_mut_ptr().add((2 * j + 1) * V::LANES));
+                        let outputs = transform_output::<V, M, N>(point, V::splat(bias));
+                        for (r, row) in outputs.into_iter().enumerate() {
+                            for (k, value) in interleave::<V, M>(row).into_iter().enumerate() {
+                                value.store(rows.as_mut_ptr().add(r * row_len + (M * j + k) * V::LANES));
+                            }
+                        }
                     }
                 }
                 let channel = (b * CO + co) * outputs;
                 let add = add.map(|add| &add[channel..][..outputs]);
                 let out = &mut out[channel..][..outputs];
                 // SAFETY: V's features are the caller's promise.
-                unsafe { store_tiles::<V>(g, &layout, block.clone(), [top, bottom], add, conv.relu, out) };
+                unsafe { store_tiles::<V, M>(g, &layout, block.clone(), &rows[..M * row_len], add, conv.relu, out) };
             }
         }
     }
 }
 
-/// `Y = At M A` of a vector of tiles, plus `bias`: `point(p)` is point `p` (row-major 4 x 4)
-/// of `M`; the result is the outputs `[y00, y01, y10, y11]` of each tile (row, column).
+/// `Bt x` for a column (or row) `x` of a patch: F(2x2)'s (`N == 4`) or F(4x4)'s (`N == 6`).
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn transform_output<V: Vector>(point: impl Fn(usize) -> V, bias: V) -> [V; 4] {
+unsafe fn transform_input<V: Vector, const N: usize>(d: [V; N]) -> [V; N] {
+    let mut out = d;
     // SAFETY: V's features are the caller's promise.
     unsafe {
-        // `At M`: two rows of four.
-        let mut upper = [V::splat(0.0); 4];
-        let mut lower = [V::splat(0.0); 4];
-        for (j, (u, l)) in upper.iter_mut().zip(&mut lower).enumerate() {
-            let (m0, m1, m2, m3) = (point(j), point(4 + j), point(8 + j), point(12 + j));
-            *u = V::add(V::add(m0, m1), m2);
-            *l = V::sub(V::sub(m1, m2), m3);
+        if N == 4 {
+            out[0] = V::sub(d[0], d[2]);
+            out[1] = V::add(d[1], d[2]);
+            out[2] = V::sub(d[2], d[1]);
+            out[3] = V::sub(d[1], d[3]);
+        } else {
+            let (four, minus_four, minus_five) = (V::splat(4.0), V::splat(-4.0), V::splat(-5.0));
+            let a = V::mul_add(d[4], minus_four, d[2]); // d4 - 4 d2
+            let b = V::mul_add(d[3], minus_four, d[1]); // d3 - 4 d1
+            let c = V::sub(d[4], d[2]);
+            let e = V::sub(d[3], d[1]);
+            let e = V::add(e, e); // 2 (d3 - d1)
+            out[0] = V::mul_add(V::mul_add(d[4], minus_five, d[2]), four, d[0]);
+            out[1] = V::add(a, b);
+            out[2] = V::sub(a, b);
+            out[3] = V::add(c, e);
+            out[4] = V::sub(c, e);
+            out[5] = V::mul_add(V::mul_add(d[5], minus_five, d[3]), four, d[1]);
         }
-        // `(At M) A`.
-        let [u0, u1, u2, u3] = upper;
-        let [l0, l1, l2, l3] = lower;
-        [
-            V::add(V::add(V::add(u0, u1), u2), bias),
-            V::add(V::sub(V::sub(u1, u2), u3), bias),
-            V::add(V::add(V::add(l0, l1), l2), bias),
-            V::add(V::sub(V::sub(l1, l2), l3), bias),
-        ]
     }
+    out
+}
+
+/// `At x` for a column (or row) `x` of the points: F(2x2)'s (`M == 2`) or F(4x4)'s.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn transform_points<V: Vector, const M: usize, const N: usize>(x: [V; N]) -> [V; M] {
+    let mut out = [x[0]; M];
+    // SAFETY: V's features are the caller's promise.
+    unsafe {
+        let (s12, d12) = (V::add(x[1], x[2]), V::sub(x[1], x[2]));
+        if M == 2 {
+            out[0] = V::add(x[0], s12);
+            out[1] = V::sub(d12, x[3]);
+        } else {
+            let (s34, d34) = (V::add(x[3], x[4]), V::sub(x[3], x[4]));
+            out[0] = V::add(V::add(x[0], s12), s34);
+            out[1] = V::mul_add(d12, d34, V::splat(2.0));
+            out[2] = V::mul_add(s12, s34, V::splat(4.0));
+            out[3] = V::add(V::mul_add(d12, d34, V::splat(8.0)), x[5]);
+        }
+    }
+    out
+}
+
+/// `Y = At M A` of a vector of tiles, plus `bias`: `point(p)` is point `p` (row-major `N x
+/// N`) of `M`; the result is each tile's outputs, row by row (`[row][column]`).
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn transform_output<V: Vector, const M: usize, const N: usize>(
+    point: impl Fn(usize) -> V,
+    bias: V,
+) -> [[V; M]; M] {
+    // SAFETY: V's features are the caller's promise.
+    unsafe {
+        // `At M`: M rows of N, column by column.
+        let mut left = [[bias; N]; M];
+        for j in 0..N {
+            let mut column = [bias; N];
+            for (i, value) in column.iter_mut().enumerate() {
+                *value = point(i * N + j);
+            }
+            for (row, value) in left.iter_mut().zip(transform_points::<V, M, N>(column)) {
+                row[j] = value;
+            }
+        }
+        // `(At M) A`, plus the bias.
+        let mut out = [[bias; M]; M];
+        for (row, left) in out.iter_mut().zip(left) {
+            for (y, value) in row.iter_mut().zip(transform_points::<V, M, N>(left)) {
+                *y = V::add(value, bias);
+            }
+        }
+        out
+    }
+}
+
+/// The lanes of `y` (one output column per vector, a tile per lane) as `M` vectors of
+/// consecutive outputs: `y[0][0] y[1][0] .. y[M-1][0] y[0][1] ..`.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn interleave<V: Vector, const M: usize>(y: [V; M]) -> [V; M] {
+    let mut out = y;
+    // SAFETY: V's features are the caller's promise.
+    unsafe {
+        if M == 2 {
+            (out[0], out[1]) = V::interleave(y[0], y[1]);
+        } else {
+            // Columns 0 and 2, 1 and 3 in pairs, then the pairs: four values per tile.
+            let (a0, a1) = V::interleave(y[0], y[2]);
+            let (b0, b1) = V::interleave(y[1], y[3]);
+            (out[0], out[1]) = V::interleave(a0, b0);
+            (out[2], out[3]) = V::interleave(a1, b1);
+        }
+    }
+    out
 }
 
 /// Copy `image` into `padded`, each channel zero-padded (`[channel][padded rows][phase]
 /// [phase_width]`, the rows and columns past the image's padding zero too) and each row split
-/// into its even and odd columns, so that the transform reads each column of a vector of
-/// tiles with one load. Each channel is padded whole in `unsplit` first, then its rows split
-/// in whole vectors (a row read right after it was written, at other offsets, would wait for
-/// the stores to complete); the values written past a row's phase are overwritten by the next
-/// phase or row, the last row's land in the slack.
+/// into its `M` phases (columns equal modulo `M`), so that the transform reads each column of
+/// a vector of tiles with one load. Each channel is padded whole in `unsplit` first, then its
+/// rows split in whole vectors (a row read right after it was written, at other offsets,
+/// would wait for the stores to complete). The values written past a row's phase are
+/// overwritten by the next phase or row (F(4x4) splits a row's last vectors first, so that a
+/// phase's spill lands on the next phase's first vector, written after), the last row's land
+/// in the slack.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, image: &[f32], unsplit: &mut [f32], padded: &mut [f32]) {
+unsafe fn pad<V: Vector, const M: usize>(
+    g: &Conv2dGeometry,
+    layout: &Layout,
+    image: &[f32],
+    unsplit: &mut [f32],
+    padded: &mut [f32],
+) {
     let ([top, left], (h, w)) = (g.pad_before, (g.in_height, g.in_width));
     let phase = layout.phase_width;
+    let width = M * phase;
     let wide = phase.div_ceil(V::LANES) * V::LANES;
-    let rows = 2 * layout.tiles_high + 2;
-    assert!(rows >= h + top && 2 * phase >= w + left && unsplit.len() > (rows - 1) * 2 * phase + 2 * wide);
+    let rows = layout.padded_rows();
+    assert!(rows >= h + top && width >= w + left && unsplit.len() > (rows - 1) * width + M * wide);
     assert!(padded.len() >= g.in_channels * layout.padded_channel + wide);
     // SAFETY: V's features are the caller's promise (here and below).
     // The padding stays zero, each channel overwrites the image.
     unsafe { zero::<V>(unsplit) };
     for (channel, padded) in image.chunks_exact(h * w).zip(padded.chunks_mut(layout.padded_channel)) {
         for (y, row) in channel.chunks_exact(w).enumerate() {
-            unsafe { copy::<V>(&mut unsplit[(y + top) * 2 * phase + left..][..w], row) };
+            unsafe { copy::<V>(&mut unsplit[(y + top) * width + left..][..w], row) };
         }
         let to = padded.as_mut_ptr();
         for r in 0..rows {
-            let from = &unsplit[r * 2 * phase..];
+            let from = &unsplit[r * width..][..M * wide + 1];
             // SAFETY: `to` points into `padded` (whose slack past the last channel holds the
-            // last row's `wide - phase` values past its odd phase; the others land on the next
-            // phase or row, written next).
+            // last row's `wide - phase` values past its last phase; the others land on the
+            // next phase or row, written after); reads within `from`.
             unsafe {
-                let even = std::slice::from_raw_parts_mut(to.add(r * 2 * phase), wide);
-                copy_even::<V>(even, &from[..2 * wide]);
-                let odd = std::slice::from_raw_parts_mut(to.add(r * 2 * phase + phase), wide);
-                copy_even::<V>(odd, &from[1..][..2 * wide]);
+                let phase_at = |k: usize| std::slice::from_raw_parts_mut(to.add(r * width + k * phase), wide);
+                if M == 2 {
+                    copy_even::<V>(phase_at(0), &from[..2 * wide]);
+                    copy_even::<V>(phase_at(1), &from[1..][..2 * wide]);
+                } else {
+                    let (from, to) = (from.as_ptr(), to.add(r * width));
+                    for j in (0..wide).step_by(V::LANES).rev() {
+                        // Columns 4j to 4j + 4 lanes: their even and odd ones, then the evens'
+                        // even and odd ones (phases 0 and 2) and the odds' (1 and 3).
+                        let v = |i: usize| V::load(from.add(4 * j + i * V::LANES));
+                        let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
+                        let (even, odd) = ([V::even(v0, v1), V::even(v2, v3)], [V::odd(v0, v1), V::odd(v2, v3)]);
+                        let phases = [
+                            V::even(even[0], even[1]),
+                            V::even(odd[0], odd[1]),
+                            V::odd(even[0], even[1]),
+                            V::odd(odd[0], odd[1]),
+                        ];
+                        for (k, value) in phases.into_iter().enumerate() {
+                            value.store(opaque(to.add(k * phase + j)));
+                        }
+                    }
+                }
             }
         }
     }
@@ -284,14 +444,14 @@ unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, image: &[f32], uns
 
 /// Transform the tiles `tiles` of each channel of the padded image into `transformed`
 /// (`[point][channel][x_block]`, points `point_stride` apart): a vector of consecutive tiles
-/// of a row at a time, the four columns of each patch row loaded from the row's even and odd
-/// columns. The lanes past a row of tiles (or the block) hold values of the next tiles
-/// or of nothing; the next ones' stores overwrite them, the last channel's land in the slack.
+/// of a row at a time, the `N` columns of each patch row loaded from the row's phases. The
+/// lanes past a row of tiles (or the block) hold values of the next tiles or of nothing; the
+/// next ones' stores overwrite them, the last channel's land in the slack.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn transform<V: Vector>(
+unsafe fn transform<V: Vector, const M: usize, const N: usize>(
     g: &Conv2dGeometry,
     layout: &Layout,
     padded: &[f32],
@@ -300,11 +460,12 @@ unsafe fn transform<V: Vector>(
     transformed: &mut [f32],
 ) {
     let (phase, stride, channels) = (layout.phase_width, layout.point_stride, g.in_channels);
-    // The reads of a vector from tile (ty, tx) on: rows `2 * ty + i` (i < 4) of its channel,
-    // columns `tx` to `tx + lanes` of each phase, within the padded image and its slack.
-    let last_read = channels * layout.padded_channel + layout.tiles_wide + V::LANES;
+    // The reads of a vector from tile (ty, tx) on: rows `M * ty + i` (i < N) of its channel,
+    // columns `tx + j / M` to `tx + j / M + lanes` of phase `j % M` (j < N), which end a
+    // vector past the last phase of the channel's last row at most.
+    let last_read = channels * layout.padded_channel + V::LANES;
     assert!(last_read <= padded.len() && tiles.end <= layout.tiles() && tiles.len() <= x_block);
-    assert!(transformed.len() >= POINTS * stride && channels * x_block + V::LANES <= stride);
+    assert!(transformed.len() >= N * N * stride && channels * x_block + V::LANES <= stride);
     let (from, to) = (padded.as_ptr(), transformed.as_mut_ptr());
     for c in 0..channels {
         let mut t = tiles.start;
@@ -317,22 +478,22 @@ unsafe fn transform<V: Vector>(
                 // assertions above).
                 unsafe {
                     // `d B`, by columns: column `j` holds combination `j` of each patch row.
-                    let mut columns = [[V::splat(0.0); 4]; 4];
-                    for i in 0..4 {
-                        let even = from.add(c * layout.padded_channel + (2 * ty + i) * 2 * phase + tx + first);
-                        let odd = even.add(phase);
-                        let (d0, d1, d2, d3) = (V::load(even), V::load(odd), V::load(even.add(1)), V::load(odd.add(1)));
-                        let row = [V::sub(d0, d2), V::add(d1, d2), V::sub(d2, d1), V::sub(d1, d3)];
-                        for (column, value) in columns.iter_mut().zip(row) {
+                    let mut columns = [[V::splat(0.0); N]; N];
+                    for i in 0..N {
+                        let row = from.add(c * layout.padded_channel + (M * ty + i) * M * phase + tx + first);
+                        let mut d = [V::splat(0.0); N];
+                        for (j, value) in d.iter_mut().enumerate() {
+                            *value = V::load(row.add((j % M) * phase + j / M));
+                        }
+                        for (column, value) in columns.iter_mut().zip(transform_input::<V, N>(d)) {
                             column[i] = value;
                         }
                     }
                     // `Bt (d B)`, stored point by point.
                     let at = c * x_block + t - tiles.start + first;
-                    for (j, &[r0, r1, r2, r3]) in columns.iter().enumerate() {
-                        let column = [V::sub(r0, r2), V::add(r1, r2), V::sub(r2, r1), V::sub(r1, r3)];
-                        for (i, value) in column.into_iter().enumerate() {
-                            value.store(to.add((i * 4 + j) * stride + at));
+                    for (j, &column) in columns.iter().enumerate() {
+                        for (i, value) in transform_input::<V, N>(column).into_iter().enumerate() {
+                            value.store(to.add((i * N + j) * stride + at));
                         }
                     }
                 }
@@ -342,36 +503,39 @@ unsafe fn transform<V: Vector>(
     }
 }
 
-/// Store the outputs of the tiles `tiles` of one channel: `rows` hold their two rows (top,
-/// bottom), two values per tile, interleaved; each run of tiles within one row of tiles is a run
-/// of the output's row (cut at its width and height), written with `add` and the ReLU.
+/// Store the outputs of the tiles `tiles` of one channel: `rows` holds their `M` rows, each
+/// `M` values per tile, the rows `rows.len() / M` apart; each run of tiles within one row of
+/// tiles is a run of the output's row (cut at its width and height), written with `add` and
+/// the ReLU.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn store_tiles<V: Vector>(
+unsafe fn store_tiles<V: Vector, const M: usize>(
     g: &Conv2dGeometry,
     layout: &Layout,
     tiles: std::ops::Range<usize>,
-    rows: [&[f32]; 2],
+    rows: &[f32],
     add: Option<&[f32]>,
     relu: bool,
     out: &mut [f32],
 ) {
     let (out_h, out_w) = (g.out_height(), g.out_width());
+    let row_len = rows.len() / M;
     let mut t = tiles.start;
     while t < tiles.end {
         let (ty, tx) = (t / layout.tiles_wide, t % layout.tiles_wide);
         let run = (layout.tiles_wide - tx).min(tiles.end - t);
-        let from = 2 * (t - tiles.start);
-        let columns = (2 * (tx + run)).min(out_w) - 2 * tx;
-        for (dy, src) in rows.into_iter().enumerate() {
-            let y = 2 * ty + dy;
+        let from = M * (t - tiles.start);
+        let columns = (M * (tx + run)).min(out_w) - M * tx;
+        for dy in 0..M {
+            let y = M * ty + dy;
             if y < out_h {
-                let at = y * out_w + 2 * tx;
+                let at = y * out_w + M * tx;
                 let add = add.map(|add| &add[at..][..columns]);
+                let src = &rows[dy * row_len + from..][..columns];
                 // SAFETY: V's features are the caller's promise.
-                unsafe { finish::<V>(&src[from..][..columns], add, relu, &mut out[at..][..columns]) };
+                unsafe { finish::<V>(src, add, relu, &mut out[at..][..columns]) };
             }
         }
         t += run;

@@ -390,7 +390,8 @@ impl Conv2d {
         }
         if let Some(m) = algorithm.winograd_tile() {
             let layout = winograd::Layout::new(&geometry, tile.outputs, m);
-            if layout.scratch_len(block, tile.outputs) > MAX_SCRATCH {
+            let scratch = layout.and_then(|layout| layout.scratch_len(block, tile.outputs));
+            if scratch.is_none_or(|len| len > MAX_SCRATCH) {
                 return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
             }
             return Ok(Conv2d {
@@ -409,6 +410,38 @@ impl Conv2d {
                 lane_taps: Vec::new(),
             });
         }
+        if depthwise && !tile.across_channels {
+            // Along rows, or in registers: the weights as given (`[channels][kh][kw]`), read
+            // from the padded channel (no planes), or permuted out of the input's registers.
+            let rows = depthwise::Layout::new(&geometry);
+            if rows.checked_scratch_len(sx).is_none_or(|len| len > MAX_SCRATCH) {
+                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
+            }
+            return Ok(Conv2d {
+                geometry,
+                simd,
+                algorithm,
+                tile,
+                packed: weights.to_vec(),
+                bias: padded_bias,
+                taps: rows.taps(&geometry),
+                plane_len: 0,
+                padded_row_len: 0,
+                relu: false,
+                depthwise,
+                in_place: false,
+                lane_taps: if permuted { permute::lane_taps(&geometry) } else { Vec::new() },
+            });
+        }
+        if depthwise && tile.across_channels {
+            // Its buffers ([`Conv2d::scratch_len`]): a padding may be any size.
+            let padded = |axis: usize| geometry.pad_before[axis] + geometry.pad_after[axis];
+            let pixels = (geometry.in_height + padded(0)).checked_mul(geometry.in_width + padded(1));
+            let len = pixels.and_then(|p| p.checked_add(outputs)?.checked_mul(padded_bias.len() + block));
+            if len.is_none_or(|len| len > MAX_SCRATCH) {
+                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
+            }
+        }
         let packed = if depthwise && tile.across_channels {
             // `[blocks][kh][kw][block]`: each tap's weights for a vector of channels.
             let mut packed = vec![0f32; blocks * taps_per_channel * block];
@@ -419,9 +452,6 @@ impl Conv2d {
                 }
             }
             packed
-        } else if depthwise {
-            // `[channels][kh][kw]`, as given.
-            weights.to_vec()
         } else {
             let mut packed = vec![0f32; blocks * in_channels * taps_per_channel * block];
             for co in 0..out_channels {
@@ -458,9 +488,6 @@ impl Conv2d {
                 }
             }
         }
-        if depthwise && !tile.across_channels {
-            taps = depthwise::Layout::new(&geometry).taps(&geometry);
-        }
         Ok(Conv2d {
             geometry,
             simd,
@@ -475,7 +502,7 @@ impl Conv2d {
             relu: false,
             depthwise,
             in_place,
-            lane_taps: if permuted { permute::lane_taps(&geometry) } else { Vec::new() },
+            lane_taps: Vec::new(),
         })
     }
 
@@ -544,7 +571,8 @@ impl Conv2d {
         }
         if let Some(m) = self.algorithm.winograd_tile() {
             let layout = winograd::Layout::new(&self.geometry, self.tile.outputs, m);
-            return layout.scratch_len(self.tile.channels, self.tile.outputs);
+            let len = layout.and_then(|layout| layout.scratch_len(self.tile.channels, self.tile.outputs));
+            return len.expect("sizes checked when built");
         }
         if self.depthwise && !self.tile.across_channels {
             return depthwise::Layout::new(&self.geometry).scratch_len(self.geometry.stride[1]);
@@ -1933,6 +1961,17 @@ mod tests {
         strided.stride = [usize::MAX / 4, 1];
         assert_eq!(strided.out_height(), 1);
         assert!(matches!(Conv2d::new(strided, &weights, None), Err(Conv2dError::Geometry(_))));
+        // Depthwise geometries with few outputs whose buffers would not fit: a padding of
+        // 2^23 - 4 around a 4x4 channel with two outputs per axis (across channels: the padded
+        // pixels of each channel), and strides of 2^20 with five outputs per axis (along rows:
+        // the padded rows the taps read).
+        let mut padded = geometry(1024, [4, 4], 1024, [3, 3], [1 << 23, 1 << 23], [(1 << 23) - 4; 4]);
+        assert_eq!((padded.out_height(), padded.out_width()), (2, 2));
+        let depthwise_weights = values(1024 * 9, 2);
+        assert!(matches!(Conv2d::depthwise(padded, &depthwise_weights, None), Err(Conv2dError::Geometry(_))));
+        padded = geometry(16, [6, 6], 16, [3, 3], [1 << 20, 1 << 20], [0, 0, (1 << 22) - 3, (1 << 22) - 3]);
+        assert_eq!((padded.out_height(), padded.out_width()), (5, 5));
+        assert!(matches!(Conv2d::depthwise(padded, &depthwise_weights[..16 * 9], None), Err(Conv2dError::Geometry(_))));
         assert!(matches!(Conv2d::new(good, &weights[1..], None), Err(Conv2dError::Length { what: "weights", .. })));
         assert!(matches!(Conv2d::new(good, &weights, Some(&[1.0])), Err(Conv2dError::Length { what: "bias", .. })));
         let conv = Conv2d::new(good, &weights, None).unwrap();

@@ -27,6 +27,8 @@ pub(super) struct Layout {
 }
 
 impl Layout {
+    /// The layout of `g` (valid: the rows and columns are within its padded input, which
+    /// [`Conv2dGeometry::validate`] bounds).
     pub(super) fn new(g: &Conv2dGeometry) -> Layout {
         let ([kh, kw], [sy, sx]) = (g.kernel, g.stride);
         let columns = (g.out_width() - 1) * sx + kw;
@@ -45,9 +47,18 @@ impl Layout {
         if sx == 1 { 0 } else { self.rows * self.columns + 4 * MAX_TILE_OUTPUTS + 1 }
     }
 
-    /// Values of the scratch buffer.
+    /// Values of the scratch buffer (its terms are checked when the convolution is built:
+    /// [`Layout::checked_scratch_len`]).
     pub(super) fn scratch_len(&self, sx: usize) -> usize {
         self.split_len(sx) + self.unsplit_len(sx)
+    }
+
+    /// [`Layout::scratch_len`], or none where a product or sum overflows.
+    pub(super) fn checked_scratch_len(&self, sx: usize) -> Option<usize> {
+        // `sx * phase_width < columns + sx`, so the split is at most `rows * (columns + sx)`.
+        let split = self.rows.checked_mul(self.columns.checked_add(sx)?)?.checked_add(2 * MAX_TILE_OUTPUTS)?;
+        let unsplit = self.rows.checked_mul(self.columns)?.checked_add(4 * MAX_TILE_OUTPUTS + 1)?;
+        split.checked_add(unsplit)
     }
 
     /// Per tap (row-major), its offset in the split channel from the first column of its

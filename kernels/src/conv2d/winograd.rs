@@ -81,22 +81,22 @@ pub(super) struct Layout {
 
 impl Layout {
     /// The layout of `geometry` for a kernel whose tiles hold `x_block` tiles (of `m x m`
-    /// outputs) of a channel.
-    pub(super) fn new(geometry: &Conv2dGeometry, x_block: usize, m: usize) -> Layout {
+    /// outputs) of a channel; none where a size overflows.
+    pub(super) fn new(geometry: &Conv2dGeometry, x_block: usize, m: usize) -> Option<Layout> {
         assert!(m == 2 || m == 4);
         let tiles_wide = geometry.out_width().div_ceil(m);
         let tiles_high = geometry.out_height().div_ceil(m);
         let phase_width = tiles_wide + 1;
-        let padded_channel = (m * tiles_high + 2) * m * phase_width;
-        Layout {
+        let padded_channel = (m * tiles_high + 2).checked_mul(m)?.checked_mul(phase_width)?;
+        Some(Layout {
             m,
             tiles_wide,
             tiles_high,
             phase_width,
             padded_channel,
-            padded_len: geometry.in_channels * padded_channel + 2 * MAX_TILE_OUTPUTS,
-            point_stride: geometry.in_channels * x_block + MAX_TILE_OUTPUTS,
-        }
+            padded_len: geometry.in_channels.checked_mul(padded_channel)?.checked_add(2 * MAX_TILE_OUTPUTS)?,
+            point_stride: geometry.in_channels.checked_mul(x_block)?.checked_add(MAX_TILE_OUTPUTS)?,
+        })
     }
 
     /// Tiles of one channel.
@@ -123,12 +123,13 @@ impl Layout {
 
     /// Values of the scratch buffer: the padded image, one block's transformed tiles, the
     /// points of one tile of output channels (`channels x x_block`), `m` rows of its outputs
-    /// and one padded channel before its split.
-    pub(super) fn scratch_len(&self, channels: usize, x_block: usize) -> usize {
+    /// and one padded channel before its split; none where the sum overflows.
+    pub(super) fn scratch_len(&self, channels: usize, x_block: usize) -> Option<usize> {
+        let per_point = self.point_stride.checked_add(channels.checked_mul(x_block)?)?;
         self.padded_len
-            + self.points() * (self.point_stride + channels * x_block)
-            + self.m * self.m * x_block
-            + self.unsplit_len()
+            .checked_add(self.points().checked_mul(per_point)?)?
+            .checked_add(self.m * self.m * x_block)?
+            .checked_add(self.unsplit_len())
     }
 }
 
@@ -186,9 +187,9 @@ pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: 
     let points_per_tile = N * N;
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
-    let layout = Layout::new(g, x_block, M);
+    let layout = Layout::new(g, x_block, M).expect("sizes checked when built");
     assert!(x_block == conv.tile.outputs && CO == conv.tile.channels);
-    assert!(scratch.len() >= layout.scratch_len(CO, x_block));
+    assert!(layout.scratch_len(CO, x_block).is_some_and(|len| scratch.len() >= len));
     let (padded, rest) = scratch.split_at_mut(layout.padded_len);
     let (transformed, rest) = rest.split_at_mut(points_per_tile * layout.point_stride);
     let (points, rest) = rest.split_at_mut(points_per_tile * CO * x_block);

@@ -31,9 +31,10 @@
 //! hundreds of 4x4 or 2x2 channels), the image is transposed to `[pixels][channels]` instead
 //! and a vector holds one output of as many channels.
 //!
-//! Dense 3x3 convolutions of stride 1 with enough input channels run Winograd's F(2x2, 3x3)
-//! instead ([`Algorithm::Winograd`], in `winograd.rs`): 2.25x fewer multiply-adds, the same
-//! kind of tiles of output channels by vectors of outputs in its matrix products.
+//! Dense 3x3 convolutions of stride 1 with enough input channels run Winograd's instead
+//! (`winograd.rs`): F(4x4, 3x3) ([`Algorithm::Winograd4x4`], 4x fewer multiply-adds) where its
+//! 4x4 tiles fill the vectors, else F(2x2, 3x3) ([`Algorithm::Winograd`], 2.25x fewer), with
+//! the same kind of tiles of output channels by vectors of outputs in their matrix products.
 
 use std::fmt;
 

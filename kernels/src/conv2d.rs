@@ -1066,24 +1066,41 @@ unsafe fn image<V: Vector, const CO: usize, const XV: usize>(
                 for (c, lanes) in acc.iter_mut().enumerate() {
                     *lanes = [V::splat(bias[c]); XV];
                 }
-                for (w, &tap) in weights.chunks_exact(CO).zip(&conv.taps) {
-                    let src = planes.add(tap + q0);
-                    let mut inputs = [V::splat(0.0); XV];
-                    for (j, v) in inputs.iter_mut().enumerate() {
-                        *v = V::load(src.add(j * V::LANES));
-                    }
-                    for (c, lanes) in acc.iter_mut().enumerate() {
-                        let weight = V::splat(w[c]);
-                        for (lane, input) in lanes.iter_mut().zip(&inputs) {
-                            *lane = V::mul_add(*lane, weight, *input);
-                        }
-                    }
-                }
+                accumulate(&mut acc, weights, conv.taps.iter().map(|&tap| planes.add(tap + q0)));
                 let n = (outputs - q0).min(x_block);
                 for (c, lanes) in acc.iter().enumerate().take(channels) {
                     let at = (b * CO + c) * outputs + q0;
                     let add = add.map(|add| &add[at..][..n]);
                     store(lanes, add, conv.relu, &mut out[at..][..n], &mut buffer);
+                }
+            }
+        }
+    }
+}
+
+/// The tile's matrix product: for each chunk of `CO` weights (one per output channel) and
+/// its source, `XV` vectors loaded from the source, multiplied with each output channel's
+/// weight and added to that channel's accumulators.
+///
+/// # Safety
+/// The CPU must have `V`'s features; each source has `XV` vectors to read.
+#[inline(always)]
+unsafe fn accumulate<V: Vector, const CO: usize, const XV: usize>(
+    acc: &mut [[V; XV]; CO],
+    weights: &[f32],
+    sources: impl Iterator<Item = *const f32>,
+) {
+    for (w, src) in weights.chunks_exact(CO).zip(sources) {
+        // SAFETY: the caller's promises.
+        unsafe {
+            let mut inputs = [V::splat(0.0); XV];
+            for (j, v) in inputs.iter_mut().enumerate() {
+                *v = V::load(src.add(j * V::LANES));
+            }
+            for (lanes, &w) in acc.iter_mut().zip(w) {
+                let weight = V::splat(w);
+                for (lane, input) in lanes.iter_mut().zip(&inputs) {
+                    *lane = V::mul_add(*lane, weight, *input);
                 }
             }
         }

@@ -38,7 +38,7 @@
 //! sums, F(4x4)'s by up to about ten times that (its transforms multiply by up to 8; the
 //! tests' bounds say how much).
 
-use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, copy, copy_even, finish, opaque, zero};
+use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, accumulate, copy, copy_even, finish, opaque, zero};
 
 /// Whether Winograd's computes `geometry` (dense; the caller checks that).
 pub(super) fn applies(geometry: &Conv2dGeometry) -> bool {
@@ -216,19 +216,7 @@ pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: 
                 unsafe {
                     let mut acc: [[V; XV]; CO] = [[V::splat(0.0); XV]; CO];
                     let src = v.add(p * stride);
-                    for (c, w) in weights.chunks_exact(CO).enumerate() {
-                        let src = src.add(c * x_block);
-                        let mut values = [V::splat(0.0); XV];
-                        for (j, value) in values.iter_mut().enumerate() {
-                            *value = V::load(src.add(j * V::LANES));
-                        }
-                        for (lanes, &w) in acc.iter_mut().zip(w) {
-                            let weight = V::splat(w);
-                            for (lane, value) in lanes.iter_mut().zip(&values) {
-                                *lane = V::mul_add(*lane, weight, *value);
-                            }
-                        }
-                    }
+                    accumulate(&mut acc, weights, (0..inputs).map(|c| src.add(c * x_block)));
                     for (co, lanes) in acc.iter().enumerate() {
                         for (j, lane) in lanes.iter().enumerate() {
                             lane.store(m.add((p * CO + co) * x_block + j * V::LANES));

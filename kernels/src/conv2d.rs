@@ -1127,14 +1127,8 @@ unsafe fn store<V: Vector, const XV: usize>(
     unsafe {
         if n == XV * V::LANES {
             for (j, &lane) in lanes.iter().enumerate() {
-                let mut v = lane;
-                if let Some(add) = add {
-                    v = V::add(v, V::load(add[j * V::LANES..][..V::LANES].as_ptr()));
-                }
-                if relu {
-                    v = V::relu(v);
-                }
-                v.store(dst[j * V::LANES..][..V::LANES].as_mut_ptr());
+                let add = add.map(|add| V::load(add[j * V::LANES..][..V::LANES].as_ptr()));
+                epilogue(lane, add, relu).store(dst[j * V::LANES..][..V::LANES].as_mut_ptr());
             }
             return;
         }
@@ -1142,6 +1136,23 @@ unsafe fn store<V: Vector, const XV: usize>(
             lane.store(buffer[j * V::LANES..][..V::LANES].as_mut_ptr());
         }
         finish::<V>(&buffer[..n], add, relu, dst);
+    }
+}
+
+/// `v` plus `add` where given, clamped at zero when `relu`: what every kernel applies to its
+/// outputs as it stores them.
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn epilogue<V: Vector>(v: V, add: Option<V>, relu: bool) -> V {
+    // SAFETY: V's features are the caller's promise.
+    unsafe {
+        let v = match add {
+            Some(add) => V::add(v, add),
+            None => v,
+        };
+        if relu { V::relu(v) } else { v }
     }
 }
 
@@ -1161,13 +1172,7 @@ unsafe fn finish<V: Vector>(src: &[f32], add: Option<&[f32]>, relu: bool, dst: &
                 true => V::load(from.add(j)),
                 false => V::load_partial(from.add(j), lanes),
             };
-            let mut v = load(src.as_ptr());
-            if let Some(add) = add {
-                v = V::add(v, load(add.as_ptr()));
-            }
-            if relu {
-                v = V::relu(v);
-            }
+            let v = epilogue(load(src.as_ptr()), add.map(|add| load(add.as_ptr())), relu);
             match lanes == V::LANES {
                 true => v.store(dst.as_mut_ptr().add(j)),
                 false => v.store_partial(dst.as_mut_ptr().add(j), lanes),

@@ -389,59 +389,45 @@ impl Conv2d {
         if let Some(bias) = bias {
             padded_bias[..out_channels].copy_from_slice(bias);
         }
+        // Each way of running it bounds its own buffers ([`Conv2d::scratch_len`]).
+        let fits = |len: Option<usize>| match len.is_some_and(|len| len <= MAX_SCRATCH) {
+            true => Ok(()),
+            false => Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer"))),
+        };
+        let across_len = padded_bias.len() + block;
+        let base = Conv2d {
+            geometry,
+            simd,
+            algorithm,
+            tile,
+            packed: Vec::new(),
+            bias: padded_bias,
+            taps: Vec::new(),
+            plane_len: 0,
+            padded_row_len: 0,
+            relu: false,
+            depthwise,
+            in_place: false,
+            lane_taps: Vec::new(),
+        };
         if let Some(m) = algorithm.winograd_tile() {
             let layout = winograd::Layout::new(&geometry, tile.outputs, m);
-            let scratch = layout.and_then(|layout| layout.scratch_len(block, tile.outputs));
-            if scratch.is_none_or(|len| len > MAX_SCRATCH) {
-                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
-            }
-            return Ok(Conv2d {
-                geometry,
-                simd,
-                algorithm,
-                tile,
-                packed: winograd::pack(&geometry, weights, block, m),
-                bias: padded_bias,
-                taps: Vec::new(),
-                plane_len: 0,
-                padded_row_len: 0,
-                relu: false,
-                depthwise,
-                in_place: false,
-                lane_taps: Vec::new(),
-            });
+            fits(layout.and_then(|layout| layout.scratch_len(block, tile.outputs)))?;
+            return Ok(Conv2d { packed: winograd::pack(&geometry, weights, block, m), ..base });
         }
         if depthwise && !tile.across_channels {
             // Along rows, or in registers: the weights as given (`[channels][kh][kw]`), read
             // from the padded channel (no planes), or permuted out of the input's registers.
             let rows = depthwise::Layout::new(&geometry);
-            if rows.checked_scratch_len(sx).is_none_or(|len| len > MAX_SCRATCH) {
-                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
-            }
-            return Ok(Conv2d {
-                geometry,
-                simd,
-                algorithm,
-                tile,
-                packed: weights.to_vec(),
-                bias: padded_bias,
-                taps: rows.taps(&geometry),
-                plane_len: 0,
-                padded_row_len: 0,
-                relu: false,
-                depthwise,
-                in_place: false,
-                lane_taps: if permuted { permute::lane_taps(&geometry) } else { Vec::new() },
-            });
+            fits(rows.checked_scratch_len(sx))?;
+            let lane_taps = if permuted { permute::lane_taps(&geometry) } else { Vec::new() };
+            return Ok(Conv2d { packed: weights.to_vec(), taps: rows.taps(&geometry), lane_taps, ..base });
         }
         if depthwise && tile.across_channels {
-            // Its buffers ([`Conv2d::scratch_len`]): a padding may be any size.
+            // The padded input and the output, `[pixels][channels]`: a padding may be any size.
             let padded = |axis: usize| geometry.pad_before[axis] + geometry.pad_after[axis];
             let pixels = (geometry.in_height + padded(0)).checked_mul(geometry.in_width + padded(1));
-            let len = pixels.and_then(|p| p.checked_add(outputs)?.checked_mul(padded_bias.len() + block));
-            if len.is_none_or(|len| len > MAX_SCRATCH) {
-                return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
-            }
+            fits(pixels.and_then(|p| p.checked_add(outputs)?.checked_mul(across_len)))?;
         }
         let packed = if depthwise && tile.across_channels {
             // `[blocks][kh][kw][block]`: each tap's weights for a vector of channels.
@@ -476,10 +462,7 @@ impl Conv2d {
             false => outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS,
         };
         // The planes' size is a product `validate` does not bound (a stride may be any size).
-        let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
-        if planes.is_none_or(|v| v > MAX_SCRATCH) {
-            return Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer")));
-        }
+        fits(in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len)))?;
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
@@ -490,20 +473,13 @@ impl Conv2d {
             }
         }
         Ok(Conv2d {
-            geometry,
-            simd,
-            algorithm,
-            tile,
             packed,
-            bias: padded_bias,
             taps,
             plane_len,
             // One stride more than the taps reach, so that a strided gather reads whole strides.
             padded_row_len: out_w * sx + kw,
-            relu: false,
-            depthwise,
             in_place,
-            lane_taps: Vec::new(),
+            ..base
         })
     }
 

@@ -297,9 +297,27 @@ pub struct Conv2d {
     /// (MobileNet's pointwise layers): each input channel is its own only plane, read where it
     /// is (no copy).
     in_place: bool,
-    /// Per tap, where each output lane reads: a depthwise convolution of tiny channels run in
-    /// registers (`permute.rs`, AVX-512); empty otherwise.
-    lane_taps: Vec<permute::LaneTap>,
+    /// How the kernel lays out one image in the scratch buffer.
+    layout: ScratchLayout,
+    /// Values of the scratch buffer one image needs (checked when built).
+    scratch_len: usize,
+}
+
+/// How a kernel lays out one image in the scratch buffer: each way of running a convolution
+/// has its own, computed (with its sizes checked) once, when the convolution is built.
+#[derive(Clone, Debug)]
+enum ScratchLayout {
+    /// Shifted planes and one padded channel, or nothing where the input is read in place.
+    Planes,
+    /// Winograd's padded image, transformed tiles and points (`winograd.rs`).
+    Winograd(winograd::Layout),
+    /// One padded channel split into its column phases (`depthwise.rs`).
+    DepthwiseRows(depthwise::Layout),
+    /// The padded input and the output as `[pixels][channels]` ([`depthwise_across`]).
+    DepthwiseAcross(AcrossLayout),
+    /// No scratch: per tap, where each output lane reads, for a depthwise convolution of tiny
+    /// channels run in registers (`permute.rs`, AVX-512).
+    Registers(Vec<permute::LaneTap>),
 }
 
 impl fmt::Debug for Conv2d {
@@ -389,12 +407,11 @@ impl Conv2d {
         if let Some(bias) = bias {
             padded_bias[..out_channels].copy_from_slice(bias);
         }
-        // Each way of running it bounds its own buffers ([`Conv2d::scratch_len`]).
-        let fits = |len: Option<usize>| match len.is_some_and(|len| len <= MAX_SCRATCH) {
-            true => Ok(()),
-            false => Err(Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer"))),
-        };
-        let across_len = padded_bias.len() + block;
+        // Each way of running it bounds its own buffers ([`Conv2d::scratch_len`]); none where a
+        // size overflows.
+        let too_large = || Conv2dError::Geometry(format!("{geometry} needs too large a scratch buffer"));
+        let fits = |len: Option<usize>| len.filter(|&len| len <= MAX_SCRATCH).ok_or_else(too_large);
+        let across_stride = padded_bias.len() + block;
         let base = Conv2d {
             geometry,
             simd,
@@ -408,26 +425,27 @@ impl Conv2d {
             relu: false,
             depthwise,
             in_place: false,
-            lane_taps: Vec::new(),
+            layout: ScratchLayout::Planes,
+            scratch_len: 0,
         };
         if let Some(m) = algorithm.winograd_tile() {
-            let layout = winograd::Layout::new(&geometry, tile.outputs, m);
-            fits(layout.and_then(|layout| layout.scratch_len(block, tile.outputs)))?;
-            return Ok(Conv2d { packed: winograd::pack(&geometry, weights, block, m), ..base });
+            let layout = winograd::Layout::new(&geometry, tile.outputs, m).ok_or_else(too_large)?;
+            let scratch_len = fits(layout.scratch_len(block, tile.outputs))?;
+            let packed = winograd::pack(&geometry, weights, block, m);
+            return Ok(Conv2d { packed, layout: ScratchLayout::Winograd(layout), scratch_len, ..base });
+        }
+        if permuted {
+            // The weights as given (`[channels][kh][kw]`), each tap's inputs permuted out of
+            // the input's registers.
+            let layout = ScratchLayout::Registers(permute::lane_taps(&geometry));
+            return Ok(Conv2d { packed: weights.to_vec(), layout, ..base });
         }
         if depthwise && !tile.across_channels {
-            // Along rows, or in registers: the weights as given (`[channels][kh][kw]`), read
-            // from the padded channel (no planes), or permuted out of the input's registers.
-            let rows = depthwise::Layout::new(&geometry);
-            fits(rows.checked_scratch_len(sx))?;
-            let lane_taps = if permuted { permute::lane_taps(&geometry) } else { Vec::new() };
-            return Ok(Conv2d { packed: weights.to_vec(), taps: rows.taps(&geometry), lane_taps, ..base });
-        }
-        if depthwise && tile.across_channels {
-            // The padded input and the output, `[pixels][channels]`: a padding may be any size.
-            let padded = |axis: usize| geometry.pad_before[axis] + geometry.pad_after[axis];
-            let pixels = (geometry.in_height + padded(0)).checked_mul(geometry.in_width + padded(1));
-            fits(pixels.and_then(|p| p.checked_add(outputs)?.checked_mul(across_len)))?;
+            // Along rows: the weights as given, read from the padded channel (no planes).
+            let rows = depthwise::Layout::new(&geometry).ok_or_else(too_large)?;
+            let scratch_len = fits(Some(rows.scratch_len()))?;
+            let (taps, layout) = (rows.taps(&geometry), ScratchLayout::DepthwiseRows(rows));
+            return Ok(Conv2d { packed: weights.to_vec(), taps, layout, scratch_len, ..base });
         }
         let packed = if depthwise && tile.across_channels {
             // `[blocks][kh][kw][block]`: each tap's weights for a vector of channels.
@@ -453,6 +471,22 @@ impl Conv2d {
             }
             packed
         };
+        if depthwise {
+            // The padded input and the output, `[pixels][channels]`: a padding may be any size.
+            let padded = |axis: usize| geometry.pad_before[axis].checked_add(geometry.pad_after[axis]);
+            let padded_width = padded(1).and_then(|p| p.checked_add(geometry.in_width));
+            let padded_pixels = padded(0)
+                .and_then(|p| p.checked_add(geometry.in_height))
+                .and_then(|rows| rows.checked_mul(padded_width?))
+                .ok_or_else(too_large)?;
+            let layout = AcrossLayout {
+                padded_width: padded_width.ok_or_else(too_large)?,
+                padded_pixels,
+                stride: across_stride,
+            };
+            let scratch_len = fits(padded_pixels.checked_add(outputs).and_then(|p| p.checked_mul(across_stride)))?;
+            return Ok(Conv2d { packed, layout: ScratchLayout::DepthwiseAcross(layout), scratch_len, ..base });
+        }
         // The last tile reads up to a whole tile past the last output, from the lowest tap's
         // row on: those values exist (zero) so that no read needs a check. The fill writes
         // rows in whole vectors, up to a vector past the last row.
@@ -461,8 +495,21 @@ impl Conv2d {
             true => outputs,
             false => outputs.div_ceil(tile.outputs) * tile.outputs + (kh - 1) / sy * out_w + MAX_TILE_OUTPUTS,
         };
-        // The planes' size is a product `validate` does not bound (a stride may be any size).
-        fits(in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len)))?;
+        // One stride more than the taps reach, so that a strided gather reads whole strides.
+        let padded_row_len = out_w.checked_mul(sx).and_then(|v| v.checked_add(kw)).ok_or_else(too_large)?;
+        // The planes' and the padded channel's sizes are products `validate` does not bound (a
+        // stride may be any size): `planes_len` and `padded_len`, checked.
+        let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
+        // The padded channel the planes are copied from: `plane_rows * sy` rows of
+        // `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors,
+        // for a stride of 2) may run into.
+        let padded = plane_rows(&geometry)
+            .checked_mul(sy)
+            .and_then(|v| v.checked_mul(padded_row_len)?.checked_add(MAX_TILE_OUTPUTS));
+        let scratch_len = match in_place {
+            true => 0,
+            false => fits(planes.and_then(|planes| planes.checked_add(padded?)))?,
+        };
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
             for ky in 0..kh {
@@ -472,15 +519,7 @@ impl Conv2d {
                 }
             }
         }
-        Ok(Conv2d {
-            packed,
-            taps,
-            plane_len,
-            // One stride more than the taps reach, so that a strided gather reads whole strides.
-            padded_row_len: out_w * sx + kw,
-            in_place,
-            ..base
-        })
+        Ok(Conv2d { packed, taps, plane_len, padded_row_len, in_place, scratch_len, ..base })
     }
 
     /// The same convolution followed by a ReLU (`max(x, 0)`), applied to each tile as it is
@@ -543,36 +582,7 @@ impl Conv2d {
     /// channel; across channels, the padded input and the output, both `[pixels][channels]`;
     /// in registers, none.
     pub fn scratch_len(&self) -> usize {
-        if !self.lane_taps.is_empty() {
-            return 0;
-        }
-        if let Some(m) = self.algorithm.winograd_tile() {
-            let layout = winograd::Layout::new(&self.geometry, self.tile.outputs, m);
-            let len = layout.and_then(|layout| layout.scratch_len(self.tile.channels, self.tile.outputs));
-            return len.expect("sizes checked when built");
-        }
-        if self.depthwise && !self.tile.across_channels {
-            return depthwise::Layout::new(&self.geometry).scratch_len(self.geometry.stride[1]);
-        }
-        if self.tile.across_channels && self.depthwise {
-            let layout = self.across_layout();
-            return (layout.padded_pixels + self.geometry.out_height() * self.geometry.out_width()) * layout.stride;
-        }
-        self.planes_len() + self.padded_len()
-    }
-
-    /// How [`depthwise_across`] lays out its `[pixels][channels]` buffers.
-    fn across_layout(&self) -> AcrossLayout {
-        let g = &self.geometry;
-        let padded_width = g.in_width + g.pad_before[1] + g.pad_after[1];
-        AcrossLayout {
-            padded_width,
-            padded_pixels: (g.in_height + g.pad_before[0] + g.pad_after[0]) * padded_width,
-            // The channels rounded up to whole vectors, and one vector more, so that a pixel's
-            // channels are not a power-of-two stride apart (512 channels are 2 KiB: every
-            // pixel in the same two sets of the L1 cache).
-            stride: self.bias.len() + self.tile.channels,
-        }
+        self.scratch_len
     }
 
     /// Convolve `images` images: `input` is `[images, in_channels, in_height, in_width]`,
@@ -642,7 +652,7 @@ impl Conv2d {
         }
         let ([sy, sx], [top, left], kw) = (g.stride, g.pad_before, g.kernel[1]);
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
-        let plane_rows = self.plane_rows();
+        let plane_rows = plane_rows(g);
         let row_len = self.padded_row_len;
         let (planes, padded) = scratch.split_at_mut(self.planes_len());
         // SAFETY (all calls below): V's features are the caller's promise.
@@ -693,22 +703,12 @@ impl Conv2d {
         assert!(x_block == self.tile.outputs && reach <= planes.len());
         planes.as_ptr()
     }
+}
 
-    /// Rows of each plane: the output's and the `(kh - 1) / sy` below them the lower taps read.
-    fn plane_rows(&self) -> usize {
-        let g = &self.geometry;
-        g.out_height() + (g.kernel[0] - 1) / g.stride[0]
-    }
-
-    /// Values of the padded channel the planes are copied from: `plane_rows * sy` rows of
-    /// `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors, for
-    /// a stride of 2) may run into.
-    fn padded_len(&self) -> usize {
-        if self.in_place {
-            return 0;
-        }
-        self.plane_rows() * self.geometry.stride[0] * self.padded_row_len + MAX_TILE_OUTPUTS
-    }
+/// Rows of each shifted plane of `g`: the output's and the `(kh - 1) / sy` below them the
+/// lower taps read.
+fn plane_rows(g: &Conv2dGeometry) -> usize {
+    g.out_height() + (g.kernel[0] - 1) / g.stride[0]
 }
 
 /// `pointer`, hidden from the optimiser: an empty `asm!` block claims to change it, so that a
@@ -774,6 +774,25 @@ unsafe fn copy_even<V: Vector>(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Split each of `rows` rows of `from` (`row_len` values apart) into its even and odd columns,
+/// the two *phases* of a stride of 2: column `2x + p` of row `r` to `to[(2r + p) * phase + x]`,
+/// in whole vectors (`phase` rounded up: the values past a phase land on the next phase or
+/// row, written next, the last row's in the slack `to` and `from` must hold).
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn split_columns<V: Vector>(from: &[f32], row_len: usize, rows: usize, phase: usize, to: &mut [f32]) {
+    let wide = phase.div_ceil(V::LANES) * V::LANES;
+    for r in 0..rows {
+        let from = &from[r * row_len..];
+        for p in 0..2 {
+            // SAFETY: V's features are the caller's promise.
+            unsafe { copy_even::<V>(&mut to[(2 * r + p) * phase..][..wide], &from[p..][..2 * wide]) };
+        }
+    }
+}
+
 /// `dst.fill(0.0)`, in vectors where `dst` holds whole ones (not a library call: see [`copy`]).
 ///
 /// # Safety
@@ -795,12 +814,15 @@ unsafe fn zero<V: Vector>(dst: &mut [f32]) {
 
 /// The buffers of [`depthwise_across`]: the zero-padded input, then the output, each
 /// `[pixels][stride]`.
+#[derive(Clone, Copy, Debug)]
 struct AcrossLayout {
     /// Width of the padded input.
     padded_width: usize,
     /// Pixels of the padded input.
     padded_pixels: usize,
-    /// Values between one pixel's channels and the next's.
+    /// Values between one pixel's channels and the next's: the channels rounded up to whole
+    /// vectors, and one vector more, so that a pixel's channels are not a power-of-two stride
+    /// apart (512 channels are 2 KiB: every pixel in the same two sets of the L1 cache).
     stride: usize,
 }
 
@@ -1177,7 +1199,9 @@ unsafe fn depthwise_across<V: Vector>(
     let (h, w) = (g.in_height, g.in_width);
     let (out_h, out_w) = (g.out_height(), g.out_width());
     let outputs = out_h * out_w;
-    let AcrossLayout { padded_width, padded_pixels, stride } = conv.across_layout();
+    let ScratchLayout::DepthwiseAcross(AcrossLayout { padded_width, padded_pixels, stride }) = conv.layout else {
+        unreachable!("built with its layout")
+    };
     let taps = kh * kw;
     let (padded, result) = scratch.split_at_mut(padded_pixels * stride);
     let result = &mut result[..outputs * stride];
@@ -1913,7 +1937,7 @@ mod tests {
                 let conv = Conv2d::build(g, &weights, Some(&bias), simd, Algorithm::Direct, true).unwrap();
                 assert_eq!(conv.macs() * channels, g.macs());
                 let permuted = simd == Simd::Avx512 && permute::applies(&g);
-                assert_eq!(conv.lane_taps.is_empty(), !permuted, "{g}");
+                assert_eq!(matches!(conv.layout, ScratchLayout::Registers(_)), permuted, "{g}");
                 let across = g.out_height() * g.out_width() <= ACROSS_CHANNELS_MAX_OUTPUTS;
                 assert_eq!(conv.tile.across_channels, across && !permuted, "{g}");
                 check(conv, relu, add, images, &input, expected, taps);
@@ -1960,6 +1984,13 @@ mod tests {
         strided.stride = [usize::MAX / 4, 1];
         assert_eq!(strided.out_height(), 1);
         assert!(matches!(Conv2d::new(strided, &weights, None), Err(Conv2dError::Geometry(_))));
+        // One output column: the padded rows' length overflows (dense), the split rows' (depthwise,
+        // 32 outputs: along rows).
+        strided.stride = [1, usize::MAX / 4];
+        assert_eq!(strided.out_width(), 1);
+        assert!(matches!(Conv2d::new(strided, &weights, None), Err(Conv2dError::Geometry(_))));
+        (strided.out_channels, strided.in_height) = (3, 32);
+        assert!(matches!(Conv2d::depthwise(strided, &weights[..27], None), Err(Conv2dError::Geometry(_))));
         // Depthwise geometries with few outputs whose buffers would not fit: a padding of
         // 2^23 - 4 around a 4x4 channel with two outputs per axis (across channels: the padded
         // pixels of each channel), and strides of 2^20 with five outputs per axis (along rows:

@@ -9,7 +9,7 @@
 //! time (eight independent sums per tap); a row's last values are stored masked where the unit
 //! can.
 
-use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, copy, copy_even, store, zero};
+use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, copy, split_columns, store, zero};
 
 /// Output rows computed at once.
 const ROWS: usize = 8;
@@ -24,41 +24,34 @@ pub(super) struct Layout {
     columns: usize,
     /// Columns of each phase of a row.
     phase_width: usize,
+    /// Values of the split channel, and a tile's slack past its end (a vector read or written
+    /// whole from the last row's last column on).
+    split_len: usize,
+    /// Values of the channel before its split (none without a stride), and the slack of a split
+    /// in whole pairs of vectors.
+    unsplit_len: usize,
 }
 
 impl Layout {
-    /// The layout of `g` (valid: the rows and columns are within its padded input, which
-    /// [`Conv2dGeometry::validate`] bounds).
-    pub(super) fn new(g: &Conv2dGeometry) -> Layout {
+    /// The layout of `g` (valid: [`Conv2dGeometry::validate`]); none where a size overflows (a
+    /// stride may be any size).
+    pub(super) fn new(g: &Conv2dGeometry) -> Option<Layout> {
         let ([kh, kw], [sy, sx]) = (g.kernel, g.stride);
-        let columns = (g.out_width() - 1) * sx + kw;
-        Layout { rows: (g.out_height() - 1) * sy + kh, columns, phase_width: columns.div_ceil(sx) }
+        let rows = (g.out_height() - 1).checked_mul(sy)?.checked_add(kh)?;
+        let columns = (g.out_width() - 1).checked_mul(sx)?.checked_add(kw)?;
+        let phase_width = columns.div_ceil(sx);
+        let split_len = rows.checked_mul(sx)?.checked_mul(phase_width)?.checked_add(2 * MAX_TILE_OUTPUTS)?;
+        let unsplit_len = match sx {
+            1 => 0,
+            _ => rows.checked_mul(columns)?.checked_add(4 * MAX_TILE_OUTPUTS + 1)?,
+        };
+        split_len.checked_add(unsplit_len)?;
+        Some(Layout { rows, columns, phase_width, split_len, unsplit_len })
     }
 
-    /// Values of the split channel, and a tile's slack past its end (a vector read or written
-    /// whole from the last row's last column on).
-    fn split_len(&self, sx: usize) -> usize {
-        self.rows * sx * self.phase_width + 2 * MAX_TILE_OUTPUTS
-    }
-
-    /// Values of the channel before its split (none without a stride), and the slack of a split
-    /// in whole pairs of vectors.
-    fn unsplit_len(&self, sx: usize) -> usize {
-        if sx == 1 { 0 } else { self.rows * self.columns + 4 * MAX_TILE_OUTPUTS + 1 }
-    }
-
-    /// Values of the scratch buffer (its terms are checked when the convolution is built:
-    /// [`Layout::checked_scratch_len`]).
-    pub(super) fn scratch_len(&self, sx: usize) -> usize {
-        self.split_len(sx) + self.unsplit_len(sx)
-    }
-
-    /// [`Layout::scratch_len`], or none where a product or sum overflows.
-    pub(super) fn checked_scratch_len(&self, sx: usize) -> Option<usize> {
-        // `sx * phase_width < columns + sx`, so the split is at most `rows * (columns + sx)`.
-        let split = self.rows.checked_mul(self.columns.checked_add(sx)?)?.checked_add(2 * MAX_TILE_OUTPUTS)?;
-        let unsplit = self.rows.checked_mul(self.columns)?.checked_add(4 * MAX_TILE_OUTPUTS + 1)?;
-        split.checked_add(unsplit)
+    /// Values of the scratch buffer: the split channel, then the channel before its split.
+    pub(super) fn scratch_len(&self) -> usize {
+        self.split_len + self.unsplit_len
     }
 
     /// Per tap (row-major), its offset in the split channel from the first column of its
@@ -89,9 +82,9 @@ pub(super) unsafe fn image<V: Vector>(
     let ([kh, kw], [sy, sx]) = (g.kernel, g.stride);
     let (out_h, out_w) = (g.out_height(), g.out_width());
     let outputs = out_h * out_w;
-    let layout = Layout::new(g);
-    let (split, unsplit) = scratch.split_at_mut(layout.split_len(sx));
-    let unsplit = &mut unsplit[..layout.unsplit_len(sx)];
+    let ScratchLayout::DepthwiseRows(layout) = conv.layout else { unreachable!("built with its layout") };
+    let (split, unsplit) = scratch.split_at_mut(layout.split_len);
+    let unsplit = &mut unsplit[..layout.unsplit_len];
     let row_stride = sx * layout.phase_width;
     // The furthest read: the last row of outputs (blocks are clamped to it), its last vector
     // from its first column on, the last tap.
@@ -161,18 +154,16 @@ unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, channel: &[f32], s
         return;
     }
     let phase = layout.phase_width;
-    let wide = phase.div_ceil(V::LANES) * V::LANES;
+    if sx == 2 {
+        // SAFETY: as above; `split` and `unsplit` hold the slack (`Layout`).
+        unsafe { split_columns::<V>(unsplit, layout.columns, layout.rows, phase, split) };
+        return;
+    }
     for r in 0..layout.rows {
         let from = &unsplit[r * layout.columns..];
         for p in 0..sx {
-            let at = (r * sx + p) * phase;
-            if sx == 2 {
-                // SAFETY: as above; `split` and `unsplit` hold the slack (`Layout`).
-                unsafe { copy_even::<V>(&mut split[at..][..wide], &from[p..][..2 * wide]) };
-            } else {
-                for (x, value) in split[at..][..phase].iter_mut().enumerate() {
-                    *value = from[x * sx + p];
-                }
+            for (x, value) in split[(r * sx + p) * phase..][..phase].iter_mut().enumerate() {
+                *value = from[x * sx + p];
             }
         }
     }

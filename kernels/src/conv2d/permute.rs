@@ -60,8 +60,8 @@ pub(super) use x86::image;
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{LANES, LaneTap};
-    use crate::conv2d::Conv2d;
+    use super::LANES;
+    use crate::conv2d::{Conv2d, ScratchLayout};
 
     /// One image ([`super::applies`]): per channel, its input in four vectors, each tap's
     /// inputs permuted out of them, multiplied with the tap's weight; bias, the values to add
@@ -80,7 +80,7 @@ mod x86 {
     ) {
         let g = &conv.geometry;
         let (inputs, outputs) = (g.in_height * g.in_width, g.out_height() * g.out_width());
-        let taps: &[LaneTap] = &conv.lane_taps;
+        let ScratchLayout::Registers(taps) = &conv.layout else { unreachable!("built with its lane taps") };
         assert!(inputs <= 4 * LANES && outputs <= LANES && taps.len() == g.kernel[0] * g.kernel[1]);
         assert!(image.len() == g.in_channels * inputs && out.len() == g.out_channels * outputs);
         assert!(add.is_none_or(|a| a.len() == out.len()) && conv.packed.len() == g.in_channels * taps.len());

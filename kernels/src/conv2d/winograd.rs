@@ -38,7 +38,10 @@
 //! sums, F(4x4)'s by up to about ten times that (its transforms multiply by up to 8; the
 //! tests' bounds say how much).
 
-use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, Vector, accumulate, copy, copy_even, finish, opaque, zero};
+use super::{
+    Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, accumulate, copy, finish, opaque, split_columns,
+    zero,
+};
 
 /// Whether Winograd's computes `geometry` (dense; the caller checks that).
 pub(super) fn applies(geometry: &Conv2dGeometry) -> bool {
@@ -187,9 +190,9 @@ pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: 
     let points_per_tile = N * N;
     let x_block = XV * V::LANES;
     let g = &conv.geometry;
-    let layout = Layout::new(g, x_block, M).expect("sizes checked when built");
-    assert!(x_block == conv.tile.outputs && CO == conv.tile.channels);
-    assert!(layout.scratch_len(CO, x_block).is_some_and(|len| scratch.len() >= len));
+    let ScratchLayout::Winograd(layout) = conv.layout else { unreachable!("built with its layout") };
+    assert!(x_block == conv.tile.outputs && CO == conv.tile.channels && layout.m == M);
+    assert!(scratch.len() >= conv.scratch_len);
     let (padded, rest) = scratch.split_at_mut(layout.padded_len);
     let (transformed, rest) = rest.split_at_mut(points_per_tile * layout.point_stride);
     let (points, rest) = rest.split_at_mut(points_per_tile * CO * x_block);
@@ -392,38 +395,39 @@ unsafe fn pad<V: Vector, const M: usize>(
     // SAFETY: V's features are the caller's promise (here and below).
     // The padding stays zero, each channel overwrites the image.
     unsafe { zero::<V>(unsplit) };
-    for (channel, padded) in image.chunks_exact(h * w).zip(padded.chunks_mut(layout.padded_channel)) {
+    for (c, channel) in image.chunks_exact(h * w).enumerate() {
         for (y, row) in channel.chunks_exact(w).enumerate() {
             unsafe { copy::<V>(&mut unsplit[(y + top) * width + left..][..w], row) };
+        }
+        // The channel's rows and the rest of the buffer: the slack past the last channel holds
+        // the last row's `wide - phase` values past its last phase; the others land on the
+        // next phase or row, written after.
+        let padded = &mut padded[c * layout.padded_channel..];
+        if M == 2 {
+            unsafe { split_columns::<V>(unsplit, width, rows, phase, padded) };
+            continue;
         }
         let to = padded.as_mut_ptr();
         for r in 0..rows {
             let from = &unsplit[r * width..][..M * wide + 1];
-            // SAFETY: `to` points into `padded` (whose slack past the last channel holds the
-            // last row's `wide - phase` values past its last phase; the others land on the
-            // next phase or row, written after); reads within `from`.
+            // SAFETY: `to` points into `padded`, as far as its slack (above); reads within
+            // `from`.
             unsafe {
-                let phase_at = |k: usize| std::slice::from_raw_parts_mut(to.add(r * width + k * phase), wide);
-                if M == 2 {
-                    copy_even::<V>(phase_at(0), &from[..2 * wide]);
-                    copy_even::<V>(phase_at(1), &from[1..][..2 * wide]);
-                } else {
-                    let (from, to) = (from.as_ptr(), to.add(r * width));
-                    for j in (0..wide).step_by(V::LANES).rev() {
-                        // Columns 4j to 4j + 4 lanes: their even and odd ones, then the evens'
-                        // even and odd ones (phases 0 and 2) and the odds' (1 and 3).
-                        let v = |i: usize| V::load(from.add(4 * j + i * V::LANES));
-                        let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
-                        let (even, odd) = ([V::even(v0, v1), V::even(v2, v3)], [V::odd(v0, v1), V::odd(v2, v3)]);
-                        let phases = [
-                            V::even(even[0], even[1]),
-                            V::even(odd[0], odd[1]),
-                            V::odd(even[0], even[1]),
-                            V::odd(odd[0], odd[1]),
-                        ];
-                        for (k, value) in phases.into_iter().enumerate() {
-                            value.store(opaque(to.add(k * phase + j)));
-                        }
+                let (from, to) = (from.as_ptr(), to.add(r * width));
+                for j in (0..wide).step_by(V::LANES).rev() {
+                    // Columns 4j to 4j + 4 lanes: their even and odd ones, then the evens'
+                    // even and odd ones (phases 0 and 2) and the odds' (1 and 3).
+                    let v = |i: usize| V::load(from.add(4 * j + i * V::LANES));
+                    let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
+                    let (even, odd) = ([V::even(v0, v1), V::even(v2, v3)], [V::odd(v0, v1), V::odd(v2, v3)]);
+                    let phases = [
+                        V::even(even[0], even[1]),
+                        V::even(odd[0], odd[1]),
+                        V::odd(even[0], even[1]),
+                        V::odd(odd[0], odd[1]),
+                    ];
+                    for (k, value) in phases.into_iter().enumerate() {
+                        value.store(opaque(to.add(k * phase + j)));
                     }
                 }
             }

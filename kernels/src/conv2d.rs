@@ -774,25 +774,6 @@ unsafe fn copy_even<V: Vector>(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Split each of `rows` rows of `from` (`row_len` values apart) into its even and odd columns,
-/// the two *phases* of a stride of 2: column `2x + p` of row `r` to `to[(2r + p) * phase + x]`,
-/// in whole vectors (`phase` rounded up: the values past a phase land on the next phase or
-/// row, written next, the last row's in the slack `to` and `from` must hold).
-///
-/// # Safety
-/// The CPU must have `V`'s features.
-#[inline(always)]
-unsafe fn split_columns<V: Vector>(from: &[f32], row_len: usize, rows: usize, phase: usize, to: &mut [f32]) {
-    let wide = phase.div_ceil(V::LANES) * V::LANES;
-    for r in 0..rows {
-        let from = &from[r * row_len..];
-        for p in 0..2 {
-            // SAFETY: V's features are the caller's promise.
-            unsafe { copy_even::<V>(&mut to[(2 * r + p) * phase..][..wide], &from[p..][..2 * wide]) };
-        }
-    }
-}
-
 /// `dst.fill(0.0)`, in vectors where `dst` holds whole ones (not a library call: see [`copy`]).
 ///
 /// # Safety

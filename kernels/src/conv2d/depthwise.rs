@@ -9,7 +9,7 @@
 //! time (eight independent sums per tap); a row's last values are stored masked where the unit
 //! can.
 
-use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, copy, split_columns, store, zero};
+use super::{Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, copy, copy_even, store, zero};
 
 /// Output rows computed at once.
 const ROWS: usize = 8;
@@ -165,6 +165,25 @@ unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, channel: &[f32], s
             for (x, value) in split[(r * sx + p) * phase..][..phase].iter_mut().enumerate() {
                 *value = from[x * sx + p];
             }
+        }
+    }
+}
+
+/// Split each of `rows` rows of `from` (`row_len` values apart) into its even and odd columns,
+/// the two *phases* of a stride of 2: column `2x + p` of row `r` to `to[(2r + p) * phase + x]`,
+/// in whole vectors (`phase` rounded up: the values past a phase land on the next phase or
+/// row, written next, the last row's in the slack `to` and `from` must hold).
+///
+/// # Safety
+/// The CPU must have `V`'s features.
+#[inline(always)]
+unsafe fn split_columns<V: Vector>(from: &[f32], row_len: usize, rows: usize, phase: usize, to: &mut [f32]) {
+    let wide = phase.div_ceil(V::LANES) * V::LANES;
+    for r in 0..rows {
+        let from = &from[r * row_len..];
+        for p in 0..2 {
+            // SAFETY: V's features are the caller's promise.
+            unsafe { copy_even::<V>(&mut to[(2 * r + p) * phase..][..wide], &from[p..][..2 * wide]) };
         }
     }
 }

@@ -39,8 +39,7 @@
 //! tests' bounds say how much).
 
 use super::{
-    Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, accumulate, copy, finish, opaque, split_columns,
-    zero,
+    Conv2d, Conv2dGeometry, MAX_TILE_OUTPUTS, ScratchLayout, Vector, accumulate, copy, copy_even, finish, opaque, zero,
 };
 
 /// Whether Winograd's computes `geometry` (dense; the caller checks that).
@@ -59,6 +58,13 @@ pub(super) fn four_by_four_is_fewer(geometry: &Conv2dGeometry, x_block: usize) -
 
 /// Where one image's values lie in the scratch buffer, and the tiles' arrangement, for tiles
 /// of `m x m` outputs.
+///
+/// Each padded channel is stored as `m * (m + 2)` *components*: component `(r, j)` holds, at
+/// row `y` and column `x`, the padded channel's value at row `m * y + r`, column `m * x + j`,
+/// with rows exactly as wide as a row of tiles. Value `(i, j)` of the patch of tile
+/// `t = ty * tiles_wide + tx` is then component `(i % m, j)` at `t + (i / m) * tiles_wide`:
+/// consecutive tiles are consecutive values across the ends of rows of tiles, so a vector of
+/// tiles is one load however narrow the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Layout {
     /// Outputs per tile side (2 or 4).
@@ -67,15 +73,18 @@ pub(super) struct Layout {
     tiles_wide: usize,
     /// Rows of tiles.
     tiles_high: usize,
-    /// Columns of each of the `m` phases (columns equal modulo `m`) of a zero-padded row: the
-    /// padded row has `m` per tile and two more for the last tile's reach.
-    phase_width: usize,
-    /// Values of one padded channel: `m` rows per row of tiles and two more, each its `m`
-    /// phases in turn.
+    /// Values of one component: a row more than there are rows of tiles (the patches' last two
+    /// rows reach into the next row of tiles), and slack that the reads of a block's last
+    /// vectors and the writes of whole vectors run into.
+    component_len: usize,
+    /// Values of one padded channel: its `m * (m + 2)` components.
     padded_channel: usize,
-    /// Values of the padded image: its channels, and slack that whole-vector reads and writes
-    /// of the last row run into.
+    /// Values of the padded image: its channels.
     padded_len: usize,
+    /// Values of one zero-padded channel before its split (rows of [`Layout::unsplit_width`]),
+    /// and the slack of a split in whole vectors (from up to `m + 2` values into a row, `m`
+    /// vectors).
+    unsplit_len: usize,
     /// Values between one point of a block's transformed tiles and the next: `x_block` tiles
     /// of each input channel, and a vector of slack that the last channel's lanes past the
     /// block are written into.
@@ -86,18 +95,20 @@ impl Layout {
     /// The layout of `geometry` for a kernel whose tiles hold `x_block` tiles (of `m x m`
     /// outputs) of a channel; none where a size overflows.
     pub(super) fn new(geometry: &Conv2dGeometry, x_block: usize, m: usize) -> Option<Layout> {
-        assert!(m == 2 || m == 4);
+        assert!((m == 2 || m == 4) && x_block <= MAX_TILE_OUTPUTS);
         let tiles_wide = geometry.out_width().div_ceil(m);
         let tiles_high = geometry.out_height().div_ceil(m);
-        let phase_width = tiles_wide + 1;
-        let padded_channel = (m * tiles_high + 2).checked_mul(m)?.checked_mul(phase_width)?;
+        let component_len = (tiles_high + 1).checked_mul(tiles_wide)?.checked_add(MAX_TILE_OUTPUTS)?;
+        let padded_channel = (m * (m + 2)).checked_mul(component_len)?;
+        let unsplit = (m * tiles_high + 2).checked_mul(m * (tiles_wide + 1))?;
         Some(Layout {
             m,
             tiles_wide,
             tiles_high,
-            phase_width,
+            component_len,
             padded_channel,
-            padded_len: geometry.in_channels.checked_mul(padded_channel)?.checked_add(2 * MAX_TILE_OUTPUTS)?,
+            padded_len: geometry.in_channels.checked_mul(padded_channel)?,
+            unsplit_len: unsplit.checked_add(4 * MAX_TILE_OUTPUTS + m + 2)?,
             point_stride: geometry.in_channels.checked_mul(x_block)?.checked_add(MAX_TILE_OUTPUTS)?,
         })
     }
@@ -112,16 +123,16 @@ impl Layout {
         (self.m + 2) * (self.m + 2)
     }
 
-    /// Values of one zero-padded channel before its rows are split into their phases (its
-    /// rows as wide as all phases), and the slack of a split in whole vectors (F(4x4)'s reads
-    /// four vectors of a row at a time).
-    fn unsplit_len(&self) -> usize {
-        self.padded_channel + 4 * MAX_TILE_OUTPUTS + 1
-    }
-
-    /// Rows of a padded channel.
+    /// Rows of a padded channel: `m` per row of tiles and two more for the last tiles' reach
+    /// (as in [`Layout::new`]).
     fn padded_rows(&self) -> usize {
         self.m * self.tiles_high + 2
+    }
+
+    /// Values of a padded row before its split: `m` per tile, and `m` more (at least the two
+    /// the last tile reaches; as in [`Layout::new`]).
+    fn unsplit_width(&self) -> usize {
+        self.m * (self.tiles_wide + 1)
     }
 
     /// Values of the scratch buffer: the padded image, one block's transformed tiles, the
@@ -132,7 +143,7 @@ impl Layout {
         self.padded_len
             .checked_add(self.points().checked_mul(per_point)?)?
             .checked_add(self.m * self.m * x_block)?
-            .checked_add(self.unsplit_len())
+            .checked_add(self.unsplit_len)
     }
 }
 
@@ -197,9 +208,9 @@ pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: 
     let (transformed, rest) = rest.split_at_mut(points_per_tile * layout.point_stride);
     let (points, rest) = rest.split_at_mut(points_per_tile * CO * x_block);
     let (rows, unsplit) = rest.split_at_mut(M * M * x_block);
-    let unsplit = &mut unsplit[..layout.unsplit_len()];
+    let unsplit = &mut unsplit[..layout.unsplit_len];
     // SAFETY: V's features are the caller's promise.
-    unsafe { pad::<V, M>(g, &layout, image, unsplit, padded) };
+    unsafe { pad::<V, M, N>(g, &layout, image, unsplit, padded) };
     let tiles = layout.tiles();
     let outputs = g.out_height() * g.out_width();
     let (inputs, stride) = (g.in_channels, layout.point_stride);
@@ -365,20 +376,18 @@ unsafe fn interleave<V: Vector, const M: usize>(y: [V; M]) -> [V; M] {
     out
 }
 
-/// Copy `image` into `padded`, each channel zero-padded (`[channel][padded rows][phase]
-/// [phase_width]`, the rows and columns past the image's padding zero too) and each row split
-/// into its `M` phases (columns equal modulo `M`), so that the transform reads each column of
-/// a vector of tiles with one load. Each channel is padded whole in `unsplit` first, then its
-/// rows split in whole vectors (a row read right after it was written, at other offsets,
-/// would wait for the stores to complete). The values written past a row's phase are
-/// overwritten by the next phase or row (F(4x4) splits a row's last vectors first, so that a
-/// phase's spill lands on the next phase's first vector, written after), the last row's land
-/// in the slack.
+/// Copy `image` into `padded`, each channel zero-padded (the rows and columns past the
+/// image's padding zero too) and stored as its components ([`Layout`]), so that the transform
+/// reads each value of the patches of a vector of tiles with one load. Each channel is padded
+/// whole in `unsplit` first, then each row split into its components in whole vectors (a row
+/// read right after it was written, at other offsets, would wait for the stores to complete).
+/// The values written past a component's row land on its next row, written after, or in its
+/// slack.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
 #[inline(always)]
-unsafe fn pad<V: Vector, const M: usize>(
+unsafe fn pad<V: Vector, const M: usize, const N: usize>(
     g: &Conv2dGeometry,
     layout: &Layout,
     image: &[f32],
@@ -386,48 +395,62 @@ unsafe fn pad<V: Vector, const M: usize>(
     padded: &mut [f32],
 ) {
     let ([top, left], (h, w)) = (g.pad_before, (g.in_height, g.in_width));
-    let phase = layout.phase_width;
-    let width = M * phase;
-    let wide = phase.div_ceil(V::LANES) * V::LANES;
+    let (tiles_wide, component) = (layout.tiles_wide, layout.component_len);
+    let width = layout.unsplit_width();
+    let wide = tiles_wide.div_ceil(V::LANES) * V::LANES;
     let rows = layout.padded_rows();
-    assert!(rows >= h + top && width >= w + left && unsplit.len() > (rows - 1) * width + M * wide);
-    assert!(padded.len() >= g.in_channels * layout.padded_channel + wide);
+    // The reads of a row: `M * wide` values from its start, and `N` more for the components of
+    // the patches' last columns; the writes of a component's row: `wide` values from
+    // `(row / M) * tiles_wide`, within its `(tiles_high + 1) * tiles_wide` values and slack.
+    assert!(rows >= h + top && width >= w + left && unsplit.len() >= (rows - 1) * width + M * wide + N);
+    assert!(rows <= M * (layout.tiles_high + 1) && layout.tiles_high * tiles_wide + wide <= component);
+    assert!(padded.len() >= g.in_channels * layout.padded_channel && layout.padded_channel == M * N * component);
     // SAFETY: V's features are the caller's promise (here and below).
     // The padding stays zero, each channel overwrites the image.
     unsafe { zero::<V>(unsplit) };
-    for (c, channel) in image.chunks_exact(h * w).enumerate() {
+    for (channel, padded) in image.chunks_exact(h * w).zip(padded.chunks_exact_mut(layout.padded_channel)) {
         for (y, row) in channel.chunks_exact(w).enumerate() {
             unsafe { copy::<V>(&mut unsplit[(y + top) * width + left..][..w], row) };
         }
-        // The channel's rows and the rest of the buffer: the slack past the last channel holds
-        // the last row's `wide - phase` values past its last phase; the others land on the
-        // next phase or row, written after.
-        let padded = &mut padded[c * layout.padded_channel..];
-        if M == 2 {
-            unsafe { split_columns::<V>(unsplit, width, rows, phase, padded) };
-            continue;
-        }
         let to = padded.as_mut_ptr();
         for r in 0..rows {
-            let from = &unsplit[r * width..][..M * wide + 1];
-            // SAFETY: `to` points into `padded`, as far as its slack (above); reads within
-            // `from`.
+            let from = &unsplit[r * width..][..M * wide + N];
+            // Component `(r % M, j)`'s row `r / M`.
+            let at = |j: usize| (r % M * N + j) * component + r / M * tiles_wide;
+            // SAFETY: the writes of `wide` values from `at(j)` lie within `padded` (the
+            // assertions above); the reads within `from`.
             unsafe {
-                let (from, to) = (from.as_ptr(), to.add(r * width));
-                for j in (0..wide).step_by(V::LANES).rev() {
-                    // Columns 4j to 4j + 4 lanes: their even and odd ones, then the evens'
-                    // even and odd ones (phases 0 and 2) and the odds' (1 and 3).
-                    let v = |i: usize| V::load(from.add(4 * j + i * V::LANES));
-                    let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
-                    let (even, odd) = ([V::even(v0, v1), V::even(v2, v3)], [V::odd(v0, v1), V::odd(v2, v3)]);
-                    let phases = [
+                if M == 2 {
+                    // Columns `2x + j`: the even or odd ones from column `j` on.
+                    for j in 0..N {
+                        let dst = std::slice::from_raw_parts_mut(to.add(at(j)), wide);
+                        copy_even::<V>(dst, &from[j..][..2 * wide]);
+                    }
+                    continue;
+                }
+                let from = from.as_ptr();
+                for x in (0..wide).step_by(V::LANES) {
+                    // Columns `4x` to `4x + 4 lanes` (and from `4x + 4` on for the last two
+                    // components): their even and odd ones, then the evens' even and odd ones
+                    // (components 0 and 2) and the odds' (1 and 3).
+                    let split = |offset: usize| {
+                        let v = |i: usize| V::load(from.add(4 * x + offset + i * V::LANES));
+                        let (v0, v1, v2, v3) = (v(0), v(1), v(2), v(3));
+                        let (even, odd) = ([V::even(v0, v1), V::even(v2, v3)], [V::odd(v0, v1), V::odd(v2, v3)]);
+                        (even, odd)
+                    };
+                    let (even, odd) = split(0);
+                    let (next_even, next_odd) = split(4);
+                    let values = [
                         V::even(even[0], even[1]),
                         V::even(odd[0], odd[1]),
                         V::odd(even[0], even[1]),
                         V::odd(odd[0], odd[1]),
+                        V::even(next_even[0], next_even[1]),
+                        V::even(next_odd[0], next_odd[1]),
                     ];
-                    for (k, value) in phases.into_iter().enumerate() {
-                        value.store(opaque(to.add(k * phase + j)));
+                    for (j, value) in values.into_iter().enumerate() {
+                        value.store(opaque(to.add(at(j) + x)));
                     }
                 }
             }
@@ -437,9 +460,9 @@ unsafe fn pad<V: Vector, const M: usize>(
 
 /// Transform the tiles `tiles` of each channel of the padded image into `transformed`
 /// (`[point][channel][x_block]`, points `point_stride` apart): a vector of consecutive tiles
-/// of a row at a time, the `N` columns of each patch row loaded from the row's phases. The
-/// lanes past a row of tiles (or the block) hold values of the next tiles or of nothing; the
-/// next ones' stores overwrite them, the last channel's land in the slack.
+/// at a time, each value of its patches one load from its component ([`Layout`]). The lanes
+/// past the block hold values of the next tiles or of nothing; the next channel's stores
+/// overwrite them, the last channel's land in the slack.
 ///
 /// # Safety
 /// The CPU must have `V`'s features.
@@ -452,46 +475,39 @@ unsafe fn transform<V: Vector, const M: usize, const N: usize>(
     x_block: usize,
     transformed: &mut [f32],
 ) {
-    let (phase, stride, channels) = (layout.phase_width, layout.point_stride, g.in_channels);
-    // The reads of a vector from tile (ty, tx) on: rows `M * ty + i` (i < N) of its channel,
-    // columns `tx + j / M` to `tx + j / M + lanes` of phase `j % M` (j < N), which end a
-    // vector past the last phase of the channel's last row at most.
-    let last_read = channels * layout.padded_channel + V::LANES;
-    assert!(last_read <= padded.len() && tiles.end <= layout.tiles() && tiles.len() <= x_block);
+    let (stride, channels, component) = (layout.point_stride, g.in_channels, layout.component_len);
+    // The reads of a vector from tile `t` on: `t + (i / M) * tiles_wide` (i < N) of each of
+    // the channel's components, and the lanes of the block's last vector past it.
+    let reach = tiles.start + x_block + layout.tiles_wide;
+    assert!(tiles.end <= layout.tiles() && tiles.len() <= x_block && reach <= component);
+    assert!(padded.len() >= channels * layout.padded_channel && layout.padded_channel == M * N * component);
     assert!(transformed.len() >= N * N * stride && channels * x_block + V::LANES <= stride);
     let (from, to) = (padded.as_ptr(), transformed.as_mut_ptr());
     for c in 0..channels {
-        let mut t = tiles.start;
-        while t < tiles.end {
-            let (ty, tx) = (t / layout.tiles_wide, t % layout.tiles_wide);
-            let run = (layout.tiles_wide - tx).min(tiles.end - t);
-            for first in (0..run).step_by(V::LANES) {
-                // SAFETY: V's features are the caller's promise; reads below `last_read`, writes
-                // at `point * stride + c * x_block` plus less than `x_block + lanes` (the
-                // assertions above).
-                unsafe {
-                    // `d B`, by columns: column `j` holds combination `j` of each patch row.
-                    let mut columns = [[V::splat(0.0); N]; N];
-                    for i in 0..N {
-                        let row = from.add(c * layout.padded_channel + (M * ty + i) * M * phase + tx + first);
-                        let mut d = [V::splat(0.0); N];
-                        for (j, value) in d.iter_mut().enumerate() {
-                            *value = V::load(row.add((j % M) * phase + j / M));
-                        }
-                        for (column, value) in columns.iter_mut().zip(transform_input::<V, N>(d)) {
-                            column[i] = value;
-                        }
+        for first in (0..tiles.len()).step_by(V::LANES) {
+            let t = tiles.start + first;
+            // SAFETY: V's features are the caller's promise; reads within the channel's
+            // components (`reach`), writes at `point * stride + c * x_block` plus less than
+            // `x_block + lanes` (the assertions above).
+            unsafe {
+                // `d B`, by columns: column `j` holds combination `j` of each patch row.
+                let mut columns = [[V::splat(0.0); N]; N];
+                for i in 0..N {
+                    let row =
+                        from.add(c * layout.padded_channel + (i % M) * N * component + i / M * layout.tiles_wide + t);
+                    let d: [V; N] = std::array::from_fn(|j| V::load(row.add(j * component)));
+                    for (column, value) in columns.iter_mut().zip(transform_input::<V, N>(d)) {
+                        column[i] = value;
                     }
-                    // `Bt (d B)`, stored point by point.
-                    let at = c * x_block + t - tiles.start + first;
-                    for (j, &column) in columns.iter().enumerate() {
-                        for (i, value) in transform_input::<V, N>(column).into_iter().enumerate() {
-                            value.store(to.add((i * N + j) * stride + at));
-                        }
+                }
+                // `Bt (d B)`, stored point by point.
+                let at = c * x_block + first;
+                for (j, &column) in columns.iter().enumerate() {
+                    for (i, value) in transform_input::<V, N>(column).into_iter().enumerate() {
+                        value.store(to.add((i * N + j) * stride + at));
                     }
                 }
             }
-            t += run;
         }
     }
 }

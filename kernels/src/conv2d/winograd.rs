@@ -230,7 +230,7 @@ pub(super) unsafe fn image<V: Vector, const M: usize, const N: usize, const CO: 
                 unsafe {
                     let mut acc: [[V; XV]; CO] = [[V::splat(0.0); XV]; CO];
                     let src = v.add(p * stride);
-                    accumulate(&mut acc, weights, (0..inputs).map(|c| src.add(c * x_block)));
+                    accumulate::<V, CO, XV, false>(&mut acc, weights, (0..inputs).map(|c| src.add(c * x_block)));
                     for (co, lanes) in acc.iter().enumerate() {
                         for (j, lane) in lanes.iter().enumerate() {
                             lane.store(m.add((p * CO + co) * x_block + j * V::LANES));

@@ -498,7 +498,7 @@ impl Conv2d {
         // One stride more than the taps reach, so that a strided gather reads whole strides.
         let padded_row_len = out_w.checked_mul(sx).and_then(|v| v.checked_add(kw)).ok_or_else(too_large)?;
         // The planes' and the padded channel's sizes are products `validate` does not bound (a
-        // stride may be any size): `planes_len` and `padded_len`, checked.
+        // stride may be any size), checked: `planes_len()` values, then the padded channel.
         let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
         // The padded channel the planes are copied from: `plane_rows * sy` rows of
         // `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors,

@@ -170,6 +170,9 @@ struct Found {
     /// Images per run; `None`: `[C, H, W]` without a batch axis.
     batch: Option<usize>,
     input: OutletId,
+    /// The input has a batch axis of one image that the output drops (`[1, C, H, W]` in,
+    /// `[C, H, W]` out: where tract drops a batch-1 graph's axis at a matrix product).
+    drops_batch_axis: bool,
 }
 
 impl Found {
@@ -262,13 +265,14 @@ fn conv_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>>
         n if n == geometry.out_channels => bias.to_vec(),
         _ => return Ok(None),
     };
-    Ok(Some(Found { geometry, weights, bias, depthwise, batch, input: node.inputs[0] }))
+    Ok(Some(Found { geometry, weights, bias, depthwise, batch, input: node.inputs[0], drops_batch_axis: false }))
 }
 
 /// The 1x1 convolution `node` computes, if it is one as tract leaves it after decluttering:
-/// an `EinSum` `NIHW,OI->NOHW` (or `IHW,OI->OHW`) of f32 values with constant `[O, I]`
-/// weights, reading the input directly (MobileNet's pointwise layers) or through the
-/// `Downsample`s of the height and width axes (ResNet's strided shortcuts).
+/// an `EinSum` `NIHW,OI->NOHW` (or `IHW,OI->OHW`, or `NIHW,OI->OHW` over one image: tract's
+/// batch-1 graph drops its batch axis there) of f32 values with constant `[O, I]` weights,
+/// reading the input directly (MobileNet's pointwise layers) or through the `Downsample`s of
+/// the height and width axes (ResNet's strided shortcuts).
 fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
     let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
     if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
@@ -277,6 +281,10 @@ fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fo
     let (inputs, outputs) = einsum.axes.to_strs();
     let [x, w] = [&inputs[0], &inputs[1]].map(|s| s.chars().collect::<Vec<char>>());
     let Some(y) = outputs.first().map(|s| s.chars().collect::<Vec<char>>()) else { return Ok(None) };
+    // A first input axis that neither the weights nor the output have: summed over, a batch of
+    // one image (checked on the shape below), dropped.
+    let drops_batch_axis = x.len() == 4 && y.len() == 3 && !y.contains(&x[0]) && !w.contains(&x[0]);
+    let x = &x[usize::from(drops_batch_axis)..];
     let rank = x.len();
     if !(rank == 3 || rank == 4) || y.len() != rank || w.len() != 2 || outputs.len() != 1 {
         return Ok(None);
@@ -292,11 +300,13 @@ fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fo
     let Some(weights) = weights_fact.konst.as_ref().filter(|k| k.datum_type() == f32::datum_type()) else {
         return Ok(None);
     };
+    // The input's channel axis.
+    let c_in = c + usize::from(drops_batch_axis);
     // Walk back through the downsamples of a stride, each read by this chain alone.
     let mut input = node.inputs[0];
     let mut stride = [1, 1];
     while let Some(down) = model.node(input.node).op_as::<Downsample>() {
-        let axis = down.axis.wrapping_sub(c + 1);
+        let axis = down.axis.wrapping_sub(c_in + 1);
         let alone = model.outlet_successors(input).len() == 1;
         if axis > 1 || down.modulo != 0 || down.stride < 1 || !alone || stride[axis] != 1 {
             break;
@@ -306,10 +316,10 @@ fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fo
     }
     let in_fact = model.outlet_fact(input)?;
     let Some(shape) = in_fact.shape.as_concrete() else { return Ok(None) };
-    if in_fact.datum_type != f32::datum_type() || shape.len() != rank {
+    if in_fact.datum_type != f32::datum_type() || shape.len() != c_in + 3 || (drops_batch_axis && shape[0] != 1) {
         return Ok(None);
     }
-    let [in_channels, in_height, in_width] = [shape[c], shape[c + 1], shape[c + 2]];
+    let [in_channels, in_height, in_width] = [shape[c_in], shape[c_in + 1], shape[c_in + 2]];
     let out_channels = weights.shape()[0];
     if weights.shape() != [out_channels, in_channels] {
         return Ok(None);
@@ -326,7 +336,8 @@ fn pointwise_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fo
     };
     let weights = weights.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let batch = (rank == 4).then(|| shape[0]);
-    Ok(Some(Found { geometry, weights, bias: vec![0.0; out_channels], depthwise: false, batch, input }))
+    let bias = vec![0.0; out_channels];
+    Ok(Some(Found { geometry, weights, bias, depthwise: false, batch, input, drops_batch_axis }))
 }
 
 /// The node that alone reads node `id`'s output (which is not a model output), and the slot
@@ -466,6 +477,10 @@ pub fn replace_convolutions(model: &mut TypedModel) -> TractResult<()> {
         op.pool = pool.is_some();
         let mut patch = TypedModelPatch::new("mekd-direct-conv");
         let mut inputs = vec![patch.tap_model(model, found.input)?];
+        if found.drops_batch_axis {
+            let name = format!("{}.drop-batch-axis", model.node(id).name);
+            inputs[0] = patch.wire_node(name, AxisOp::Rm(0), &inputs)?[0];
+        }
         if let Some((_, other)) = residual {
             inputs.push(patch.tap_model(model, other)?);
         }

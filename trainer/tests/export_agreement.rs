@@ -94,9 +94,11 @@ fn burn_tract_and_onnxruntime_agree_on_every_classifier() {
                 let fused = convs.iter().filter(|c| c.contains("depthwise-conv/") && c.contains("+ relu")).count();
                 assert_eq!(fused, 13, "{arch}: every depthwise convolution's ReLU fused: {convs:?}");
                 // The pointwise layers whose outputs fill whole tiles (read in place) run ours:
-                // at least the six 4x4 ones, 28x28 or 32x32 input alike.
+                // at least the six 4x4 ones at 28x28, all 13 at 32x32 (the first one too, where
+                // tract's batch-1 graph drops its batch axis).
                 let pointwise = convs.iter().filter(|c| c.contains("kernel 1x1, stride 1x1")).count();
-                assert!(pointwise >= 6, "{arch}: the pointwise layers ran ours: {convs:?}");
+                let all = if shape[1] == 32 { 13 } else { 6 };
+                assert!(pointwise >= all, "{arch}: the pointwise layers ran ours: {convs:?}");
             }
         }
         // The dynamic batch axis: batch 1 gives the first row.

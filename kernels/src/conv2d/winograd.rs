@@ -8,7 +8,9 @@
 //! once, when packed, to `U = G g Gt`. Each of the `N * N` *points* of a tile is then a
 //! matrix product over the input channels, `M[p][k][t] = sum_c U[p][k][c] * V[p][c][t]`, run
 //! with the direct kernel's tile of output channels by vectors of consecutive tiles (a vector
-//! loaded per input channel, multiplied with a weight of each output channel). A tile's
+//! loaded per input channel, multiplied with a weight of each output channel). Consecutive
+//! tiles run across the ends of rows of tiles: the padded input is stored so that each patch
+//! value of a vector of tiles is one load ([`Layout`]), however narrow the output. A tile's
 //! outputs are `Y = At M A`, computed as soon as the points of a tile of output channels are,
 //! and stored with the bias, the values to add and the ReLU.
 //!

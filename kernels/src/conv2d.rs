@@ -289,6 +289,9 @@ pub struct Conv2d {
     plane_len: usize,
     /// Values of one padded input row, as far as the taps reach.
     padded_row_len: usize,
+    /// Values of the shifted planes of one image (none where the input is read in place;
+    /// checked when built).
+    planes_len: usize,
     /// Outputs clamped at zero as they are stored (a ReLU after the convolution, fused).
     relu: bool,
     /// One group per channel: output channel `c` reads input channel `c` only.
@@ -422,6 +425,7 @@ impl Conv2d {
             taps: Vec::new(),
             plane_len: 0,
             padded_row_len: 0,
+            planes_len: 0,
             relu: false,
             depthwise,
             in_place: false,
@@ -498,7 +502,7 @@ impl Conv2d {
         // One stride more than the taps reach, so that a strided gather reads whole strides.
         let padded_row_len = out_w.checked_mul(sx).and_then(|v| v.checked_add(kw)).ok_or_else(too_large)?;
         // The planes' and the padded channel's sizes are products `validate` does not bound (a
-        // stride may be any size), checked: `planes_len()` values, then the padded channel.
+        // stride may be any size), checked: the planes, then the padded channel.
         let planes = in_channels.checked_mul(sy).and_then(|v| v.checked_mul(kw)).and_then(|v| v.checked_mul(plane_len));
         // The padded channel the planes are copied from: `plane_rows * sy` rows of
         // `padded_row_len`, and a slack that rows read in whole vectors (or pairs of vectors,
@@ -506,9 +510,12 @@ impl Conv2d {
         let padded = plane_rows(&geometry)
             .checked_mul(sy)
             .and_then(|v| v.checked_mul(padded_row_len)?.checked_add(MAX_TILE_OUTPUTS));
-        let scratch_len = match in_place {
-            true => 0,
-            false => fits(planes.and_then(|planes| planes.checked_add(padded?)))?,
+        let (planes_len, scratch_len) = match in_place {
+            true => (0, 0),
+            false => {
+                let planes = fits(planes)?;
+                (planes, fits(padded.and_then(|padded| padded.checked_add(planes)))?)
+            }
         };
         let mut taps = Vec::with_capacity(in_channels * taps_per_channel);
         for ci in 0..in_channels {
@@ -519,7 +526,7 @@ impl Conv2d {
                 }
             }
         }
-        Ok(Conv2d { packed, taps, plane_len, padded_row_len, in_place, scratch_len, ..base })
+        Ok(Conv2d { packed, taps, plane_len, padded_row_len, planes_len, in_place, scratch_len, ..base })
     }
 
     /// The same convolution followed by a ReLU (`max(x, 0)`), applied to each tile as it is
@@ -568,12 +575,6 @@ impl Conv2d {
             (false, Algorithm::Winograd4x4) => "winograd4x4-conv",
         };
         format!("{kind}/{}/{}x{}", self.simd.name(), self.tile.channels, self.tile.outputs)
-    }
-
-    /// Values of the shifted planes of one image.
-    fn planes_len(&self) -> usize {
-        let g = &self.geometry;
-        if self.in_place { 0 } else { g.in_channels * g.stride[0] * g.kernel[1] * self.plane_len }
     }
 
     /// Values of the scratch buffer [`Conv2d::run`] needs: the planes and one padded channel
@@ -654,7 +655,7 @@ impl Conv2d {
         let (h, w, out_w) = (g.in_height, g.in_width, g.out_width());
         let plane_rows = plane_rows(g);
         let row_len = self.padded_row_len;
-        let (planes, padded) = scratch.split_at_mut(self.planes_len());
+        let (planes, padded) = scratch.split_at_mut(self.planes_len);
         // SAFETY (all calls below): V's features are the caller's promise.
         // One channel, zero-padded: the padding stays zero, each channel overwrites the image.
         unsafe { zero::<V>(padded) };

@@ -155,8 +155,17 @@ unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, channel: &[f32], s
     }
     let phase = layout.phase_width;
     if sx == 2 {
-        // SAFETY: as above; `split` and `unsplit` hold the slack (`Layout`).
-        unsafe { split_columns::<V>(unsplit, layout.columns, layout.rows, phase, split) };
+        // Each row's even and odd columns, the two phases of a stride of 2, in whole vectors
+        // (the values past a phase land on the next phase or row, written next; the last
+        // row's in the slack `split` and `unsplit` hold, `Layout`).
+        let wide = phase.div_ceil(V::LANES) * V::LANES;
+        for r in 0..layout.rows {
+            let from = &unsplit[r * layout.columns..];
+            for p in 0..2 {
+                // SAFETY: as above.
+                unsafe { copy_even::<V>(&mut split[(2 * r + p) * phase..][..wide], &from[p..][..2 * wide]) };
+            }
+        }
         return;
     }
     for r in 0..layout.rows {
@@ -165,25 +174,6 @@ unsafe fn pad<V: Vector>(g: &Conv2dGeometry, layout: &Layout, channel: &[f32], s
             for (x, value) in split[(r * sx + p) * phase..][..phase].iter_mut().enumerate() {
                 *value = from[x * sx + p];
             }
-        }
-    }
-}
-
-/// Split each of `rows` rows of `from` (`row_len` values apart) into its even and odd columns,
-/// the two *phases* of a stride of 2: column `2x + p` of row `r` to `to[(2r + p) * phase + x]`,
-/// in whole vectors (`phase` rounded up: the values past a phase land on the next phase or
-/// row, written next, the last row's in the slack `to` and `from` must hold).
-///
-/// # Safety
-/// The CPU must have `V`'s features.
-#[inline(always)]
-unsafe fn split_columns<V: Vector>(from: &[f32], row_len: usize, rows: usize, phase: usize, to: &mut [f32]) {
-    let wide = phase.div_ceil(V::LANES) * V::LANES;
-    for r in 0..rows {
-        let from = &from[r * row_len..];
-        for p in 0..2 {
-            // SAFETY: V's features are the caller's promise.
-            unsafe { copy_even::<V>(&mut to[(2 * r + p) * phase..][..wide], &from[p..][..2 * wide]) };
         }
     }
 }

@@ -102,17 +102,19 @@ impl Layout {
         let tiles_high = geometry.out_height().div_ceil(m);
         let component_len = (tiles_high + 1).checked_mul(tiles_wide)?.checked_add(MAX_TILE_OUTPUTS)?;
         let padded_channel = (m * (m + 2)).checked_mul(component_len)?;
-        let unsplit = (m * tiles_high + 2).checked_mul(m * (tiles_wide + 1))?;
-        Some(Layout {
+        let mut layout = Layout {
             m,
             tiles_wide,
             tiles_high,
             component_len,
             padded_channel,
             padded_len: geometry.in_channels.checked_mul(padded_channel)?,
-            unsplit_len: unsplit.checked_add(4 * MAX_TILE_OUTPUTS + m + 2)?,
+            unsplit_len: 0,
             point_stride: geometry.in_channels.checked_mul(x_block)?.checked_add(MAX_TILE_OUTPUTS)?,
-        })
+        };
+        let unsplit = layout.padded_rows().checked_mul(layout.unsplit_width())?;
+        layout.unsplit_len = unsplit.checked_add(4 * MAX_TILE_OUTPUTS + m + 2)?;
+        Some(layout)
     }
 
     /// Tiles of one channel.
@@ -125,14 +127,13 @@ impl Layout {
         (self.m + 2) * (self.m + 2)
     }
 
-    /// Rows of a padded channel: `m` per row of tiles and two more for the last tiles' reach
-    /// (as in [`Layout::new`]).
+    /// Rows of a padded channel: `m` per row of tiles and two more for the last tiles' reach.
     fn padded_rows(&self) -> usize {
         self.m * self.tiles_high + 2
     }
 
     /// Values of a padded row before its split: `m` per tile, and `m` more (at least the two
-    /// the last tile reaches; as in [`Layout::new`]).
+    /// the last tile reaches).
     fn unsplit_width(&self) -> usize {
         self.m * (self.tiles_wide + 1)
     }
@@ -414,22 +415,21 @@ unsafe fn pad<V: Vector, const M: usize, const N: usize>(
         for (y, row) in channel.chunks_exact(w).enumerate() {
             unsafe { copy::<V>(&mut unsplit[(y + top) * width + left..][..w], row) };
         }
-        let to = padded.as_mut_ptr();
         for r in 0..rows {
             let from = &unsplit[r * width..][..M * wide + N];
             // Component `(r % M, j)`'s row `r / M`.
             let at = |j: usize| (r % M * N + j) * component + r / M * tiles_wide;
+            if M == 2 {
+                // Columns `2x + j`: the even or odd ones from column `j` on.
+                for j in 0..N {
+                    unsafe { copy_even::<V>(&mut padded[at(j)..][..wide], &from[j..][..2 * wide]) };
+                }
+                continue;
+            }
+            let to = padded.as_mut_ptr();
             // SAFETY: the writes of `wide` values from `at(j)` lie within `padded` (the
             // assertions above); the reads within `from`.
             unsafe {
-                if M == 2 {
-                    // Columns `2x + j`: the even or odd ones from column `j` on.
-                    for j in 0..N {
-                        let dst = std::slice::from_raw_parts_mut(to.add(at(j)), wide);
-                        copy_even::<V>(dst, &from[j..][..2 * wide]);
-                    }
-                    continue;
-                }
                 let from = from.as_ptr();
                 for x in (0..wide).step_by(V::LANES) {
                     // Columns `4x` to `4x + 4 lanes` (and from `4x + 4` on for the last two

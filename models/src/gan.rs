@@ -1,13 +1,13 @@
 //! The MEKD deprivatization GAN: a DCGAN generator whose latent has one dimension per class
 //! (so it can also take logits), and its discriminator.
 
+use crate::conv::{conv2d, convolve};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::interpolate::{Interpolate2d, Interpolate2dConfig, InterpolateMode};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, tanh};
-use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 
@@ -128,10 +128,10 @@ impl Generator {
         let [batch, _] = z.dims();
         let x = self.fc.forward(z).reshape([batch, self.width, self.seed, self.seed]);
         let x = self.up.forward(self.bn0.forward(x));
-        let pre1 = self.bn1.forward(self.conv1.forward(x));
+        let pre1 = self.bn1.forward(conv2d(&self.conv1, x));
         let x = self.up.forward(leaky_relu(pre1.clone(), LEAKY_SLOPE));
-        let pre2 = self.bn2.forward(self.conv2.forward(x));
-        let images = tanh(self.conv3.forward(leaky_relu(pre2.clone(), LEAKY_SLOPE)));
+        let pre2 = self.bn2.forward(conv2d(&self.conv2, x));
+        let images = tanh(conv2d(&self.conv3, leaky_relu(pre2.clone(), LEAKY_SLOPE)));
         GeneratorTrace { pre1, pre2, images }
     }
 
@@ -197,7 +197,7 @@ impl GeneratorTrace {
 /// gradient with the kernel's channel axes swapped and its taps flipped.
 fn conv_input_grad(conv: &Conv2d, output_grad: Tensor<4>) -> Tensor<4> {
     let weight = conv.weight.val().without_autodiff().swap_dims(0, 1).flip([2, 3]);
-    conv2d(output_grad, weight, None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1))
+    convolve(output_grad, weight, ConvOptions::new([1, 1], [1, 1], [1, 1], 1))
 }
 
 /// Gradient of nearest 2x upsampling: each input pixel receives the sum of its 2x2 block.
@@ -313,7 +313,7 @@ impl Discriminator {
     pub fn forward_logits(&self, x: Tensor<4>) -> Tensor<2> {
         let mut x = x;
         for block in &self.blocks {
-            x = self.dropout.forward(leaky_relu(block.conv.forward(x), LEAKY_SLOPE));
+            x = self.dropout.forward(leaky_relu(conv2d(&block.conv, x), LEAKY_SLOPE));
             if let Some(bn) = &block.bn {
                 x = bn.forward(x);
             }

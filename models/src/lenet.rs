@@ -1,5 +1,6 @@
 //! LeNet-5 and LeNet-5-half (the DAFL/DB3KD variants for 32x32 inputs).
 
+use crate::conv::conv2d;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -40,9 +41,9 @@ impl LeNet {
 
     /// Logits for a batch of images.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = self.pool.forward(relu(self.conv1.forward(x)));
-        let x = self.pool.forward(relu(self.conv2.forward(x)));
-        let x = relu(self.conv3.forward(x));
+        let x = self.pool.forward(relu(conv2d(&self.conv1, x)));
+        let x = self.pool.forward(relu(conv2d(&self.conv2, x)));
+        let x = relu(conv2d(&self.conv3, x));
         let [batch, channels, h, w] = x.dims();
         let x = relu(self.fc1.forward(x.reshape([batch, channels * h * w])));
         self.fc2.forward(x)

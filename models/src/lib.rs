@@ -4,6 +4,7 @@
 //! preprocessing) and is parameterised by input channels and class count. Classifiers return
 //! raw logits `[batch, classes]`.
 
+pub mod conv;
 pub mod cost;
 pub mod error;
 pub mod export;

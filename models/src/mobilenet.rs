@@ -1,5 +1,6 @@
 //! MobileNet v1 (width 1.0) for 32x32 inputs, as in the reference code's `mobilenet.py`.
 
+use crate::conv::conv2d;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
@@ -51,8 +52,8 @@ impl DepthwiseSeparable {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(self.depthwise.forward(x)));
-        relu(self.bn2.forward(self.pointwise.forward(x)))
+        let x = relu(self.bn1.forward(conv2d(&self.depthwise, x)));
+        relu(self.bn2.forward(conv2d(&self.pointwise, x)))
     }
 }
 
@@ -92,7 +93,7 @@ impl MobileNet {
 
     /// Logits for a batch of images.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(self.stem_bn.forward(self.stem.forward(x)));
+        let mut x = relu(self.stem_bn.forward(conv2d(&self.stem, x)));
         for block in &self.blocks {
             x = block.forward(x);
         }

@@ -1,5 +1,6 @@
 //! VGG-11/13 for 32x32 inputs, with or without batch norm (the reference code's `vgg.py`).
 
+use crate::conv::conv2d;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -75,7 +76,7 @@ impl Vgg {
     pub fn forward(&self, mut x: Tensor<4>) -> Tensor<2> {
         for group in &self.groups {
             for layer in group {
-                x = layer.conv.forward(x);
+                x = conv2d(&layer.conv, x);
                 if let Some(bn) = &layer.bn {
                     x = bn.forward(x);
                 }

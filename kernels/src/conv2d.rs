@@ -95,6 +95,59 @@ impl Conv2dGeometry {
         self.output_len() * self.in_channels * self.kernel[0] * self.kernel[1]
     }
 
+    /// Values of [`Conv2dGeometry::unfold`]'s matrix: `in x kernel h x kernel w` rows of
+    /// `out_height x out_width` outputs.
+    pub fn unfolded_len(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1] * self.out_height() * self.out_width()
+    }
+
+    /// Write into `matrix` (`[in x kernel h x kernel w, outputs]`, [`Conv2dGeometry::unfolded_len`]
+    /// values) the input value each weight meets at each output of one image (`input`: `[in,
+    /// height, width]`), zero where it falls in the padding: row `(c, ky, kx)`'s value at output
+    /// `(oy, ox)` is the input's `(c, oy * sy + ky - top, ox * sx + kx - left)`. Rows of the image
+    /// are copied whole where the stride is 1. The weight gradient is the output gradient
+    /// (`[out, outputs]`) times this matrix's transpose, summed over the images.
+    pub fn unfold(&self, input: &[f32], matrix: &mut [f32]) -> Result<(), Conv2dError> {
+        check_len("input", input.len(), self.input_len())?;
+        check_len("unfolded matrix", matrix.len(), self.unfolded_len())?;
+        let g = self;
+        let ([kh, kw], [sy, sx], [top, left]) = (g.kernel, g.stride, g.pad_before);
+        let (h, w, out_h, out_w) = (g.in_height, g.in_width, g.out_height(), g.out_width());
+        let mut rows = matrix.chunks_exact_mut(out_h * out_w);
+        for channel in input.chunks_exact(h * w) {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let Some(row) = rows.next() else { return Ok(()) };
+                    // The outputs whose column falls in the image: `ox * sx + kx` in `[left, left + w)`.
+                    let first = left.saturating_sub(kx).div_ceil(sx).min(out_w);
+                    let end = (left + w).saturating_sub(kx).div_ceil(sx).clamp(first, out_w);
+                    for (oy, out) in row.chunks_exact_mut(out_w).enumerate() {
+                        let iy = (oy * sy + ky).checked_sub(top).filter(|&iy| iy < h);
+                        let Some(iy) = iy else {
+                            out.fill(0.0);
+                            continue;
+                        };
+                        let from = &channel[iy * w..][..w];
+                        out[..first].fill(0.0);
+                        out[end..].fill(0.0);
+                        if first == end {
+                            continue;
+                        }
+                        let x0 = first * sx + kx - left;
+                        if sx == 1 {
+                            out[first..end].copy_from_slice(&from[x0..][..end - first]);
+                        } else {
+                            for (value, x) in out[first..end].iter_mut().zip((x0..).step_by(sx)) {
+                                *value = from[x];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every size at least one, the kernel within the padded input, and the sizes small enough
     /// that no index computation overflows.
     pub fn validate(&self) -> Result<(), Conv2dError> {
@@ -214,7 +267,8 @@ impl Simd {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// Its short name, as in [`Conv2d::kernel_name`]: `avx512`, `avx2`, `neon` or `portable`.
+    pub fn name(self) -> &'static str {
         match self {
             Simd::Avx512 => "avx512",
             Simd::Avx2 => "avx2",

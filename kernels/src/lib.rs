@@ -2,12 +2,14 @@
 //! rearranging data instead of computing: few channels, small images (the students of the zoo).
 //!
 //! Plain Rust with no dependencies on an engine, so that the edge runtime (inside tract's plan)
-//! and, later, the trainer's CPU backend can share them. Each kernel is written once and compiled
+//! and the trainer's CPU backend (burn's flex, through the models' backend extension) share
+//! them: the convolution forward, its unfolded input for the weight gradient, batch norm. Each kernel is written once and compiled
 //! for the vector units a machine has: AVX-512 or AVX2 with FMA on x86-64 (chosen at run time),
 //! NEON on aarch64 (its baseline); elsewhere (armv7) the same code runs with what the target has.
 
 #![deny(missing_docs)]
 
+pub mod batch_norm;
 pub mod conv2d;
 pub mod pool;
 

@@ -1,6 +1,7 @@
 //! Time one convolution's passes at the training shapes (ResNet's 3x3 layers at batch 128) on
-//! flex: burn's own convolution against `mekd_models::conv::conv2d` (mekd-kernels' forward
-//! and input gradient). `cargo run -p mekd-models --example conv-passes`.
+//! flex: burn's own convolution against `mekd_models::ops::conv2d` (mekd-kernels' forward and
+//! input gradient, the weight gradient by unfolded rows and gemm), the forward pass apart from
+//! the backward pass (both gradients). `cargo run -p mekd-models --example conv-passes`.
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -19,7 +20,7 @@ fn main() {
             let (mut forward, mut backward) = (Vec::new(), Vec::new());
             for _ in 0..4 {
                 let t = Instant::now();
-                let y = if ours { mekd_models::conv::conv2d(&conv, x.clone()) } else { conv.forward(x.clone()) };
+                let y = if ours { mekd_models::ops::conv2d(&conv, x.clone()) } else { conv.forward(x.clone()) };
                 let _ = y.clone().sum().into_scalar::<f32>();
                 forward.push(t.elapsed().as_secs_f64() * 1e3);
                 let t = Instant::now();

@@ -1,7 +1,7 @@
 //! The MEKD deprivatization GAN: a DCGAN generator whose latent has one dimension per class
 //! (so it can also take logits), and its discriminator.
 
-use crate::conv::{conv2d, convolve};
+use crate::ops::{batch_norm, conv2d, convolve};
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -127,10 +127,10 @@ impl Generator {
     fn forward_parts(&self, z: Tensor<2>) -> GeneratorTrace {
         let [batch, _] = z.dims();
         let x = self.fc.forward(z).reshape([batch, self.width, self.seed, self.seed]);
-        let x = self.up.forward(self.bn0.forward(x));
-        let pre1 = self.bn1.forward(conv2d(&self.conv1, x));
+        let x = self.up.forward(batch_norm(&self.bn0, x));
+        let pre1 = batch_norm(&self.bn1, conv2d(&self.conv1, x));
         let x = self.up.forward(leaky_relu(pre1.clone(), LEAKY_SLOPE));
-        let pre2 = self.bn2.forward(conv2d(&self.conv2, x));
+        let pre2 = batch_norm(&self.bn2, conv2d(&self.conv2, x));
         let images = tanh(conv2d(&self.conv3, leaky_relu(pre2.clone(), LEAKY_SLOPE)));
         GeneratorTrace { pre1, pre2, images }
     }
@@ -315,7 +315,7 @@ impl Discriminator {
         for block in &self.blocks {
             x = self.dropout.forward(leaky_relu(conv2d(&block.conv, x), LEAKY_SLOPE));
             if let Some(bn) = &block.bn {
-                x = bn.forward(x);
+                x = batch_norm(bn, x);
             }
         }
         let [batch, c, h, w] = x.dims();

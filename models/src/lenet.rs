@@ -1,6 +1,6 @@
 //! LeNet-5 and LeNet-5-half (the DAFL/DB3KD variants for 32x32 inputs).
 
-use crate::conv::conv2d;
+use crate::ops::conv2d;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};

@@ -4,7 +4,6 @@
 //! preprocessing) and is parameterised by input channels and class count. Classifiers return
 //! raw logits `[batch, classes]`.
 
-pub mod conv;
 pub mod cost;
 pub mod error;
 pub mod export;
@@ -12,6 +11,7 @@ pub mod gan;
 mod head;
 pub mod lenet;
 pub mod mobilenet;
+pub mod ops;
 pub mod params;
 pub mod resnet;
 pub mod vgg;

@@ -1,6 +1,6 @@
 //! MobileNet v1 (width 1.0) for 32x32 inputs, as in the reference code's `mobilenet.py`.
 
-use crate::conv::conv2d;
+use crate::ops::{batch_norm, conv2d};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
@@ -52,8 +52,8 @@ impl DepthwiseSeparable {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = relu(self.bn1.forward(conv2d(&self.depthwise, x)));
-        relu(self.bn2.forward(conv2d(&self.pointwise, x)))
+        let x = relu(batch_norm(&self.bn1, conv2d(&self.depthwise, x)));
+        relu(batch_norm(&self.bn2, conv2d(&self.pointwise, x)))
     }
 }
 
@@ -93,7 +93,7 @@ impl MobileNet {
 
     /// Logits for a batch of images.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(self.stem_bn.forward(conv2d(&self.stem, x)));
+        let mut x = relu(batch_norm(&self.stem_bn, conv2d(&self.stem, x)));
         for block in &self.blocks {
             x = block.forward(x);
         }

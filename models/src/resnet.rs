@@ -1,6 +1,6 @@
 //! CIFAR-style ResNets (8/20/32/56/110) as in the reference code's `ResNet_simple`.
 
-use crate::conv::conv2d;
+use crate::ops::{batch_norm, conv2d};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
@@ -32,7 +32,7 @@ impl ConvBn {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(conv2d(&self.conv, x))
+        batch_norm(&self.bn, conv2d(&self.conv, x))
     }
 
     fn macs(&self, input: Hw) -> (u64, Hw) {

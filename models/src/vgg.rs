@@ -1,6 +1,6 @@
 //! VGG-11/13 for 32x32 inputs, with or without batch norm (the reference code's `vgg.py`).
 
-use crate::conv::conv2d;
+use crate::ops::{batch_norm, conv2d};
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -78,7 +78,7 @@ impl Vgg {
             for layer in group {
                 x = conv2d(&layer.conv, x);
                 if let Some(bn) = &layer.bn {
-                    x = bn.forward(x);
+                    x = batch_norm(bn, x);
                 }
                 x = relu(x);
             }

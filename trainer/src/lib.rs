@@ -4,6 +4,7 @@
 //! Reusable pieces (export, devices, ONNX Runtime) have typed errors; the run orchestration
 //! (run directories, training commands) reports with `anyhow` context chains.
 
+pub mod allocator;
 pub mod batches;
 pub mod blackbox;
 pub mod demo;

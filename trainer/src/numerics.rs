@@ -13,6 +13,10 @@
 //!   32 KiB 8-way L1, 1024 on a 48 KiB 12-way one. Products longer than one block (the weight
 //!   gradients of every convolution: batch x height x width values) are summed in another order.
 //! - **FMA.** `gemm` uses fused multiply-adds where the CPU has them, plain ones otherwise.
+//! - **The vector unit of `mekd-kernels`' convolutions.** The models' convolutions on flex run
+//!   those kernels (`mekd_models::ops`), which pick AVX-512, AVX2 or NEON at run time, and with
+//!   the width the algorithm and tiles (Winograd's transforms round differently from a direct
+//!   sum).
 //!
 //! Thread count is recorded too: `gemm` splits rows and columns (not the summed dimension) across
 //! threads, but flex sums tensors of over 4 M values in parallel chunks whose combination rayon
@@ -47,6 +51,10 @@ pub struct CpuNumerics {
     pub fma: bool,
     /// Threads of the rayon pool flex runs on.
     pub threads: usize,
+    /// The vector unit `mekd-kernels`' convolutions run on (`avx512`, `avx2`, `neon`,
+    /// `portable`); empty in runs recorded before the models' convolutions ran them.
+    #[serde(default)]
+    pub conv_simd: String,
 }
 
 impl CpuNumerics {
@@ -74,6 +82,7 @@ impl CpuNumerics {
             gemm_kc: kc,
             fma,
             threads: rayon::current_num_threads(),
+            conv_simd: mekd_kernels::Simd::detect().name().to_string(),
         }
     }
 }
@@ -82,14 +91,15 @@ impl std::fmt::Display for CpuNumerics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} SIMD {}, gemm depth block {} (L1d {} KiB {}-way){}, {} threads",
+            "{} SIMD {}, gemm depth block {} (L1d {} KiB {}-way){}, {} threads, convolutions {}",
             self.arch,
             self.simd,
             self.gemm_kc,
             self.l1d_bytes / 1024,
             self.l1d_ways,
             if self.fma { ", FMA" } else { "" },
-            self.threads
+            self.threads,
+            if self.conv_simd.is_empty() { "burn's" } else { &self.conv_simd }
         )
     }
 }

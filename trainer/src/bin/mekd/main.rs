@@ -84,6 +84,7 @@ enum Command {
 }
 
 fn main() {
+    mekd_trainer::allocator::keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Zoo(args) => args.run(),
         Command::Export(args) => args.run(),

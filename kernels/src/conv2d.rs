@@ -40,6 +40,7 @@ use std::fmt;
 
 mod depthwise;
 mod permute;
+pub mod weight_gradient;
 mod winograd;
 
 /// The shape of one convolution: `[N, in_channels, in_height, in_width]` in,
@@ -1710,7 +1711,7 @@ mod portable {
         }
     }
 
-    use lanes::Lanes;
+    pub(super) use lanes::Lanes;
     pub(super) use lanes::VECTORS;
 
     /// Values per vector.

@@ -5,8 +5,10 @@
 //! - Forward: `mekd-kernels`' convolution, the images split over rayon's threads.
 //! - Input gradient: with stride 1, the same kernel over the output gradient (weights with
 //!   input and output channels swapped, each kernel turned by 180 degrees); burn's otherwise.
-//! - Weight gradient: per image, the output gradient times the matrix of input values each
-//!   weight met (rows copied, not gathered value by value), by the `gemm` crate flex uses.
+//! - Weight gradient: for 3x3 kernels of stride 1 on AVX-512, `mekd-kernels`' (nine dot
+//!   products per pair of channels over zero-padded rows); otherwise per image the output gradient times the
+//!   matrix of input values each weight met (rows copied, not gathered value by value), by the
+//!   `gemm` crate flex uses.
 //!
 //! Each falls back to burn's own where the kernel does not take the geometry.
 //!
@@ -315,10 +317,11 @@ fn geometry(
     (w_in == in_channels && geometry.validate().is_ok()).then_some((batch, geometry))
 }
 
-/// The weight gradient on flex: for each image, its output gradient `[out, outputs]` times the
-/// matrix of the input values each weight met (`[in x kernel h x kernel w, outputs]`, built
-/// by copying rows), summed over the images (each thread its share, then the threads' sums); none
-/// where the kernels do not take the geometry.
+/// The weight gradient on flex, each thread its share of the images, then the threads' sums:
+/// for 3x3 kernels of stride 1 on AVX-512 `mekd-kernels`' [`mekd_kernels::WeightGradient`]; otherwise, per
+/// image, its output gradient `[out, outputs]` times the matrix of the input values each weight
+/// met (`[in x kernel h x kernel w, outputs]`, [`mekd_kernels::Conv2dGeometry::unfold`]) by
+/// `gemm`. None where the kernels do not take the geometry.
 fn flex_weight_gradient(
     x: &FloatTensor<Flex>,
     weight: &FloatTensor<Flex>,
@@ -336,10 +339,22 @@ fn flex_weight_gradient(
     let (in_len, out_len) = (g.input_len(), g.output_len());
     let threads = rayon::current_num_threads().clamp(1, batch.max(1));
     let per_thread = batch.div_ceil(threads);
+    // 3x3 kernels of stride 1 on AVX-512: `mekd-kernels`' own weight gradient. Its AVX2
+    // variant (one output channel per tile in 16 registers, bound by its loads) was slower than
+    // the unfold and gemm at 16x16 and 8x8 outputs (BENCHMARKS.md, session 18).
+    let direct = mekd_kernels::WeightGradient::new(g).ok().filter(|direct| direct.simd() == mekd_kernels::Simd::Avx512);
     let sums = (0..threads).into_par_iter().map(|t| {
         let mut sum = vec![0.0f32; g.out_channels * columns];
+        let images = (t * per_thread).min(batch)..((t + 1) * per_thread).min(batch);
+        if let Some(direct) = &direct {
+            let (first, count) = (images.start, images.len());
+            let (input, grad) =
+                (&input[first * in_len..][..count * in_len], &grad[first * out_len..][..count * out_len]);
+            direct.accumulate(count, input, grad, &mut sum, &mut Vec::new()).ok()?;
+            return Some(sum);
+        }
         let mut matrix = vec![0.0f32; g.unfolded_len()];
-        for image in (t * per_thread..batch).take(per_thread) {
+        for image in images {
             g.unfold(&input[image * in_len..][..in_len], &mut matrix).ok()?;
             let grad = &grad[image * out_len..][..out_len];
             // SAFETY: `sum` is `out_channels x columns` (row stride `columns`), `grad`

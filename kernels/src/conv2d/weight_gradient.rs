@@ -258,20 +258,8 @@ unsafe fn portable(wg: &WeightGradient, padded: &[f32], grad: &[f32], positions:
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::values;
     use super::*;
-
-    /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn geometry(c_in: usize, c_out: usize, h: usize, w: usize, pad: [usize; 4]) -> Conv2dGeometry {
         Conv2dGeometry {

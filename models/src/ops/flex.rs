@@ -339,9 +339,9 @@ fn flex_weight_gradient(
     let (in_len, out_len) = (g.input_len(), g.output_len());
     let threads = rayon::current_num_threads().clamp(1, batch.max(1));
     let per_thread = batch.div_ceil(threads);
-    // 3x3 kernels of stride 1 on AVX-512: `mekd-kernels`' own weight gradient. Its AVX2
-    // variant (one output channel per tile in 16 registers, bound by its loads) was slower than
-    // the unfold and gemm at 16x16 and 8x8 outputs (BENCHMARKS.md, session 18).
+    // 3x3 kernels of stride 1 on AVX-512: `mekd-kernels`' own weight gradient (BENCHMARKS.md,
+    // sessions 18 and 19). Its AVX2 variant (one output channel per tile in 16 registers, bound
+    // by its loads) did not beat the unfold and gemm at ResNet's 16x16 and 8x8 layers.
     let direct = mekd_kernels::WeightGradient::new(g).ok().filter(|direct| direct.simd() == mekd_kernels::Simd::Avx512);
     let sums = (0..threads).into_par_iter().map(|t| {
         let mut sum = vec![0.0f32; g.out_channels * columns];

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """PyTorch anchor for `mekd bench-train`: the same three training steps with the same shapes, timed on
 the CPU (default) or a GPU, so that a burn backend can be compared with PyTorch in one run. A copy of
-`../shared/bench/pytorch_steps.py` (the script issue 20 names); `scripts/bench-train-vs-pytorch.sh`
+`../shared/bench/pytorch_steps.py` (the script issue 20 names) plus `--profile`; `scripts/bench-train-vs-pytorch.sh`
 alternates it with `mekd bench-train`.
 
-  python3 scripts/pytorch-steps.py [--device cpu|cuda] [--threads N] [--warmup W] [--steps S] [--json FILE]
+  python3 scripts/pytorch-steps.py [--device cpu|cuda] [--threads N] [--warmup W] [--steps S] [--json FILE] [--profile]
 
 Steps (as the reference MEKD code runs them, 1x32x32 images, 10 classes):
   teacher step   ResNet32 (CIFAR-style, 466,618 params), batch 128, SGD 0.1/0.9/5e-4, cross-entropy
   gan step       DCGAN deprivatization, batch 64: D step, then G step with the IM term on teacher argmax
   mekd step      ResNet32 teacher -> ResNet8 student (77,754 params), batch 128, frozen width-128
                  generator: L1 between G(student/5) and G(teacher/5) + KL(T=5) x 5, SGD on the student
-Needs torch (PyPI). Prints one line per step and optionally writes JSON rows like bench-train's.
+Needs torch (PyPI). Prints one line per step and optionally writes JSON rows like bench-train's. With
+--profile, each step's timed runs are followed by as many under torch.profiler, and its table of
+operators by self CPU time (the 15 largest) is printed after the step's line.
 """
 import argparse, json, statistics, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -69,6 +71,7 @@ def main():
     ap.add_argument("--device", default="cpu"); ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=2); ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's operator table per step")
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     dev = torch.device(a.device); torch.manual_seed(0)
@@ -108,6 +111,10 @@ def main():
         rows.append({"step": name, "device": f"pytorch-{a.device}", "threads": torch.get_num_threads(), "batch": batch,
                      "steps": a.steps, "median_ms": med, "min_ms": min(ts), "max_ms": max(ts), "torch": torch.__version__})
         print(f"{name}: median {med:.1f} ms (min {min(ts):.1f}, max {max(ts):.1f}), torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+        if a.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(a.steps): fn(); sync()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     if a.json: json.dump(rows, open(a.json, "w"), indent=1)
 
 if __name__ == "__main__":

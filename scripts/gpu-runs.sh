@@ -13,6 +13,7 @@
 # profile: the step benchmark, then with cubecl's per-kernel and autotune logs, then tuned extensively.
 # probe: the self-test, then the step benchmark twice on one tuning cache.
 # repeat N: the step benchmark N times on one tuning cache (the spread on one machine).
+# graphs SECONDS: the self-test, then the step benchmark with --graphs up to four times.
 # cuda_soft SECONDS (issue 21): MEKD soft on the issue's schedule on burn-cuda, alone on GPU 0.
 # Backend: DEV=cuda for a `--features cuda` build (no Vulkan loaders needed), wgpu by default.
 # Data: DATA=DIR when MNIST travels apart from the binary (the carry limit): a first call carries
@@ -150,6 +151,15 @@ repeat() {  # N: the step benchmark N times on one tuning cache (the first one t
   for n in $(seq 1 ${1:-4}); do
     [ $SECONDS -lt 430 ] || break
     CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --warmup 10 --steps 30 --out $OUT/bench-repeat-$n.json 2>&1 | json_off
+  done
+}
+graphs() {  # SECONDS (issue 21, session 20): the self-test (with its graph-step checks), then the
+  # step benchmark with --graphs (each step also recorded as a CUDA graph and replayed) up to four
+  # times on one tuning cache (the first tunes it); stops starting new ones after SECONDS
+  self_test | tail -5
+  for n in 1 2 3 4; do
+    [ $SECONDS -lt ${1:-400} ] || break
+    CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --graphs --warmup 20 --steps 50 --out $OUT/bench-graphs-$n.json 2>&1 | json_off
   done
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume

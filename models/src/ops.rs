@@ -5,25 +5,31 @@
 #[cfg(feature = "flex")]
 pub mod flex;
 
+use burn::nn::BatchNorm;
+#[cfg(feature = "flex")]
+use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::ops::ConvOptions;
 
 /// `conv`'s forward pass on `x`: `mekd-kernels`' convolution on flex where it applies
-/// ([`flex`]), burn's otherwise.
+/// ([`flex`]), burn's [`Conv2d::forward`] otherwise (bias included, as the GPU backends were
+/// checked with).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    let Some(options) = options(conv) else {
-        return conv.forward(x);
-    };
-    let y = convolve(x, conv.weight.val(), options);
-    match &conv.bias {
-        Some(bias) => {
-            let channels = bias.dims()[0];
-            y + bias.val().reshape([1, channels, 1, 1])
-        }
-        None => y,
+    #[cfg(feature = "flex")]
+    if let Some(options) = options(conv)
+        && flex::takes(&x, &options)
+    {
+        let y = flex::convolve(x, conv.weight.val(), options);
+        return match &conv.bias {
+            Some(bias) => {
+                let channels = bias.dims()[0];
+                y + bias.val().reshape([1, channels, 1, 1])
+            }
+            None => y,
+        };
     }
+    conv.forward(x)
 }
 
 /// The convolution of `x` by `weight` (no bias): `mekd-kernels`' on flex for groups 1 without
@@ -57,6 +63,7 @@ pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 
 /// The options burn's own forward pass uses; none for `Same` padding (which depends on the
 /// input's size: burn's convolution runs it).
+#[cfg(feature = "flex")]
 fn options(conv: &Conv2d) -> Option<ConvOptions<2>> {
     let padding = match conv.padding {
         PaddingConfig2d::Valid => [(0, 0), (0, 0)],

@@ -1,17 +1,20 @@
 //! Counting trainable parameters the way PyTorch's `sum(p.numel() for p in parameters())`
 //! does: burn's `num_params` also counts BatchNorm running statistics (buffers in PyTorch).
 
-use burn::module::{Module, ModuleVisitor, Param};
+use std::collections::HashSet;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 
-/// Visitor that sums float parameter sizes outside `running_*` fields.
+/// Visitor that lists a module's float tensors: id, size, and whether it is a BatchNorm running
+/// statistic (a `running_*` field) rather than a trainable parameter.
 #[derive(Default)]
-struct TrainableCounter {
+struct FloatTensors {
     path: Vec<String>,
-    count: usize,
+    found: Vec<(ParamId, usize, bool)>,
 }
 
-impl ModuleVisitor for TrainableCounter {
+impl ModuleVisitor for FloatTensors {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -21,15 +24,24 @@ impl ModuleVisitor for TrainableCounter {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if !self.path.last().is_some_and(|name| name.starts_with("running_")) {
-            self.count += param.lazy_shape().num_elements();
-        }
+        let running = self.path.last().is_some_and(|name| name.starts_with("running_"));
+        self.found.push((param.id, param.lazy_shape().num_elements(), running));
     }
+}
+
+fn float_tensors<M: Module>(module: &M) -> Vec<(ParamId, usize, bool)> {
+    let mut visitor = FloatTensors::default();
+    module.visit(&mut visitor);
+    visitor.found
 }
 
 /// Trainable parameters of `module` (BatchNorm running statistics excluded).
 pub fn trainable_params<M: Module>(module: &M) -> usize {
-    let mut counter = TrainableCounter::default();
-    module.visit(&mut counter);
-    counter.count
+    float_tensors(module).into_iter().filter(|&(_, _, running)| !running).map(|(_, n, _)| n).sum()
+}
+
+/// The ids of `module`'s BatchNorm running statistics: the float tensors it holds that do not
+/// train.
+pub fn running_statistics<M: Module>(module: &M) -> HashSet<ParamId> {
+    float_tensors(module).into_iter().filter(|&(_, _, running)| running).map(|(id, _, _)| id).collect()
 }

@@ -282,6 +282,9 @@ pub struct BurnTeacher {
     device: burn::tensor::Device,
     info: TeacherInfo,
     meter: Meter,
+    /// With [`BurnTeacher::with_graphs`]: the forward pass recorded as a device graph, per batch
+    /// size.
+    graphs: Option<std::collections::HashMap<usize, crate::graph_step::GraphForward>>,
 }
 
 impl BurnTeacher {
@@ -326,7 +329,16 @@ impl BurnTeacher {
             std: norm.std,
             max_batch: usize::MAX,
         };
-        Self { model: model.valid(), device: device.clone(), info, meter: Meter { usage: Usage::default(), budget } }
+        let meter = Meter { usage: Usage::default(), budget };
+        Self { model: model.valid(), device: device.clone(), info, meter, graphs: None }
+    }
+
+    /// Answer through forward passes recorded as device graphs (one per batch size, recorded on
+    /// its first query: [`crate::graph_step::GraphForward`]); on a backend without graphs the
+    /// forward pass runs as before.
+    pub fn with_graphs(mut self) -> Self {
+        self.graphs = Some(std::collections::HashMap::new());
+        self
     }
 }
 
@@ -340,13 +352,21 @@ impl Teacher for BurnTeacher {
         let n = self.meter.admit(images, &self.info)?;
         let [c, h, w] = self.info.input_shape;
         let values = to_model_input(images, self.info.input_shape, &Normalisation::symmetric(c));
-        let x = Tensor::<4>::from_data(TensorData::new(values, [n as usize, c, h, w]), &self.device);
-        let logits: Vec<f32> = self
-            .model
-            .forward(x)
-            .into_data()
-            .try_to_vec()
-            .map_err(|e| TeacherError::Backend(anyhow::anyhow!("{e:?}")))?;
+        let shape = [n as usize, c, h, w];
+        let logits = match &mut self.graphs {
+            Some(graphs) => {
+                let graph = graphs.entry(shape[0]).or_insert_with(|| {
+                    let model = self.model.clone();
+                    crate::graph_step::GraphForward::record(values.clone(), &self.device, move |x| {
+                        model.forward(x.reshape(shape))
+                    })
+                });
+                graph.run(values).map_err(|e| TeacherError::Backend(e.into()))?
+            }
+            None => self.model.forward(Tensor::<4>::from_data(TensorData::new(values, shape), &self.device)),
+        };
+        let logits: Vec<f32> =
+            logits.into_data().try_to_vec().map_err(|e| TeacherError::Backend(anyhow::anyhow!("{e:?}")))?;
         Ok(self.meter.answer_locally(logits, &self.info, n, images.len()))
     }
 

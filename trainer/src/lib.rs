@@ -11,6 +11,7 @@ pub mod demo;
 pub mod device;
 pub mod experiment;
 pub mod export;
+pub mod graph_step;
 pub mod journal;
 pub mod methods;
 pub mod numerics;

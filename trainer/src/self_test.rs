@@ -7,12 +7,13 @@
 //! respect to the student's logits, through the hand-written generator VJP and through plain
 //! autodiff), the GAN's BCE gradient at saturated logits, a tracked tensor times a plain one
 //! (the value of `x - x.detach()`, which a correct backend keeps at exactly zero, and the
-//! gradient), and one whole MEKD step of a small student (its loss, and its logits after it).
+//! gradient), one whole MEKD step of a small student (its loss, and its logits after it), and
+//! MEKD steps of a ResNet8 recorded as a device graph and replayed (`graph_step`).
 //! On a GPU (`wgpu:N`) also the reference-width generator over the MEKD loss's 256 latents:
 //! kernels are chosen by size (autotuning), so the small probes alone leave the real ones
 //! unchecked.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::Serialize;
@@ -23,10 +24,11 @@ use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::rng::SplitMix64;
 
 use crate::device::DeviceKind;
+use crate::graph_step::{self, StepInputs};
 use crate::methods::config::DistillConfig;
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
 use crate::methods::mekd::{MekdObjective, mekd_loss};
-use crate::methods::student::StudentStep;
+use crate::methods::student::{Objective, StudentStep};
 
 /// One compared quantity.
 #[derive(Clone, Debug, Serialize)]
@@ -81,7 +83,12 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 /// Every probed quantity on `device` (`plain` without autodiff), in a fixed order; `full`: the
 /// full-size generator probe too.
-fn probe(generator: &Generator, full: Option<&Generator>, plain: &Device, device: &Device) -> Vec<(String, Vec<f32>)> {
+fn probe(
+    generator: &Generator,
+    full: Option<&Generator>,
+    plain: &Device,
+    device: &Device,
+) -> Result<Vec<(String, Vec<f32>)>> {
     let generator = generator.clone().to_device(plain);
     let (s, t) = inputs();
     let tensor = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [BATCH, CLASSES]), device);
@@ -151,9 +158,37 @@ fn probe(generator: &Generator, full: Option<&Generator>, plain: &Device, device
     reported.extend(terms.into_iter().flat_map(values));
     out.push(("student step: loss, image, kl".to_string(), reported));
     let input = to_model_input(&pixels, spec.image_shape(), &Normalisation::symmetric(1));
-    let x = Tensor::<4>::from_data(TensorData::new(input, [BATCH, 1, 32, 32]), device);
-    out.push(("student step: logits after it".to_string(), values(student.valid().forward(x.without_autodiff()))));
-    out
+    let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [BATCH, 1, 32, 32]), device);
+    out.push((
+        "student step: logits after it".to_string(),
+        values(student.valid().forward(x.clone().without_autodiff())),
+    ));
+
+    // The same step recorded as a device graph and replayed (`graph_step`; CUDA graphs on
+    // cuda, the step run again on flex): a ResNet8, whose BatchNorm running statistics are
+    // rewritten in place too, three steps on three batches. A replay that read stale buffers
+    // would repeat a loss, or leave the model as it was.
+    let spec = ClassifierSpec { architecture: Architecture::ResNet8, in_channels: 1, num_classes: CLASSES };
+    let student = reference_student(&spec).to_device(device);
+    let flat = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), plain);
+    let inputs = StepInputs { floats: vec![flat(input.clone()), flat(t.clone())], ints: Vec::new() };
+    let recorded = graph_step::record(student, &config.sgd, 0.1, inputs, plain, |student: &Classifier, inputs| {
+        let x = inputs.floats[0].clone().reshape([BATCH, 1, 32, 32]).autodiff();
+        let loss = objective.loss(student.forward(x), inputs.floats[1].clone().reshape([BATCH, CLASSES]).autodiff());
+        (loss.differentiable, loss.total)
+    });
+    let mut step = recorded.context("recording the graph step")?;
+    let mut losses = Vec::new();
+    for k in 0..3 {
+        let shifted: Vec<f32> = input.iter().map(|v| (v + 0.25 * k as f32).min(1.0)).collect();
+        step.set_floats(0, shifted)?;
+        step.set_floats(1, s.iter().map(|v| v * (k + 1) as f32).collect())?;
+        losses.extend(values(step.step()?));
+    }
+    out.push(("graph steps: three losses".to_string(), losses));
+    let logits = values(step.model().forward(x.without_autodiff()));
+    out.push(("graph steps: logits after them".to_string(), logits));
+    Ok(out)
 }
 
 /// A LeNet-5-half with seeded weights, built on flex so every device gets the same ones (a
@@ -208,8 +243,8 @@ pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
     let gpu = matches!(device, DeviceKind::Wgpu(_) | DeviceKind::Cuda(_));
     let full = gpu.then(|| reference_generator(FULL_WIDTH)).transpose()?;
     let tolerance = Tolerance::of(device);
-    let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff());
-    let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?);
+    let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff())?;
+    let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?)?;
     Ok(reference
         .into_iter()
         .zip(got)

@@ -68,9 +68,10 @@ impl DistillMethod for Mekd {
 /// is computed by [`Generator::latent_grad`] (the generator's vector-Jacobian product by hand:
 /// no autodiff graph through the generator) and enters the differentiated loss as
 /// `<s / tau_g, g>`, whose gradient is `g`; the reported values are the real ones. The
-/// generator's side is kept apart from the student's autodiff graph: the logits cross to it,
-/// and `g` and the KL's value come back, as host data (`[batch, classes]` values each way), so
-/// no tensor is shared by the two.
+/// generator's side is kept apart from the student's autodiff graph: the logits cross to it
+/// detached and without autodiff, and `g` comes back as a constant of the student's graph. No
+/// value is read back to the host, so a step can be recorded as a device graph
+/// ([`crate::graph_step`]).
 ///
 /// Student and teacher latents go through the generator in one pass, stacked into one batch:
 /// fewer kernel launches, and it avoids a burn-wgpu 0.22 fusion bug that computed
@@ -83,16 +84,12 @@ pub fn mekd_loss(
     targets: Tensor<2>,
     config: &DistillConfig,
 ) -> BatchLoss {
-    let training = student_logits.device();
-    let plain = training.clone().without_autodiff();
-    let to_plain = |t: Tensor<2>| Tensor::<2>::from_data(t.into_data(), &plain);
     let latent = student_logits.clone().div_scalar(config.tau_g);
     let latents = Tensor::cat(vec![latent.clone().detach(), targets.clone().div_scalar(config.tau_g)], 0);
-    let (image, latent_grad) = image_term(generator, to_plain(latents), config.distance);
-    let latent_grad = Tensor::<2>::from_data(latent_grad.into_data(), &training);
-    let image_by_gradient = (latent * latent_grad).sum();
+    let (image, latent_grad) = image_term(generator, latents.without_autodiff(), config.distance);
+    let image_by_gradient = (latent * latent_grad.autodiff()).sum();
     let kl = kd_kl(student_logits, targets, config.tau);
-    let kl_value = Tensor::<1>::from_data(kl.clone().detach().into_data(), &plain);
+    let kl_value = kl.clone().detach().without_autodiff();
     BatchLoss {
         differentiable: image_by_gradient.mul_scalar(config.w_f) + kl.mul_scalar(config.w_kl),
         total: image.clone().mul_scalar(config.w_f) + kl_value.clone().mul_scalar(config.w_kl),

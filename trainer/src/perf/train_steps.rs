@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use mekd_contract::protocol::{ResponseMode, TeacherInfo};
 use mekd_contract::{Normalisation, to_model_input};
-use mekd_models::{Architecture, ClassifierSpec};
+use mekd_models::{Architecture, Classifier, ClassifierSpec};
 use mekd_runtime::rng::SplitMix64;
 
 use mekd_contract::Usage;
@@ -24,11 +24,12 @@ use mekd_contract::percentiles::nearest_rank;
 
 use crate::blackbox::{BurnTeacher, HttpTeacher, Responses, Teacher, TeacherError};
 use crate::device::DeviceKind;
+use crate::graph_step::{self, StepInputs};
 use crate::methods::config::DistillConfig;
 use crate::methods::deprivatize::{Gan, GanConfig, freeze};
 use crate::methods::losses::ImWeight;
 use crate::methods::mekd::MekdObjective;
-use crate::methods::student::{StudentStep, fresh_batch, synthetic_pixels};
+use crate::methods::student::{Objective, StudentStep, fresh_batch, synthetic_pixels};
 use crate::schedule::Sgd;
 
 /// Timings of one kind of step.
@@ -56,6 +57,9 @@ pub struct StepTiming {
     pub images_per_s: f64,
     /// Median time per step spent waiting for the teacher's answers (ms), where a step asks.
     pub teacher_ms: Option<f64>,
+    /// For a step recorded as a device graph ([`crate::graph_step`]): whether it replayed one
+    /// (`false`: the backend has none, and the step ran again each time).
+    pub graph: Option<bool>,
 }
 
 /// What to time.
@@ -70,6 +74,8 @@ pub struct BenchTrainConfig {
     /// Also time the MEKD step against the teacher served over HTTP on loopback (needs ONNX
     /// Runtime).
     pub http: bool,
+    /// Also time the teacher and MEKD steps recorded as device graphs and replayed.
+    pub graphs: bool,
     /// The ONNX Runtime library, if not found automatically.
     pub ort_library: Option<std::path::PathBuf>,
 }
@@ -146,6 +152,7 @@ fn time_steps(
         p90_ms: nearest_rank(&times, 0.9),
         images_per_s: batch as f64 / (median_ms / 1e3),
         teacher_ms: (teacher_ms > 0.0).then_some(teacher_ms),
+        graph: None,
     };
     eprintln!(
         "{name:<34} median {:>8.2} ms (p10 {:.2}, p90 {:.2}), {:>8.0} images/s, warm-up {:.1} s{}",
@@ -157,6 +164,14 @@ fn time_steps(
         row.teacher_ms.map_or(String::new(), |t| format!(", teacher {t:.2} ms"))
     );
     Ok(row)
+}
+
+/// `row` of a step recorded as a device graph: says whether it replayed one.
+fn replayed(row: StepTiming, graph: bool) -> StepTiming {
+    if !graph {
+        eprintln!("  (this backend records no device graphs: the step above ran again each time)");
+    }
+    StepTiming { graph: Some(graph), ..row }
 }
 
 fn random_pixels(n: usize, seed: u64) -> Vec<u8> {
@@ -193,6 +208,32 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         loss.into_scalar::<f32>();
         Ok(Duration::ZERO)
     })?);
+    if config.graphs {
+        // The same step recorded as a device graph: the batch is written into the recorded
+        // input buffers, then the step replays.
+        device.seed(0);
+        let model = teacher_spec.init(&device)?;
+        let inputs = StepInputs {
+            floats: vec![Tensor::from_data(
+                TensorData::new(to_model_input(&pixels, shape, &norm), [128 * per_image]),
+                &plain,
+            )],
+            ints: vec![Tensor::from_data(TensorData::new(labels.clone(), [128]), &plain)],
+        };
+        let mut graph =
+            graph_step::record(model, &Sgd::reference(1), 0.1, inputs, &plain, |model: &Classifier, inputs| {
+                let x = inputs.floats[0].clone().reshape([128, 1, 32, 32]).autodiff();
+                let loss = loss_fn.forward(model.forward(x), inputs.ints[0].clone());
+                (loss.clone(), loss.detach().without_autodiff())
+            })?;
+        let row = time_steps("teacher step, graph (resnet32, b128)", config, 128, || {
+            graph.set_floats(0, to_model_input(&pixels, shape, &norm))?;
+            graph.set_ints(0, labels.clone())?;
+            graph.step()?.into_scalar::<f32>();
+            Ok(Duration::ZERO)
+        })?;
+        rows.push(replayed(row, graph.is_graph()));
+    }
 
     // The in-process teacher: a ResNet32 on the same device (inference mode).
     let teacher_model = teacher_spec.init(&plain)?;
@@ -233,6 +274,39 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
         })
     };
     rows.push(mekd_step(&mut teacher, "mekd step (resnet32 -> resnet8, b128)")?);
+    if config.graphs {
+        // The student's step recorded as a device graph; the fresh batch (generator, teacher)
+        // runs outside it, the teacher's forward pass recorded as a graph of its own.
+        let mut teacher =
+            BurnTeacher::from_model(teacher_model.clone(), &teacher_spec, &plain, ResponseMode::Soft, None, None)
+                .with_graphs();
+        let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
+        let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
+        let inputs = StepInputs {
+            floats: vec![
+                Tensor::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [128 * per_image]), &plain),
+                Tensor::from_data(TensorData::new(targets, [128 * 10]), &plain),
+            ],
+            ints: Vec::new(),
+        };
+        let student = student_spec.init(&device)?;
+        let mut graph =
+            graph_step::record(student, &Sgd::reference(1), 0.1, inputs, &plain, |student: &Classifier, inputs| {
+                let x = inputs.floats[0].clone().reshape([128, 1, 32, 32]).autodiff();
+                let t = inputs.floats[1].clone().reshape([128, 10]).autodiff();
+                let loss = objective.loss(student.forward(x), t);
+                (loss.differentiable, loss.total)
+            })?;
+        let row = time_steps("mekd step, graph (resnet32 -> resnet8)", config, 128, || {
+            let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
+            let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
+            graph.set_floats(0, to_model_input(&pixels, shape, &norm))?;
+            graph.set_floats(1, targets)?;
+            graph.step()?.into_scalar::<f32>();
+            Ok(timed.spent)
+        })?;
+        rows.push(replayed(row, graph.is_graph()));
+    }
 
     // Where the MEKD step's time goes: its parts alone.
     let noise = |n: usize, device: &burn::tensor::Device| {

@@ -21,6 +21,10 @@ pub struct BenchTrainArgs {
     /// Also time MEKD against the HTTP teacher on loopback (needs ONNX Runtime).
     #[arg(long)]
     http: bool,
+    /// Also time the teacher and MEKD steps recorded once as a device graph and replayed (CUDA
+    /// graphs on `cuda`; on other backends the step runs again each time, and the row says so).
+    #[arg(long)]
+    graphs: bool,
     #[command(flatten)]
     ort_library: crate::OrtArgs,
     /// Also write the rows as JSON to this file.
@@ -33,8 +37,9 @@ impl BenchTrainArgs {
         if self.steps == 0 {
             bail!("--steps must be at least 1");
         }
-        let BenchTrainArgs { device, warmup, steps, http, ort_library, out } = self;
-        let rows = bench_train(&BenchTrainConfig { device, warmup, steps, http, ort_library: ort_library.path })?;
+        let BenchTrainArgs { device, warmup, steps, http, graphs, ort_library, out } = self;
+        let config = BenchTrainConfig { device, warmup, steps, http, graphs, ort_library: ort_library.path };
+        let rows = bench_train(&config)?;
         let json = serde_json::to_string_pretty(&rows)?;
         if let Some(out) = out {
             mekd_runtime::fsutil::write_atomic(&out, json.as_bytes())?;

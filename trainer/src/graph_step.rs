@@ -51,6 +51,9 @@ pub enum GraphStepError {
         /// Values given.
         got: usize,
     },
+    /// The step has no such input.
+    #[error("the step has no {0}")]
+    NoInput(String),
     /// The step's loss function produced no gradient for a trainable parameter.
     #[error("no gradient for a trainable parameter of the model ({0})")]
     NoGradient(String),
@@ -101,8 +104,8 @@ pub struct GraphStep<M, F: FnMut() -> Result<Tensor<1>, GraphStepError>> {
 /// Record a training step of `model` (on a training device) with `sgd`'s momentum and weight
 /// decay at learning rate `lr`. `loss` computes, from the model and the inputs, the tensor to
 /// differentiate and the loss's value (reported by each step). `plain` is the training device
-/// without autodiff. Runs the step four times on `inputs` (see the module's notes).
-#[allow(clippy::type_complexity)]
+/// without autodiff. Runs the step on `inputs` while recording, then puts the model back as it
+/// was (see the module's notes).
 pub fn record<M, L>(
     model: M,
     sgd: &Sgd,
@@ -156,18 +159,20 @@ impl<M: Module, F: FnMut() -> Result<Tensor<1>, GraphStepError>> GraphStep<M, F>
 
     /// Write new values into float input `i` (its length must stay the same).
     pub fn set_floats(&mut self, i: usize, values: Vec<f32>) -> Result<(), GraphStepError> {
+        let name = format!("float input {i}");
         let mut state = self.state.borrow_mut();
+        let target = state.inputs.floats.get_mut(i).ok_or_else(|| GraphStepError::NoInput(name.clone()))?;
         let n = values.len();
-        let fresh = Tensor::<1>::from_data(TensorData::new(values, [n]), &self.plain);
-        write(&mut state.inputs.floats[i], fresh, &format!("float input {i}"))
+        write(target, Tensor::<1>::from_data(TensorData::new(values, [n]), &self.plain), &name)
     }
 
     /// Write new values into integer input `i` (its length must stay the same).
     pub fn set_ints(&mut self, i: usize, values: Vec<i64>) -> Result<(), GraphStepError> {
+        let name = format!("integer input {i}");
         let mut state = self.state.borrow_mut();
+        let target = state.inputs.ints.get_mut(i).ok_or_else(|| GraphStepError::NoInput(name.clone()))?;
         let n = values.len();
-        let fresh = Tensor::<1, Int>::from_data(TensorData::new(values, [n]), &self.plain);
-        write(&mut state.inputs.ints[i], fresh, &format!("integer input {i}"))
+        write(target, Tensor::<1, Int>::from_data(TensorData::new(values, [n]), &self.plain), &name)
     }
 
     /// The model as trained so far, in inference mode, on copies of the step's buffers (the
@@ -447,6 +452,7 @@ mod tests {
         step.set_floats(0, bx.clone()).unwrap();
         let short = step.set_floats(0, bx[1..].to_vec());
         assert!(matches!(short, Err(GraphStepError::InputSize { expected: 4096, got: 4095, .. })), "{short:?}");
+        assert!(matches!(step.set_ints(0, vec![1; B]), Err(GraphStepError::NoInput(_))));
         step.step().unwrap();
     }
 }

@@ -147,7 +147,7 @@ fn probe(
     // A whole MEKD student step, as `mekd distill` runs it: a student network's logits (not a
     // leaf) through the loss, backward into its weights, one SGD step.
     let spec = ClassifierSpec { architecture: Architecture::LeNet5Half, in_channels: 1, num_classes: CLASSES };
-    let student = reference_student(&spec).to_device(device);
+    let student = reference_student(&spec, device);
     let pixels: Vec<u8> = (0..BATCH * 32 * 32).map(|i| ((i * 37 + i / 1024 * 11) % 256) as u8).collect();
     let config = DistillConfig::default();
     let objective = MekdObjective { generator: generator.clone(), config: &config };
@@ -169,7 +169,7 @@ fn probe(
     // rewritten in place too, three steps on three batches. A replay that read stale buffers
     // would repeat a loss, or leave the model as it was.
     let spec = ClassifierSpec { architecture: Architecture::ResNet8, in_channels: 1, num_classes: CLASSES };
-    let student = reference_student(&spec).to_device(device);
+    let student = reference_student(&spec, device);
     let flat = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v.clone(), [v.len()]), plain);
     let inputs = StepInputs { floats: vec![flat(input.clone()), flat(t.clone())], ints: Vec::new() };
     let recorded = graph_step::record(student, &config.sgd, 0.1, inputs, plain, |student: &Classifier, inputs| {
@@ -191,14 +191,16 @@ fn probe(
     Ok(out)
 }
 
-/// A LeNet-5-half with seeded weights, built on flex so every device gets the same ones (a
-/// forward pass materialises burn's lazily initialised parameters here, before they move).
-fn reference_student(spec: &ClassifierSpec) -> Classifier {
-    let device = Device::flex().autodiff();
-    device.seed(23);
-    let student = spec.init(&device).expect("LeNet-5-half builds");
-    let _ = student.forward(Tensor::<4>::zeros([1, 1, 32, 32], &device));
-    student
+/// A `spec` student with seeded weights, built on flex so every device gets the same ones (a
+/// forward pass materialises burn's lazily initialised parameters here, before they move), on
+/// `device` for training. Moved by `fork`, not `to_device`: a moved parameter is no longer a
+/// leaf that requires a gradient, and a step would leave the student as it was.
+fn reference_student(spec: &ClassifierSpec, device: &Device) -> Classifier {
+    let flex = Device::flex().autodiff();
+    flex.seed(23);
+    let student = spec.init(&flex).expect("the zoo's students build");
+    let _ = student.forward(Tensor::<4>::zeros([1, 1, 32, 32], &flex));
+    student.fork(device)
 }
 
 /// How far a device's value may be from flex's.
@@ -266,4 +268,30 @@ pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
             Check { name, reference, got, worst_diff, tolerance, pass }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probed student step trains the student: a check of its logits after a step that left
+    /// it as it was would test nothing (it did, before `reference_student` forked).
+    #[test]
+    fn the_student_step_moves_the_student() {
+        let spec = ClassifierSpec { architecture: Architecture::LeNet5Half, in_channels: 1, num_classes: CLASSES };
+        let device = Device::flex().autodiff();
+        let student = reference_student(&spec, &device);
+        let pixels: Vec<u8> = (0..BATCH * 32 * 32).map(|i| (i * 37 % 256) as u8).collect();
+        let input = to_model_input(&pixels, spec.image_shape(), &Normalisation::symmetric(1));
+        let x = Tensor::<4>::from_data(TensorData::new(input, [BATCH, 1, 32, 32]), &Device::flex());
+        let before = values(student.valid().forward(x.clone()));
+        let config = DistillConfig::default();
+        let objective = MekdObjective { generator: reference_generator(16).unwrap(), config: &config };
+        let step = StudentStep { spec: &spec, objective: &objective, device: &device };
+        let (_, targets) = inputs();
+        let (student, _, _) = step.run(student, &mut config.sgd.optimizer(), &pixels, targets, 0.1);
+        let after = values(student.valid().forward(x));
+        let moved = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved > 1e-4, "the step left the logits within {moved} of where they were");
+    }
 }

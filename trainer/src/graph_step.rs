@@ -11,8 +11,9 @@
 //! and writes the new values back into them in place (SGD with momentum and weight decay, the
 //! arithmetic of burn's `Sgd`, whose returned tensors would be new buffers). Inputs are written
 //! in place before each replay ([`GraphStep::set_floats`]). Writes in place need buffers that
-//! nothing else holds; a step that finds one shared stops with [`GraphStepError::Shared`]
-//! rather than train on a stale copy.
+//! nothing else holds; where one is shared (or the backend cannot tell, as ndarray), the write
+//! goes to a new buffer, which is right when the step runs again but not for a replay: with a
+//! device graph that is refused ([`GraphStepError::Shared`]) rather than train on a stale copy.
 //!
 //! The learning rate is part of the recording: a new rate needs a new [`GraphStep`].
 //! Recording runs the step on the inputs given (three warm-up runs that tune and allocate every
@@ -77,12 +78,14 @@ struct Slot {
 
 /// What the recorded closure and the caller share.
 struct State<M> {
-    /// The model's structure; its own tensors are never read after [`GraphStep::new`].
+    /// The model's structure; its own tensors are never read after [`record`].
     template: M,
     slots: Vec<Slot>,
     index: HashMap<ParamId, usize>,
     inputs: StepInputs,
     sgd: InPlaceSgd,
+    /// The first buffer a step could not rewrite in place.
+    copied: Option<String>,
 }
 
 /// SGD with momentum (no dampening) and coupled weight decay, as `schedule::reference_sgd`
@@ -122,7 +125,14 @@ where
     let mut gather = Gather { plain: plain.clone(), running, slots: Vec::new(), index: HashMap::new() };
     model.visit(&mut gather);
     let sgd = InPlaceSgd { lr, momentum: sgd.momentum as f32, weight_decay: sgd.weight_decay as f32 };
-    let state = Rc::new(RefCell::new(State { template: model, slots: gather.slots, index: gather.index, inputs, sgd }));
+    let state = Rc::new(RefCell::new(State {
+        template: model,
+        slots: gather.slots,
+        index: gather.index,
+        inputs,
+        sgd,
+        copied: None,
+    }));
     let copy = |t: &Tensor<1>| Tensor::<1>::from_data(t.to_data(), plain);
     let before: Vec<(Tensor<1>, Option<Tensor<1>>)> =
         state.borrow().slots.iter().map(|slot| (copy(&slot.stable), slot.velocity.as_ref().map(copy))).collect();
@@ -131,12 +141,18 @@ where
     if let Err(e) = graph.output() {
         return Err(e.clone());
     }
-    for (i, (slot, (stable, velocity))) in state.borrow_mut().slots.iter_mut().zip(before).enumerate() {
-        write(&mut slot.stable, stable, &format!("tensor {i}"))?;
+    let hardware = graph.is_hardware();
+    let mut restored = state.borrow_mut();
+    if let (true, Some(name)) = (hardware, restored.copied.take()) {
+        return Err(GraphStepError::Shared(name));
+    }
+    for (i, (slot, (stable, velocity))) in restored.slots.iter_mut().zip(before).enumerate() {
+        write(&mut slot.stable, stable, &format!("tensor {i}"), hardware)?;
         if let (Some(target), Some(velocity)) = (&mut slot.velocity, velocity) {
-            write(target, velocity, &format!("velocity {i}"))?;
+            write(target, velocity, &format!("velocity {i}"), hardware)?;
         }
     }
+    drop(restored);
     Ok(GraphStep { state, graph, plain: plain.clone() })
 }
 
@@ -157,13 +173,24 @@ impl<M: Module, F: FnMut() -> Result<Tensor<1>, GraphStepError>> GraphStep<M, F>
         self.graph.is_hardware()
     }
 
+    /// The first of the step's buffers that a step could not rewrite in place (harmless when the
+    /// step runs again; with a device graph, recording refuses it).
+    pub fn copied(&self) -> Option<String> {
+        self.state.borrow().copied.clone()
+    }
+
     /// Write new values into float input `i` (its length must stay the same).
     pub fn set_floats(&mut self, i: usize, values: Vec<f32>) -> Result<(), GraphStepError> {
         let name = format!("float input {i}");
         let mut state = self.state.borrow_mut();
         let target = state.inputs.floats.get_mut(i).ok_or_else(|| GraphStepError::NoInput(name.clone()))?;
         let n = values.len();
-        write(target, Tensor::<1>::from_data(TensorData::new(values, [n]), &self.plain), &name)
+        write(
+            target,
+            Tensor::<1>::from_data(TensorData::new(values, [n]), &self.plain),
+            &name,
+            self.graph.is_hardware(),
+        )
     }
 
     /// Write new values into integer input `i` (its length must stay the same).
@@ -172,7 +199,8 @@ impl<M: Module, F: FnMut() -> Result<Tensor<1>, GraphStepError>> GraphStep<M, F>
         let mut state = self.state.borrow_mut();
         let target = state.inputs.ints.get_mut(i).ok_or_else(|| GraphStepError::NoInput(name.clone()))?;
         let n = values.len();
-        write(target, Tensor::<1, Int>::from_data(TensorData::new(values, [n]), &self.plain), &name)
+        let fresh = Tensor::<1, Int>::from_data(TensorData::new(values, [n]), &self.plain);
+        write(target, fresh, &name, self.graph.is_hardware())
     }
 
     /// The model as trained so far, in inference mode, on copies of the step's buffers (the
@@ -216,7 +244,9 @@ impl GraphForward {
     pub fn run(&mut self, input: Vec<f32>) -> Result<Tensor<2>, GraphStepError> {
         let n = input.len();
         let fresh = Tensor::<1>::from_data(TensorData::new(input, [n]), &self.plain);
-        write(&mut self.input.lock().unwrap_or_else(PoisonError::into_inner), fresh, "the forward pass's input")?;
+        let mut input = self.input.lock().unwrap_or_else(PoisonError::into_inner);
+        write(&mut input, fresh, "the forward pass's input", self.graph.is_hardware())?;
+        drop(input);
         // SAFETY: the recorded kernels read the input buffer, which `self.input` owns and which
         // is only rewritten in place (refused otherwise, above), the model's weights, which the
         // recorded closure owns, and buffers the recording allocated (kept reserved while the
@@ -258,26 +288,49 @@ where
                 let grad = slot.stable.clone().mul_scalar(sgd.weight_decay).add(update);
                 let new_velocity = grad.mul_scalar(1.0).add(velocity.clone().mul_scalar(sgd.momentum));
                 let new_value = slot.stable.clone() - new_velocity.clone().mul_scalar(sgd.lr);
-                write(velocity, new_velocity, &format!("velocity {i}"))?;
-                write(&mut slot.stable, new_value, &format!("parameter {i}"))?;
+                let names = [format!("velocity {i}"), format!("parameter {i}")];
+                if !write_any(velocity, new_velocity, &names[0])? {
+                    state.copied.get_or_insert_with(|| names[0].clone());
+                }
+                if !write_any(&mut slot.stable, new_value, &names[1])? {
+                    state.copied.get_or_insert_with(|| names[1].clone());
+                }
             }
-            None => write(&mut slot.stable, update, &format!("running statistic {i}"))?,
+            None => {
+                let name = format!("running statistic {i}");
+                if !write_any(&mut slot.stable, update, &name)? {
+                    state.copied.get_or_insert(name);
+                }
+            }
         }
     }
     Ok(value)
 }
 
-/// Write `value` into `target`'s buffer.
-fn write<K: Basic>(target: &mut Tensor<1, K>, value: Tensor<1, K>, name: &str) -> Result<(), GraphStepError> {
+/// Write `value` into `target`'s buffer; with `graph` (a device graph reads that buffer), a
+/// buffer that cannot be rewritten in place is refused.
+fn write<K: Basic>(
+    target: &mut Tensor<1, K>,
+    value: Tensor<1, K>,
+    name: &str,
+    graph: bool,
+) -> Result<(), GraphStepError> {
+    if graph && !target.can_mut() {
+        return Err(GraphStepError::Shared(name.to_string()));
+    }
+    write_any(target, value, name).map(|_| ())
+}
+
+/// Write `value` into `target`: in place where nothing else holds its buffer (returns `true`),
+/// else into a new buffer that `target` then holds (`false`).
+fn write_any<K: Basic>(target: &mut Tensor<1, K>, value: Tensor<1, K>, name: &str) -> Result<bool, GraphStepError> {
     let (expected, got) = (target.dims()[0], value.dims()[0]);
     if expected != got {
         return Err(GraphStepError::InputSize { name: name.to_string(), expected, got });
     }
-    if !target.can_mut() {
-        return Err(GraphStepError::Shared(name.to_string()));
-    }
+    let in_place = target.can_mut();
     target.inplace(|t| t.slice_assign(0..expected, value));
-    Ok(())
+    Ok(in_place)
 }
 
 /// Copies every float tensor of a model into a flat buffer of its own; parameters that train
@@ -408,6 +461,7 @@ mod tests {
         })
         .unwrap();
         assert!(!ours.is_graph());
+        assert_eq!(ours.copied(), None, "flex tells shared buffers apart: every write must be in place");
         let mut our_losses = Vec::new();
         for (bx, by) in &batches {
             ours.set_floats(0, bx.clone()).unwrap();
@@ -415,6 +469,7 @@ mod tests {
             our_losses.push(values(ours.step().unwrap())[0]);
         }
         assert!(relative_difference(&our_losses, &their_losses) < 1e-6, "{our_losses:?} vs {their_losses:?}");
+        assert_eq!(ours.copied(), None);
 
         let probe = x(&batches[0].0, &plain).reshape([B, 1, 32, 32]);
         let ours = values(ours.model().forward(probe.clone()));
@@ -422,8 +477,9 @@ mod tests {
         assert!(relative_difference(&ours, &theirs) < 1e-5, "{ours:?} vs {theirs:?}");
     }
 
-    /// Inputs of another length, or held elsewhere (a write in place would not be seen by the
-    /// holder, and the step would not see a copy), are refused with a clear error.
+    /// Inputs of another length, or that the step does not have, are refused with a clear
+    /// error; one held elsewhere is written to a new buffer without a device graph (the step
+    /// runs again and sees it) and refused with one (a replay would read the old buffer).
     #[test]
     fn refuses_wrong_or_shared_inputs() {
         let (device, plain) = (Device::flex().autodiff(), Device::flex());
@@ -446,9 +502,14 @@ mod tests {
             },
         )
         .unwrap();
-        let shared = step.set_floats(0, bx.clone());
-        assert!(matches!(shared, Err(GraphStepError::Shared(_))), "{shared:?}");
+        step.set_floats(0, bx.iter().map(|v| -v).collect()).unwrap();
+        assert_eq!(values(kept.clone()), bx, "the holder keeps its values");
+        let fresh = Tensor::<1>::from_data(TensorData::new(bx.clone(), [bx.len()]), &plain);
+        let mut shared = kept.clone();
+        let refused = write(&mut shared, fresh.clone(), "a shared buffer", true);
+        assert!(matches!(refused, Err(GraphStepError::Shared(_))), "{refused:?}");
         drop(kept);
+        assert!(write_any(&mut shared, fresh, "a buffer of its own").unwrap());
         step.set_floats(0, bx.clone()).unwrap();
         let short = step.set_floats(0, bx[1..].to_vec());
         assert!(matches!(short, Err(GraphStepError::InputSize { expected: 4096, got: 4095, .. })), "{short:?}");

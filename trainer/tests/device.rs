@@ -46,12 +46,16 @@ fn self_test_compares_another_backend_with_flex() {
     let out = Command::new(env!("CARGO_BIN_EXE_mekd")).args(["self-test", "--device", "ndarray"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    for check in
-        ["generator images", "mekd L1: d/d logits, hand VJP", "mixed graph: d/dx", "student step: logits after it"]
-    {
+    for check in [
+        "generator images",
+        "mekd L1: d/d logits, hand VJP",
+        "mixed graph: d/dx",
+        "student step: logits after it",
+        "graph steps: three losses",
+    ] {
         assert!(stdout.lines().any(|l| l.starts_with(check) && l.ends_with("ok")), "{check}:\n{stdout}");
     }
-    assert!(stdout.contains("all 12 checks agree with flex"), "{stdout}");
+    assert!(stdout.contains("all 14 checks agree with flex"), "{stdout}");
 }
 
 /// burn-wgpu's own code, fusion included, on a software Vulkan driver: the check that found a
@@ -67,5 +71,5 @@ fn self_test_passes_on_burn_wgpu_with_a_software_vulkan_driver() {
         !stderr.contains("no usable GPU"),
         "this test needs a software Vulkan driver: `apt-get install -y mesa-vulkan-drivers` (Mesa's lavapipe)\n{stderr}"
     );
-    assert!(out.status.success() && stdout.contains("all 12 checks agree with flex"), "{stdout}{stderr}");
+    assert!(out.status.success() && stdout.contains("all 15 checks agree with flex"), "{stdout}{stderr}");
 }

@@ -133,7 +133,7 @@ where
         sgd,
         copied: None,
     }));
-    let copy = |t: &Tensor<1>| Tensor::<1>::from_data(t.to_data(), plain);
+    let copy = |t: &Tensor<1>| copy_of(t, plain);
     let before: Vec<(Tensor<1>, Option<Tensor<1>>)> =
         state.borrow().slots.iter().map(|slot| (copy(&slot.stable), slot.velocity.as_ref().map(copy))).collect();
     let shared = state.clone();
@@ -210,7 +210,7 @@ impl<M: Module, F: FnMut() -> Result<Tensor<1>, GraphStepError>> GraphStep<M, F>
         let copies: Vec<Slot> = state
             .slots
             .iter()
-            .map(|slot| Slot { stable: Tensor::from_data(slot.stable.to_data(), &self.plain), velocity: None })
+            .map(|slot| Slot { stable: copy_of(&slot.stable, &self.plain), velocity: None })
             .collect();
         state.template.clone().map(&mut Attach { slots: &copies, index: &state.index }).valid()
     }
@@ -307,6 +307,11 @@ where
     Ok(value)
 }
 
+/// A copy of `t` in a buffer of its own (through the host: recording and reading the model only).
+fn copy_of(t: &Tensor<1>, plain: &Device) -> Tensor<1> {
+    Tensor::from_data(t.to_data(), plain)
+}
+
 /// Write `value` into `target`'s buffer; with `graph` (a device graph reads that buffer), a
 /// buffer that cannot be rewritten in place is refused.
 fn write<K: Basic>(
@@ -399,6 +404,7 @@ impl ModuleVisitor for Collect<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::self_test::values;
     use burn::nn::loss::CrossEntropyLossConfig;
     use mekd_models::{Architecture, Classifier, ClassifierSpec};
     use mekd_runtime::rng::SplitMix64;
@@ -416,10 +422,6 @@ mod tests {
         assert_eq!(a.len(), b.len());
         let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
         a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
-    }
-
-    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec().expect("f32 values")
     }
 
     /// On flex (no device graphs: each step runs again) the recorded step is burn's SGD step

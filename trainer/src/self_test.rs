@@ -77,7 +77,8 @@ fn reference_generator(width: usize) -> Result<Generator> {
     Ok(generator.valid().no_grad())
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// The values of `t`, as f32, on the host.
+pub(crate) fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec().expect("f32 values")
 }
 

@@ -14,6 +14,7 @@
 # probe: the self-test, then the step benchmark twice on one tuning cache.
 # repeat N: the step benchmark N times on one tuning cache (the spread on one machine).
 # graphs SECONDS: the self-test, then the step benchmark with --graphs up to four times.
+# commands: the training commands on the embedded MNIST slice, op by op and with CUDA graphs.
 # cuda_soft SECONDS (issue 21): MEKD soft on the issue's schedule on burn-cuda, alone on GPU 0.
 # Backend: DEV=cuda for a `--features cuda` build (no Vulkan loaders needed), wgpu by default.
 # Data: DATA=DIR when MNIST travels apart from the binary (the carry limit): a first call carries
@@ -160,6 +161,23 @@ graphs() {  # SECONDS (issue 21, session 20): the self-test (with its graph-step
   for n in 1 2 3 4; do
     [ $SECONDS -lt ${1:-400} ] || break
     CUBECL_ENVIRONMENT=bench $M bench-train --device $DEV:0 --graphs --warmup 20 --steps 50 --out $OUT/bench-graphs-$n.json 2>&1 | json_off
+  done
+}
+commands() {  # [MODES] (issue 21, session 21) the training commands on the embedded MNIST slice, op
+  # by op (mode ops: MEKD_NO_GRAPHS=1) and replaying CUDA graphs (mode graphs), in the order given
+  # (default: ops graphs), on one tuning cache (the first run tunes it): ResNet32 teacher, then
+  # MEKD (GAN on the whole slice, ResNet8 student); run files to $OUT
+  local S=data/mnist-slice
+  for mode in ${1:-ops graphs}; do
+    local no=""; [ $mode = ops ] && no=1
+    MEKD_NO_GRAPHS=$no CUBECL_ENVIRONMENT=bench $M teacher train --arch resnet32 --data $S --epochs 4 \
+      --device $DEV:0 --out runs/gpu/teacher-$mode > $OUT/teacher-$mode.log 2>&1
+    MEKD_NO_GRAPHS=$no CUBECL_ENVIRONMENT=bench $M distill --teacher-run runs/gpu/teacher-$mode --data $S \
+      --edge-fraction 1 --student resnet8 --gan-epochs 4 --epochs 3 --steps 100 --device $DEV:0 \
+      --out runs/gpu/mekd-$mode > $OUT/mekd-$mode.log 2>&1
+    for run in teacher-$mode mekd-$mode; do
+      mkdir -p $OUT/$run; cp runs/gpu/$run/*.json runs/gpu/$run/*.jsonl $OUT/$run/ 2>/dev/null
+    done
   done
 }
 resumeB() {  # like phaseB, and also return each unfinished run whole (checkpoints, generator), to resume

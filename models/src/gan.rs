@@ -277,15 +277,17 @@ pub struct Dropout2d {
 }
 
 impl Dropout2d {
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        if !self.training.is_enabled() || !x.device().is_autodiff() || self.prob == 0.0 {
-            return x;
-        }
-        let [batch, channels, _, _] = x.dims();
+    /// Whether a forward pass of `device`'s tensors drops maps (training, with autodiff).
+    fn active(&self, device: &Device) -> bool {
+        self.training.is_enabled() && device.is_autodiff() && self.prob != 0.0
+    }
+
+    /// `x` with each map kept where its uniform draw (`[batch, channels, 1, 1]`) is below the
+    /// keep share, as one Bernoulli(keep) draw per map, and rescaled; `x` itself when inactive.
+    fn forward_drawn(&self, x: Tensor<4>, uniform: Option<&Tensor<4>>) -> Tensor<4> {
+        let Some(uniform) = uniform.filter(|_| self.active(&x.device())) else { return x };
         let keep = 1.0 - self.prob;
-        // One Bernoulli(keep) draw per map, as `uniform < keep`.
-        let uniform = Tensor::<4>::random([batch, channels, 1, 1], Distribution::Uniform(0.0, 1.0), &x.device());
-        let mask = uniform.lower_elem(keep).float();
+        let mask = uniform.clone().lower_elem(keep).float();
         x * mask.div_scalar(keep)
     }
 }
@@ -311,9 +313,31 @@ impl Discriminator {
     /// `sigmoid` of this), shape `[batch, 1]`. Losses take logits for a finite gradient where
     /// the sigmoid saturates.
     pub fn forward_logits(&self, x: Tensor<4>) -> Tensor<2> {
+        let [batch, _, _, _] = x.dims();
+        let device = x.device();
+        let draws: Vec<Tensor<4>> = (self.dropout_channels(&device).into_iter())
+            .map(|c| Tensor::<4>::random([batch, c, 1, 1], Distribution::Uniform(0.0, 1.0), &device))
+            .collect();
+        self.forward_logits_drawn(x, &draws)
+    }
+
+    /// The channels of each block, in order, whose maps channel dropout draws for in a forward
+    /// pass on `device` (one uniform value per image and map); none when dropout is inactive
+    /// (inference, or a device without autodiff).
+    pub fn dropout_channels(&self, device: &Device) -> Vec<usize> {
+        if !self.dropout.active(device) {
+            return Vec::new();
+        }
+        self.blocks.iter().map(|block| block.conv.weight.shape().dims::<4>()[0]).collect()
+    }
+
+    /// [`Discriminator::forward_logits`] with dropout's uniform draws given, `[batch, channels, 1,
+    /// 1]` for each block of [`Discriminator::dropout_channels`], so that the pass draws nothing
+    /// itself (a recorded device graph would replay its draws unchanged).
+    pub fn forward_logits_drawn(&self, x: Tensor<4>, draws: &[Tensor<4>]) -> Tensor<2> {
         let mut x = x;
-        for block in &self.blocks {
-            x = self.dropout.forward(leaky_relu(conv2d(&block.conv, x), LEAKY_SLOPE));
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.dropout.forward_drawn(leaky_relu(conv2d(&block.conv, x), LEAKY_SLOPE), draws.get(i));
             if let Some(bn) = &block.bn {
                 x = batch_norm(bn, x);
             }
@@ -346,11 +370,34 @@ mod dropout_tests {
         device.seed(7);
         let dropout = Dropout2d { prob: 0.25, training: Param::from_bool(true) };
         let x = Tensor::<4>::ones([64, 128, 2, 2], &device);
-        let y: Vec<f32> = dropout.forward(x).into_data().try_to_vec().unwrap();
+        let uniform = Tensor::<4>::random([64, 128, 1, 1], Distribution::Uniform(0.0, 1.0), &device);
+        let y: Vec<f32> = dropout.forward_drawn(x, Some(&uniform)).into_data().try_to_vec().unwrap();
         let maps: Vec<f32> = y.chunks_exact(4).map(|m| m[0]).collect();
         assert!(y.chunks_exact(4).all(|m| m.iter().all(|v| *v == m[0])), "whole maps are kept or dropped");
         let kept = maps.iter().filter(|v| **v > 0.0).count() as f64 / maps.len() as f64;
         assert!((kept - 0.75).abs() < 0.03, "kept share {kept}");
         assert!(maps.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+    }
+
+    /// A pass that draws its own dropout is the pass given the same draws, and a pass without
+    /// autodiff draws nothing (it drops nothing).
+    #[test]
+    fn given_draws_are_the_draws_a_pass_makes() {
+        let device = Device::flex().autodiff();
+        let d = DiscriminatorConfig::new(1).with_width(4).init(&device).unwrap();
+        crate::initialise(&d);
+        let x = Tensor::<4>::random([3, 1, 32, 32], Distribution::Uniform(-1.0, 1.0), &device);
+        let x = Tensor::<4>::from_data(x.into_data(), &device);
+        device.seed(11);
+        let own: Vec<f32> = d.forward_logits(x.clone()).into_data().try_to_vec().unwrap();
+        device.seed(11);
+        let channels = d.dropout_channels(&device);
+        assert_eq!(channels, [4, 8, 16, 32]);
+        let draws: Vec<Tensor<4>> = (channels.iter())
+            .map(|&c| Tensor::<4>::random([3, c, 1, 1], Distribution::Uniform(0.0, 1.0), &device))
+            .collect();
+        let given: Vec<f32> = d.forward_logits_drawn(x.clone(), &draws).into_data().try_to_vec().unwrap();
+        assert_eq!(own, given);
+        assert!(d.dropout_channels(&Device::flex()).is_empty());
     }
 }

@@ -19,7 +19,7 @@ pub mod zoo;
 
 pub use error::ModelError;
 pub use gan::{Discriminator, DiscriminatorConfig, Generator, GeneratorConfig};
-pub use params::{running_statistics, trainable_params};
+pub use params::{initialise, running_statistics, trainable_params};
 pub use zoo::{Architecture, Classifier, ClassifierSpec, ZooEntry, zoo_entries};
 
 /// Side length of every image the zoo consumes and the generator produces.

@@ -35,6 +35,22 @@ fn float_tensors<M: Module>(module: &M) -> Vec<(ParamId, usize, bool)> {
     visitor.found
 }
 
+/// Visitor that reads every float tensor (which initialises a lazily initialised one).
+struct Initialise;
+
+impl ModuleVisitor for Initialise {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        drop(param.val());
+    }
+}
+
+/// Draw the initial values of every lazily initialised tensor of `module` now, in visiting
+/// order. burn draws a parameter's initial values when it is first read, so without this the
+/// values depend on which computation reads the parameters first (and on any draws made before).
+pub fn initialise<M: Module>(module: &M) {
+    module.visit(&mut Initialise);
+}
+
 /// Trainable parameters of `module` (BatchNorm running statistics excluded).
 pub fn trainable_params<M: Module>(module: &M) -> usize {
     float_tensors(module).into_iter().filter(|&(_, _, running)| !running).map(|(_, n, _)| n).sum()

@@ -10,6 +10,10 @@ use std::str::FromStr;
 
 use burn::tensor::Device;
 
+/// The environment variable that turns device graphs off ([`DeviceKind::records_graphs`]): set
+/// to anything but empty or `0`, the training commands run every step op by op.
+pub const NO_GRAPHS: &str = "MEKD_NO_GRAPHS";
+
 /// The burn backends this build can train on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum DeviceKind {
@@ -109,6 +113,14 @@ impl<'de> serde::Deserialize<'de> for DeviceKind {
 }
 
 impl DeviceKind {
+    /// Whether training steps on this device replay recorded device graphs
+    /// ([`crate::graph_step`]): on burn-cuda (CUDA graphs), where a step of the small networks
+    /// here is bound by kernel launches, unless the environment sets [`NO_GRAPHS`] (to compare,
+    /// or to rule graphs out). Other backends have no device graphs.
+    pub fn records_graphs(self) -> bool {
+        matches!(self, DeviceKind::Cuda(_)) && std::env::var_os(NO_GRAPHS).is_none_or(|v| v.is_empty() || v == "0")
+    }
+
     /// The plain (inference) device of this kind. For a GPU this opens the adapter now, so a
     /// missing GPU is reported before any work starts.
     pub fn device(self) -> Result<Device, DeviceError> {

@@ -18,14 +18,19 @@ use burn::module::Module;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::Serialize;
 
-use mekd_models::{Architecture, Classifier, ClassifierSpec, Generator, GeneratorConfig};
+use mekd_contract::protocol::ResponseMode;
+use mekd_models::{
+    Architecture, Classifier, ClassifierSpec, Discriminator, DiscriminatorConfig, Generator, GeneratorConfig,
+};
 
 use mekd_contract::{Normalisation, to_model_input};
 use mekd_runtime::rng::SplitMix64;
 
+use crate::blackbox::BurnTeacher;
 use crate::device::DeviceKind;
 use crate::graph_step::{self, StepInputs};
 use crate::methods::config::DistillConfig;
+use crate::methods::deprivatize::{Gan, GanConfig, freeze};
 use crate::methods::losses::{ImageDistance, bce_with_logits, image_alignment};
 use crate::methods::mekd::{MekdObjective, mekd_loss};
 use crate::methods::student::{Objective, StudentStep};
@@ -83,12 +88,14 @@ pub(crate) fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// Every probed quantity on `device` (`plain` without autodiff), in a fixed order; `full`: the
-/// full-size generator probe too.
+/// full-size generator probe too; `graphs`: the GAN's steps as recorded graphs (the device
+/// under test), else op by op (the reference).
 fn probe(
     generator: &Generator,
     full: Option<&Generator>,
     plain: &Device,
     device: &Device,
+    graphs: bool,
 ) -> Result<Vec<(String, Vec<f32>)>> {
     let generator = generator.clone().to_device(plain);
     let (s, t) = inputs();
@@ -189,7 +196,39 @@ fn probe(
     out.push(("graph steps: three losses".to_string(), losses));
     let logits = values(step.model().forward(x.without_autodiff()));
     out.push(("graph steps: logits after them".to_string(), logits));
+
+    // Deprivatization's step (`Gan::step`): on the device under test as two recorded graphs
+    // around the teacher's query (Adam in place, host draws written in), against flex op by op:
+    // three steps' losses, then the generator's images.
+    let (gan_generator, discriminator) = reference_gan(device)?;
+    let gan_config = GanConfig { batch: BATCH, ..GanConfig::default() };
+    let teacher_spec = ClassifierSpec { architecture: Architecture::LeNet5Half, in_channels: 1, num_classes: CLASSES };
+    let teacher_model = reference_student(&teacher_spec, &Device::flex().autodiff()).valid().to_device(plain);
+    let mut teacher = BurnTeacher::from_model(teacher_model, &teacher_spec, plain, ResponseMode::Soft, None, None);
+    let mut gan = Gan::with_networks(gan_generator, discriminator, &gan_config, CLASSES, false, graphs);
+    let mut losses = Vec::new();
+    for k in 0..3 {
+        let shifted: Vec<f32> = input.iter().map(|v| (v - 0.25 * k as f32).max(-1.0)).collect();
+        let real = Tensor::<4>::from_data(TensorData::new(shifted, [BATCH, 1, 32, 32]), device);
+        losses.extend(gan.step(real, &mut teacher)?.into_iter().flat_map(values));
+    }
+    out.push(("gan steps: d, g and im losses of three".to_string(), losses));
+    let latents = Tensor::<2>::from_data(TensorData::new(t.clone(), [BATCH, CLASSES]), plain);
+    let images = values(freeze(&gan.generator()).to_device(plain).forward(latents));
+    out.push(("gan steps: generator images after them".to_string(), images));
     Ok(out)
+}
+
+/// Deprivatization's networks at small widths, seeded on flex (so every device gets the same
+/// weights), forked to `device`.
+fn reference_gan(device: &Device) -> Result<(Generator, Discriminator)> {
+    let flex = Device::flex().autodiff();
+    flex.seed(29);
+    let generator = GeneratorConfig::new(CLASSES, 1).with_width(16).init(&flex)?;
+    let discriminator = DiscriminatorConfig::new(1).with_width(4).init(&flex)?;
+    mekd_models::initialise(&generator);
+    mekd_models::initialise(&discriminator);
+    Ok((generator.fork(device), discriminator.fork(device)))
 }
 
 /// A `spec` student with seeded weights, built on flex so every device gets the same ones (a
@@ -246,8 +285,8 @@ pub fn self_test(device: DeviceKind) -> Result<Vec<Check>> {
     let gpu = matches!(device, DeviceKind::Wgpu(_) | DeviceKind::Cuda(_));
     let full = gpu.then(|| reference_generator(FULL_WIDTH)).transpose()?;
     let tolerance = Tolerance::of(device);
-    let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff())?;
-    let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?)?;
+    let reference = probe(&generator, full.as_ref(), &Device::flex(), &Device::flex().autodiff(), false)?;
+    let got = probe(&generator, full.as_ref(), &device.device()?, &device.training_device()?, true)?;
     Ok(reference
         .into_iter()
         .zip(got)

@@ -55,7 +55,7 @@ fn self_test_compares_another_backend_with_flex() {
     ] {
         assert!(stdout.lines().any(|l| l.starts_with(check) && l.ends_with("ok")), "{check}:\n{stdout}");
     }
-    assert!(stdout.contains("all 14 checks agree with flex"), "{stdout}");
+    assert!(stdout.contains("all 16 checks agree with flex"), "{stdout}");
 }
 
 /// burn-wgpu's own code, fusion included, on a software Vulkan driver: the check that found a
@@ -71,5 +71,21 @@ fn self_test_passes_on_burn_wgpu_with_a_software_vulkan_driver() {
         !stderr.contains("no usable GPU"),
         "this test needs a software Vulkan driver: `apt-get install -y mesa-vulkan-drivers` (Mesa's lavapipe)\n{stderr}"
     );
-    assert!(out.status.success() && stdout.contains("all 15 checks agree with flex"), "{stdout}{stderr}");
+    assert!(out.status.success() && stdout.contains("all 17 checks agree with flex"), "{stdout}{stderr}");
+}
+
+/// `mekd bench-train --graphs` on a CPU: each recorded step (teacher, GAN, MEKD) runs again per
+/// step there, and its row says that no device graph replayed.
+#[test]
+fn bench_train_graph_rows_run_on_a_cpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mekd"))
+        .args(["bench-train", "--device", "flex", "--graphs", "--warmup", "0", "--steps", "1"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    for row in ["teacher step, graph", "gan step, graph", "mekd step, graph"] {
+        assert!(stdout.contains(row), "{row}: {stdout}");
+    }
+    assert_eq!(stdout.matches("\"graph\": false").count(), 3, "{stdout}");
 }

@@ -47,7 +47,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         ..GanConfig::default()
     };
     let mut epochs = Vec::new();
-    let generator = deprivatize(&edge, &mut teacher, &gan, &device, |row, _, _| {
+    let generator = deprivatize(&edge, &mut teacher, &gan, &device, false, |row, _, _| {
         epochs.push(row.clone());
         Ok(())
     })
@@ -107,6 +107,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         test: &test,
         device: &device,
         run: &run,
+        graphs: false,
     };
     let (_, rows) = train_student(&objective, &Transfer::Pool(pool), &mut teacher, &job, |_, _| Ok(())).unwrap();
     assert_eq!(teacher.usage().queries - start, 96, "a pool is queried once, then only the cache");
@@ -120,17 +121,18 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         queries: QueryMode::Fresh,
         ..DistillConfig::default()
     };
-    let fresh_job = |run| StudentJob {
+    let fresh_job = |run, graphs| StudentJob {
         spec: &spec,
         config: &fresh,
         epoch_length: EpochLength::Steps(3),
         test: &test,
         device: &device,
         run,
+        graphs,
     };
     let start = teacher.usage().queries;
     let run = RunDir::create(&runs.path().join("fresh")).unwrap();
-    let job = fresh_job(&run);
+    let job = fresh_job(&run, false);
     let objective = MekdObjective { generator: generator.clone(), config: &fresh };
     let (_, first) =
         train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut teacher, &job, |_, _| Ok(()))
@@ -138,7 +140,7 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
     assert_eq!(teacher.usage().queries - start, 48);
     // The teacher answers the next batch on a thread during each step: still deterministic.
     let run = RunDir::create(&runs.path().join("fresh-again")).unwrap();
-    let job = fresh_job(&run);
+    let job = fresh_job(&run, false);
     let (_, again) =
         train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut teacher, &job, |_, _| Ok(()))
             .unwrap();
@@ -147,13 +149,23 @@ fn mekd_queries_only_through_the_trait_and_trains_only_the_student() {
         rows.iter().map(|r| (r.loss, r.test_acc, r.terms.clone())).collect::<Vec<_>>()
     };
     assert_eq!(values(&first), values(&again));
+    // The same run through the recorded step (on flex it runs again each step): the same
+    // queries, and the same losses within f32 rounding (the in-place SGD is burn's, term for term).
+    let run = RunDir::create(&runs.path().join("fresh-graph")).unwrap();
+    let job = fresh_job(&run, true);
+    let (_, graph) =
+        train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut teacher, &job, |_, _| Ok(()))
+            .unwrap();
+    assert_eq!(teacher.usage().queries - start, 144);
+    let (ours, theirs) = (graph[0].loss, first[0].loss);
+    assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "{ours} vs {theirs}");
     // Distillation left the generator untouched.
     let after: Vec<f32> = generator.forward(z).into_data().try_to_vec().unwrap();
     assert_eq!(before, after);
     // A client-side budget turns into a clean error, not a crash.
     let mut limited = BurnTeacher::from_run(dir.path(), &Device::flex(), ResponseMode::Hard, Some(20)).unwrap();
     let run = RunDir::create(&runs.path().join("limited")).unwrap();
-    let job = fresh_job(&run);
+    let job = fresh_job(&run, false);
     let err =
         train_student(&objective, &Transfer::Fresh(Box::new(generator.clone())), &mut limited, &job, |_, _| Ok(()))
             .err()

@@ -154,8 +154,13 @@ fn deprivatization_stage(stage: &mut Stage) -> Result<Generator> {
     std::fs::create_dir_all(run.file("samples"))?;
     let mut gan_rows = Vec::new();
     let bar = progress::bar(config.gan.epochs as u64, "deprivatize");
-    let generator =
-        deprivatize(edge, &mut *stage.teacher, &config.gan, device, |row, generator: &Generator, usage| {
+    let generator = deprivatize(
+        edge,
+        &mut *stage.teacher,
+        &config.gan,
+        device,
+        config.device.records_graphs(),
+        |row, generator: &Generator, usage| {
             bar.inc(1);
             bar.set_message(format!(
                 "d {:.3} g {:.3} im {:.3} queries {}",
@@ -187,7 +192,8 @@ fn deprivatization_stage(stage: &mut Stage) -> Result<Generator> {
             std::fs::rename(run.file("generator.bpk.tmp"), run.file("generator.bpk"))?;
             run.write_jsonl("gan.jsonl", &gan_rows)?;
             run.write_json("usage.json", &usage)
-        })?;
+        },
+    )?;
     bar.finish_and_clear();
     Ok(freeze(&generator))
 }

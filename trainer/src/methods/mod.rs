@@ -85,6 +85,9 @@ pub enum MethodError {
     /// The per-epoch work (checkpoints, metrics) failed.
     #[error("{0:#}")]
     Callback(anyhow::Error),
+    /// A step recorded as a device graph could not be recorded or replayed.
+    #[error("a training step recorded as a device graph: {0}")]
+    Graph(#[from] crate::graph_step::GraphStepError),
 }
 
 /// The methods `mekd distill --method` runs.

@@ -236,8 +236,15 @@ pub fn run_method(dir: &Path, config: &RunConfig, teacher: &mut dyn Teacher, res
     let epoch_length = config.distill.steps_per_epoch.map_or(method.reference_epoch_length(), EpochLength::Steps);
     let steps_per_epoch = epoch_length.steps(&transfer, config.distill.batch)?;
     eprintln!("{}: {} epochs of {steps_per_epoch} steps ({epoch_length})", config.method, config.distill.epochs);
-    let job =
-        StudentJob { spec: &spec, config: &config.distill, epoch_length, test: &test, device: &device, run: &run };
+    let job = StudentJob {
+        spec: &spec,
+        config: &config.distill,
+        epoch_length,
+        test: &test,
+        device: &device,
+        run: &run,
+        graphs: config.device.records_graphs(),
+    };
     let (student, rows) = train_student(objective.as_ref(), &transfer, teacher, &job, |row, usage| {
         bar.set_position(row.epoch as u64);
         bar.set_message(format!("loss {:.4} test {:.2}% queries {}", row.loss, row.test_acc, row.queries));

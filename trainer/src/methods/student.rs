@@ -7,7 +7,6 @@ use std::fmt;
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -23,7 +22,9 @@ use super::config::DistillConfig;
 use super::deprivatize::to_pixels;
 use crate::batches::epoch_order;
 use crate::blackbox::{Responses, Teacher, TeacherError};
+use crate::graph_step::{self, GraphStep, GraphStepError, HostInputs, StepInputs, Training};
 use crate::rundir::RunDir;
+use crate::schedule::Sgd;
 use crate::teacher::train::accuracy;
 
 /// What a method minimises on one batch, given the student's logits and the batch's targets
@@ -254,7 +255,29 @@ pub struct StudentStep<'a> {
     pub device: &'a Device,
 }
 
-impl StudentStep<'_> {
+impl<'a> StudentStep<'a> {
+    /// The batch as the student takes it: normalised images `[b, c, h, w]` and target rows
+    /// `[b, classes]`, flat, on `device`.
+    fn batch(&self, pixels: &[u8], targets: Vec<f32>, device: &Device) -> (Tensor<1>, Tensor<1>) {
+        let x = self.images(pixels);
+        let (n, m) = (x.len(), targets.len());
+        (Tensor::from_data(TensorData::new(x, [n]), device), Tensor::from_data(TensorData::new(targets, [m]), device))
+    }
+
+    /// `u8` images as the student's normalised input, flat.
+    fn images(&self, pixels: &[u8]) -> Vec<f32> {
+        let shape = self.spec.image_shape();
+        to_model_input(pixels, shape, &Normalisation::symmetric(shape[0]))
+    }
+
+    /// The loss of the student on flat batch tensors (any batch size).
+    fn loss(&self, student: &Classifier, x: Tensor<1>, t: Tensor<1>) -> BatchLoss {
+        let [c, h, w] = self.spec.image_shape();
+        let classes = self.spec.num_classes;
+        let b = t.dims()[0] / classes;
+        self.objective.loss(student.forward(x.reshape([b, c, h, w])), t.reshape([b, classes]))
+    }
+
     /// Run the step at learning rate `lr`.
     pub fn run(
         &self,
@@ -264,38 +287,63 @@ impl StudentStep<'_> {
         targets: Vec<f32>,
         lr: f64,
     ) -> (Classifier, Tensor<1>, Vec<Tensor<1>>) {
-        let shape = self.spec.image_shape();
-        let [c, h, w] = shape;
-        let classes = self.spec.num_classes;
-        let b = targets.len() / classes;
-        let norm = Normalisation::symmetric(c);
-        let x =
-            Tensor::<4>::from_data(TensorData::new(to_model_input(pixels, shape, &norm), [b, c, h, w]), self.device);
-        let t = Tensor::<2>::from_data(TensorData::new(targets, [b, classes]), self.device);
-        let loss = self.objective.loss(student.forward(x), t);
+        let (x, t) = self.batch(pixels, targets, self.device);
+        let loss = self.loss(&student, x, t);
         let grads = GradientsParams::from_grads(loss.differentiable.backward(), &student);
         let student = optim.step(lr, student, grads);
         (student, loss.total, loss.terms)
     }
 
-    /// [`StudentStep::run`] on `batch` while `teacher` answers `next` on another thread: what
-    /// fresh-mode distillation does, so a remote teacher's latency hides behind the step.
-    pub fn run_while_querying(
+    /// The step's inputs for [`StudentStep::record`] (`plain`: the device without autodiff).
+    pub fn inputs(&self, pixels: &[u8], targets: Vec<f32>, plain: &Device) -> StepInputs {
+        let (x, t) = self.batch(pixels, targets, plain);
+        StepInputs { floats: vec![x, t], ints: Vec::new() }
+    }
+
+    /// The step's host inputs for [`Training::step`].
+    fn host_inputs(&self, pixels: &[u8], targets: Vec<f32>) -> HostInputs {
+        (vec![self.images(pixels), targets], Vec::new())
+    }
+
+    /// The step's loss on inputs as [`StudentStep::inputs`] makes them: the tensor to
+    /// differentiate, and the loss's value followed by its terms.
+    fn input_loss(&self) -> impl FnMut(&Classifier, &StepInputs) -> (Tensor<1>, Tensor<1>) + 'a {
+        let step = StudentStep { spec: self.spec, objective: self.objective, device: self.device };
+        move |student: &Classifier, inputs: &StepInputs| {
+            let [x, t] = [0, 1].map(|i| inputs.floats[i].clone().autodiff());
+            let loss = step.loss(student, x, t);
+            let values = Tensor::cat(std::iter::once(loss.total).chain(loss.terms).collect(), 0);
+            (loss.differentiable, values.detach())
+        }
+    }
+
+    /// The step recorded as a device graph ([`crate::graph_step`]) on `inputs`: its values are
+    /// the loss and then its terms.
+    pub fn record(
         &self,
         student: Classifier,
-        optim: &mut ModuleOptimizer,
-        batch: (&[u8], Vec<f32>),
+        sgd: &Sgd,
         lr: f64,
-        teacher: &mut dyn Teacher,
-        next: &[u8],
-    ) -> (Classifier, Tensor<1>, Vec<Tensor<1>>, Result<Responses, TeacherError>) {
-        std::thread::scope(|scope| {
-            let query = scope.spawn(|| teacher.query(next));
-            let (student, loss, terms) = self.run(student, optim, batch.0, batch.1, lr);
-            let answer = query.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (student, loss, terms, answer)
-        })
+        inputs: StepInputs,
+        plain: &Device,
+    ) -> Result<GraphStep<'a, Classifier>, GraphStepError> {
+        graph_step::record(student, sgd, lr, inputs, plain, self.input_loss())
     }
+}
+
+/// `step` while `teacher` answers `next` on another thread: what fresh-mode distillation does,
+/// so a remote teacher's latency hides behind the step.
+pub fn while_querying<T>(
+    teacher: &mut dyn Teacher,
+    next: &[u8],
+    step: impl FnOnce() -> T,
+) -> (T, Result<Responses, TeacherError>) {
+    std::thread::scope(|scope| {
+        let query = scope.spawn(|| teacher.query(next));
+        let out = step();
+        let answer = query.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (out, answer)
+    })
 }
 
 /// Everything [`train_student`] needs besides the transfer set and the objective.
@@ -313,6 +361,9 @@ pub struct StudentJob<'a> {
     pub device: &'a Device,
     /// Checkpoints (`checkpoints/`) and `metrics.jsonl` go here; an existing checkpoint is resumed.
     pub run: &'a RunDir,
+    /// Replay the steps as a recorded device graph ([`crate::graph_step`]; see
+    /// [`crate::device::DeviceKind::records_graphs`]).
+    pub graphs: bool,
 }
 
 /// Train a fresh student (or resume the one checkpointed in `job.run`) for `config.epochs`,
@@ -325,7 +376,7 @@ pub fn train_student(
     job: &StudentJob,
     mut on_epoch: impl FnMut(&StudentEpoch, Usage) -> anyhow::Result<()>,
 ) -> Result<(Classifier, Vec<StudentEpoch>), MethodError> {
-    let StudentJob { spec, config, epoch_length, test, device, run } = *job;
+    let StudentJob { spec, config, epoch_length, test, device, run, .. } = *job;
     let steps_per_epoch = epoch_length.steps(transfer, config.batch)?;
     let stepper = StudentStep { spec, objective, device };
     device.seed(config.seed);
@@ -338,6 +389,9 @@ pub fn train_student(
         (start, student, optim, rows) = (checkpoint.epochs_done, checkpoint.model, checkpoint.optim, checkpoint.rows);
         eprintln!("resuming the student after epoch {start}");
     }
+    let plain = device.clone().inner();
+    let mut steps = Training::new(student, optim, &config.sgd, job.graphs, &plain, stepper.input_loss());
+
     for epoch in start..config.epochs {
         let started = Instant::now();
         // Seeded per epoch, so a resumed run draws the same noise as an uninterrupted one.
@@ -359,18 +413,17 @@ pub fn train_student(
                 (Transfer::Fresh(_), Some(batch)) => batch,
                 (Transfer::Fresh(generator), None) => fresh_batch(generator, teacher, config.batch, device)?,
             };
-            let (loss, terms);
-            match transfer {
+            let (loss, terms) = match transfer {
                 Transfer::Fresh(generator) if step + 1 < steps_per_epoch => {
                     let classes = teacher.info().num_classes;
                     let next = synthetic_pixels(generator, classes, config.batch, device);
-                    let answer;
-                    (student, loss, terms, answer) =
-                        stepper.run_while_querying(student, &mut optim, (&pixels, targets), lr, teacher, &next);
+                    let (done, answer) =
+                        while_querying(teacher, &next, || student_step(&mut steps, &stepper, &pixels, targets, lr));
                     prefetched = Some((next, answer?.targets(classes)));
+                    done?
                 }
-                _ => (student, loss, terms) = stepper.run(student, &mut optim, &pixels, targets, lr),
-            }
+                _ => student_step(&mut steps, &stepper, &pixels, targets, lr)?,
+            };
             let terms: Vec<Tensor<1>> = terms.into_iter().map(|t| t.detach()).collect();
             sums = Some(match sums {
                 None => (loss.detach(), terms),
@@ -379,8 +432,8 @@ pub fn train_student(
                 }
             });
         }
-        let steps = steps_per_epoch.max(1) as f64;
-        let mean = |t: Tensor<1>| t.into_scalar::<f32>() as f64 / steps;
+        let steps_done = steps_per_epoch.max(1) as f64;
+        let mean = |t: Tensor<1>| t.into_scalar::<f32>() as f64 / steps_done;
         let (loss, terms) = match sums {
             Some((total, parts)) => (
                 mean(total),
@@ -396,15 +449,30 @@ pub fn train_student(
             lr,
             loss,
             terms,
-            test_acc: accuracy(&student, test, device),
+            test_acc: accuracy(&steps.model(), test, device),
             queries: teacher.usage().queries,
             seconds: started.elapsed().as_secs_f64(),
         };
         rows.push(row.clone());
+        let (student, optim) = steps.checkpoint();
         run.save_checkpoint(epoch + 1, &student, &optim, &rows).map_err(MethodError::Callback)?;
         on_epoch(&row, teacher.usage()).map_err(MethodError::Callback)?;
     }
-    Ok((student.valid(), rows))
+    Ok((steps.model(), rows))
+}
+
+/// One step of the student through `training` on `pixels` and `targets` at `lr`: the loss and
+/// its terms.
+fn student_step(
+    training: &mut Training<Classifier>,
+    stepper: &StudentStep,
+    pixels: &[u8],
+    targets: Vec<f32>,
+    lr: f64,
+) -> Result<(Tensor<1>, Vec<Tensor<1>>), MethodError> {
+    let values = training.step(stepper.host_inputs(pixels, targets), lr)?;
+    let terms = (1..=stepper.objective.term_names().len()).map(|i| values.clone().slice(i..i + 1)).collect();
+    Ok((values.slice(0..1), terms))
 }
 
 /// The pool positions of step `step` of an epoch whose shuffled order is `order`: with

@@ -29,7 +29,7 @@ use crate::methods::config::DistillConfig;
 use crate::methods::deprivatize::{Gan, GanConfig, freeze};
 use crate::methods::losses::ImWeight;
 use crate::methods::mekd::MekdObjective;
-use crate::methods::student::{Objective, StudentStep, fresh_batch, synthetic_pixels};
+use crate::methods::student::{StudentStep, fresh_batch, synthetic_pixels, while_querying};
 use crate::schedule::Sgd;
 
 /// Timings of one kind of step.
@@ -243,21 +243,36 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
     // 2. Deprivatization: D and G steps, batch 64, one query per synthetic image (the reference
     // code's class-index IM weight, so the answer is needed).
     let gan_config = GanConfig { im_weight: ImWeight::ClassIndex, ..GanConfig::default() };
-    let mut gan = Gan::new(&gan_config, 10, 1, false, &device)?;
     let real_pixels = random_pixels(64 * per_image, 2);
-    rows.push(time_steps("gan step (b64, resnet32 teacher)", config, 64, || {
-        let real = Tensor::<4>::from_data(
-            TensorData::new(to_model_input(&real_pixels, shape, &norm), [64, 1, 32, 32]),
-            &device,
-        );
-        let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
-        let [d, _, _] = gan.step(real, &mut timed)?;
-        d.into_scalar::<f32>();
-        Ok(timed.spent)
-    })?);
+    let gan_step = |gan: &mut Gan, teacher: &mut dyn Teacher, name: &str| {
+        time_steps(name, config, 64, || {
+            let real = Tensor::<4>::from_data(
+                TensorData::new(to_model_input(&real_pixels, shape, &norm), [64, 1, 32, 32]),
+                &device,
+            );
+            let mut timed = Timed { inner: teacher, spent: Duration::ZERO };
+            let [d, g, _] = gan.step(real, &mut timed)?;
+            // Both losses: the second graph (the generator's step) must have finished too.
+            d.into_scalar::<f32>();
+            g.into_scalar::<f32>();
+            Ok(timed.spent)
+        })
+    };
+    let mut gan = Gan::new(&gan_config, 10, 1, false, &device, false)?;
+    rows.push(gan_step(&mut gan, &mut teacher, "gan step (b64, resnet32 teacher)")?);
+    if config.graphs {
+        // The same step as two recorded graphs around the query (the teacher's forward pass
+        // recorded as a graph of its own).
+        let mut teacher =
+            BurnTeacher::from_model(teacher_model.clone(), &teacher_spec, &plain, ResponseMode::Soft, None, None)
+                .with_graphs();
+        let mut gan = Gan::new(&gan_config, 10, 1, false, &device, true)?;
+        let row = gan_step(&mut gan, &mut teacher, "gan step, graph (b64)")?;
+        rows.push(replayed(row, gan.is_graph()));
+    }
 
     // 3. MEKD distillation: fresh synthetic batch, teacher query, student step, batch 128.
-    let generator = freeze(&gan.generator);
+    let generator = freeze(&gan.generator());
     let distill = DistillConfig::default();
     let objective = MekdObjective { generator: generator.clone(), config: &distill };
     let stepper = StudentStep { spec: &student_spec, objective: &objective, device: &device };
@@ -282,27 +297,14 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
                 .with_graphs();
         let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
         let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
-        let inputs = StepInputs {
-            floats: vec![
-                Tensor::from_data(TensorData::new(to_model_input(&pixels, shape, &norm), [128 * per_image]), &plain),
-                Tensor::from_data(TensorData::new(targets, [128 * 10]), &plain),
-            ],
-            ints: Vec::new(),
-        };
-        let student = student_spec.init(&device)?;
-        let mut graph =
-            graph_step::record(student, &Sgd::reference(1), 0.1, inputs, &plain, |student: &Classifier, inputs| {
-                let x = inputs.floats[0].clone().reshape([128, 1, 32, 32]).autodiff();
-                let t = inputs.floats[1].clone().reshape([128, 10]).autodiff();
-                let loss = objective.loss(student.forward(x), t);
-                (loss.differentiable, loss.total)
-            })?;
+        let inputs = stepper.inputs(&pixels, targets, &plain);
+        let mut graph = stepper.record(student_spec.init(&device)?, &Sgd::reference(1), 0.1, inputs, &plain)?;
         let row = time_steps("mekd step, graph (resnet32 -> resnet8)", config, 128, || {
             let mut timed = Timed { inner: &mut teacher, spent: Duration::ZERO };
             let (pixels, targets) = fresh_batch(&generator, &mut timed, 128, &device)?;
             graph.set_floats(0, to_model_input(&pixels, shape, &norm))?;
             graph.set_floats(1, targets)?;
-            graph.step()?.into_scalar::<f32>();
+            read_back(graph.step()?)?;
             Ok(timed.spent)
         })?;
         rows.push(replayed(row, graph.is_graph()));
@@ -391,8 +393,8 @@ pub fn bench_train(config: &BenchTrainConfig) -> Result<Vec<StepTiming>> {
             let mut timed = Timed { inner: &mut http, spent: Duration::ZERO };
             let next = synthetic_pixels(&generator, 10, 128, &device);
             let (pixels, targets) = std::mem::take(&mut batch);
-            let (next_student, loss, _, answer) =
-                stepper.run_while_querying(student.clone(), &mut optim, (&pixels, targets), 0.1, &mut timed, &next);
+            let ((next_student, loss, _), answer) =
+                while_querying(&mut timed, &next, || stepper.run(student.clone(), &mut optim, &pixels, targets, 0.1));
             student = next_student;
             batch = (next, answer?.targets(10));
             loss.into_scalar::<f32>();

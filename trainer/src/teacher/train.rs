@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use mekd_contract::{Normalisation, to_model_input};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, Classifier, ClassifierSpec, IMAGE_SIZE};
 use mekd_runtime::{Dataset, Split};
@@ -19,6 +19,7 @@ use mekd_runtime::{Dataset, Split};
 use crate::batches::{self, epoch_order};
 use crate::device::DeviceKind;
 use crate::export::export_verified;
+use crate::graph_step::{StepInputs, Training};
 use crate::progress;
 use crate::rundir::RunDir;
 use crate::schedule::{REFERENCE_BATCH, Sgd};
@@ -162,41 +163,49 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     }
 
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let [c, h, w] = train_set.shape;
+    // A step's values: the batch's summed loss and its correct predictions.
+    let loss = |model: &Classifier, inputs: &StepInputs| {
+        let y = inputs.ints[0].clone().autodiff();
+        let b = y.dims()[0];
+        let logits = model.forward(inputs.floats[0].clone().reshape([b, c, h, w]).autodiff());
+        let loss = loss_fn.forward(logits.clone(), y.clone());
+        let correct = logits.detach().argmax(1).reshape([b]).equal(y).float().sum();
+        (loss.clone(), Tensor::cat(vec![loss.detach().mul_scalar(b as f64), correct], 0))
+    };
+    let plain = device.clone().inner();
+    let mut training = Training::new(model, optim, &config.sgd, config.device.records_graphs(), &plain, loss);
+    let norm = Normalisation::symmetric(c);
     for epoch in start_epoch..config.epochs {
         let started = Instant::now();
         let lr = config.sgd.lr_at(epoch);
         let order = epoch_order(train_set.len(), config.seed, epoch);
         let bar = progress::bar(order.len() as u64, &format!("epoch {}/{}", epoch + 1, config.epochs));
         // Running sums stay on the device: no host round trip inside a step.
-        let mut sums: Option<(Tensor<1>, Tensor<1, Int>)> = None;
+        let mut sums: Option<Tensor<1>> = None;
         let mut seen = 0usize;
         for chunk in order.chunks(config.batch) {
-            let x = batches::images(&train_set, chunk, &device);
-            let y = batches::labels(&train_set, chunk, &device);
-            let logits = model.forward(x);
-            let loss = loss_fn.forward(logits.clone(), y.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            let batch_loss = loss.detach().mul_scalar(chunk.len() as f64);
-            let batch_correct = logits.detach().argmax(1).reshape([chunk.len()]).equal(y).int().sum();
+            let pixels: Vec<u8> = chunk.iter().flat_map(|&i| train_set.image(i).iter().copied()).collect();
+            let labels = chunk.iter().map(|&i| train_set.labels[i] as i64).collect();
+            let values = training.step((vec![to_model_input(&pixels, train_set.shape, &norm)], vec![labels]), lr)?;
             sums = Some(match sums {
-                None => (batch_loss, batch_correct),
-                Some((l, c)) => (l + batch_loss, c + batch_correct),
+                None => values,
+                Some(sums) => sums + values,
             });
             seen += chunk.len();
             bar.inc(chunk.len() as u64);
         }
-        let (loss_sum, correct) = match sums {
-            Some((l, c)) => (l.into_scalar::<f32>() as f64, c.into_scalar::<i64>() as usize),
-            None => (0.0, 0),
+        let (loss_sum, correct) = match sums.map(|t| t.into_data().try_to_vec::<f32>()) {
+            Some(Ok(sums)) => (sums[0] as f64, sums[1] as f64),
+            _ => (0.0, 0.0),
         };
         bar.finish_and_clear();
-        let test_acc = accuracy(&model, &test_set, &device);
+        let test_acc = accuracy(&training.model(), &test_set, &device);
         let row = EpochMetrics {
             epoch: epoch + 1,
             lr,
             train_loss: loss_sum / seen as f64,
-            train_acc: 100.0 * correct as f64 / seen as f64,
+            train_acc: 100.0 * correct / seen as f64,
             test_acc,
             seconds: started.elapsed().as_secs_f64(),
         };
@@ -205,13 +214,15 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
             row.epoch, config.epochs, row.lr, row.train_loss, row.train_acc, row.test_acc, row.seconds
         );
         metrics.push(row);
+        let (model, optim) = training.checkpoint();
         run.save_checkpoint(epoch + 1, &model, &optim, &metrics)?;
     }
+    let model = training.model();
 
     let onnx = run.file("teacher.onnx");
     let mut metadata = ExportMetadata::symmetric(config.channels);
     metadata.class_names = Some(train_set.classes.clone());
-    let check = export_verified(&model.valid(), &spec, &metadata, &onnx).context("exporting the teacher to ONNX")?;
+    let check = export_verified(&model, &spec, &metadata, &onnx).context("exporting the teacher to ONNX")?;
     let summary = TrainSummary {
         final_acc: metrics.last().map_or(0.0, |m| m.test_acc),
         best_acc: metrics.iter().map(|m| m.test_acc).fold(0.0, f64::max),

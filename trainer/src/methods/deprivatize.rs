@@ -303,21 +303,47 @@ impl Eager {
         let [b, _, _, _] = real.dims();
         let lr = plan.config.lr;
         let fake = self.generator.forward(draws.latents(&flat, 0)).detach();
-        let d_loss = bce_with_logits(self.discriminator.forward_logits_drawn(real, &draws.masks(&flat, 0)), 1.0)
-            + bce_with_logits(self.discriminator.forward_logits_drawn(fake, &draws.masks(&flat, 1)), 0.0);
+        let d_loss = discriminator_loss(&self.discriminator, real, fake, draws, &flat);
         let grads = GradientsParams::from_grads(d_loss.backward(), &self.discriminator);
         self.discriminator = self.opt_d.step(lr, self.discriminator.clone(), grads);
 
         let fake = self.generator.forward(draws.latents(&flat, 1));
         let weights = plan.weights(ask, b, || fake.clone().detach(), teacher)?;
         let weights = Tensor::<1>::from_data(TensorData::new(weights, [b]), &fake.device());
-        let d_fake = self.discriminator.forward_logits_drawn(fake, &draws.masks(&flat, 2));
-        let im = information_maximisation(sigmoid(d_fake.clone()), weights);
-        let g_loss = bce_with_logits(d_fake, 1.0) + im.clone().mul_scalar(plan.config.alpha);
+        let (g_loss, im) = generator_loss(&self.discriminator, fake, weights, plan.config.alpha, draws, &flat);
         let grads = GradientsParams::from_grads(g_loss.backward(), &self.generator);
         self.generator = self.opt_g.step(lr, self.generator.clone(), grads);
         Ok([d_loss.detach(), g_loss.detach(), im.detach()])
     }
+}
+
+/// The discriminator's loss on `real` images (as real) and generated ones (as fake), with the
+/// dropout draws of its two passes in `flat`.
+fn discriminator_loss(
+    d: &Discriminator,
+    real: Tensor<4>,
+    fake: Tensor<4>,
+    draws: &Draws,
+    flat: &Tensor<1>,
+) -> Tensor<1> {
+    bce_with_logits(d.forward_logits_drawn(real, &draws.masks(flat, 0)), 1.0)
+        + bce_with_logits(d.forward_logits_drawn(fake, &draws.masks(flat, 1)), 0.0)
+}
+
+/// The generator's loss (adversarial + `alpha` times the IM term, weighted per image by
+/// `weights`) and its IM term, through the discriminator with the dropout draws of its pass in
+/// `flat`.
+fn generator_loss(
+    d: &Discriminator,
+    fake: Tensor<4>,
+    weights: Tensor<1>,
+    alpha: f64,
+    draws: &Draws,
+    flat: &Tensor<1>,
+) -> (Tensor<1>, Tensor<1>) {
+    let d_fake = d.forward_logits_drawn(fake, &draws.masks(flat, 2));
+    let im = information_maximisation(sigmoid(d_fake.clone()), weights);
+    (bce_with_logits(d_fake, 1.0) + im.clone().mul_scalar(alpha), im)
 }
 
 /// The random draws of one GAN step, made on the host from the run's seed (a recorded graph
@@ -548,8 +574,7 @@ fn record(
         let g = generator.view(false);
         let fake = g.forward(draws.latents(flat, 0)).detach();
         let d = discriminator.view(true);
-        let d_loss = bce_with_logits(d.forward_logits_drawn(ins.images(), &draws.masks(flat, 0)), 1.0)
-            + bce_with_logits(d.forward_logits_drawn(fake, &draws.masks(flat, 1)), 0.0);
+        let d_loss = discriminator_loss(&d, ins.images(), fake, draws, flat);
         let value = d_loss.clone().detach().without_autodiff();
         discriminator.update(d, d_loss, Some(&*factors), true)?;
         let fake = g.forward(draws.latents(flat, 1)).detach().without_autodiff();
@@ -565,9 +590,7 @@ fn record(
         let g = generator.view(true);
         let fake = g.forward(draws.latents(flat, 1));
         let d = discriminator.view(false);
-        let d_fake = d.forward_logits_drawn(fake, &draws.masks(flat, 2));
-        let im = information_maximisation(sigmoid(d_fake.clone()), ins.weights.clone().autodiff());
-        let g_loss = bce_with_logits(d_fake, 1.0) + im.clone().mul_scalar(alpha);
+        let (g_loss, im) = generator_loss(&d, fake, ins.weights.clone().autodiff(), alpha, draws, flat);
         let values = [g_loss.clone().detach().without_autodiff(), im.detach().without_autodiff()];
         // The generator's running statistics come from the first graph's pass over these latents.
         generator.update(g, g_loss, Some(&*factors), false)?;

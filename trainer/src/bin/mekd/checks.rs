@@ -21,8 +21,9 @@ pub struct BenchTrainArgs {
     /// Also time MEKD against the HTTP teacher on loopback (needs ONNX Runtime).
     #[arg(long)]
     http: bool,
-    /// Also time the teacher and MEKD steps recorded once as a device graph and replayed (CUDA
-    /// graphs on `cuda`; on other backends the step runs again each time, and the row says so).
+    /// Also time the teacher, GAN and MEKD steps recorded once as device graphs and replayed, as
+    /// the training commands run them on `cuda` (where these rows are always timed, unless
+    /// MEKD_NO_GRAPHS is set); on other backends the step runs again each time, and the row says so.
     #[arg(long)]
     graphs: bool,
     #[command(flatten)]
@@ -38,6 +39,7 @@ impl BenchTrainArgs {
             bail!("--steps must be at least 1");
         }
         let BenchTrainArgs { device, warmup, steps, http, graphs, ort_library, out } = self;
+        let graphs = graphs || device.records_graphs();
         let config = BenchTrainConfig { device, warmup, steps, http, graphs, ort_library: ort_library.path };
         let rows = bench_train(&config)?;
         let json = serde_json::to_string_pretty(&rows)?;

@@ -11,9 +11,9 @@
 //! those buffers, computes the loss and its gradients, and writes the new values back into them
 //! in place (SGD with momentum and weight decay, or Adam: the arithmetic of burn's optimisers,
 //! whose returned tensors would be new buffers). Inputs are written in place before each replay
-//! ([`GraphStep::set_floats`]); so is anything that changes from step to step, such as Adam's
-//! bias corrections ([`adam_factors`]) or random draws (a draw recorded in a graph would replay
-//! unchanged). Writes in place need buffers that nothing else holds; where one is shared (or the
+//! ([`GraphStep::set_floats`]); so is anything that changes from step to step, such as the
+//! learning rate, Adam's bias corrections ([`adam_factors`]) or random draws (a draw recorded in
+//! a graph would replay unchanged). Writes in place need buffers that nothing else holds; where one is shared (or the
 //! backend cannot tell, as ndarray), the write goes to a new buffer, which is right when the
 //! step runs again but not for a replay: with a device graph that is refused
 //! ([`GraphStepError::Shared`]) rather than train on a stale copy.
@@ -21,7 +21,8 @@
 //! Recording runs the step on the inputs given (three warm-up runs that tune and allocate every
 //! buffer, then the recorded one, which a device graph records without running), then puts the
 //! model and the optimiser's state back as they were: every [`GraphStep::step`] is one step of
-//! training, as the same loop without a graph would take it.
+//! training, as the same loop without a graph would take it. [`Training`] is what a training
+//! loop holds: op-by-op steps or a recorded one, and checkpoints in burn's format either way.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};

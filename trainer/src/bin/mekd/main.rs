@@ -5,7 +5,8 @@
 macro_rules! device_help {
     () => {
         "Backend: flex (CPU, the default), ndarray, wgpu[:N] (the N-th discrete GPU; feature `wgpu`), \
-         wgpu:cpu (software Vulkan) or cuda[:N] (the N-th NVIDIA GPU, TF32 tensor cores; feature `cuda`)"
+         wgpu:cpu (software Vulkan) or cuda[:N] (the N-th NVIDIA GPU, TF32 tensor cores, each training \
+         step replayed as a CUDA graph unless MEKD_NO_GRAPHS=1; feature `cuda`)"
     };
 }
 

@@ -8,18 +8,27 @@ use mekd_runtime::rng::SplitMix64;
 /// Images of `indices` as a `[n, C, H, W]` tensor scaled to [-1, 1].
 pub fn images(data: &Dataset, indices: &[usize], device: &Device) -> Tensor<4> {
     let [c, h, w] = data.shape;
+    Tensor::from_data(TensorData::new(image_values(data, indices), [indices.len(), c, h, w]), device)
+}
+
+/// Images of `indices` scaled to [-1, 1], flat (`[n, C, H, W]` order), on the host.
+pub fn image_values(data: &Dataset, indices: &[usize]) -> Vec<f32> {
+    let [c, h, w] = data.shape;
     let mut pixels = Vec::with_capacity(indices.len() * c * h * w);
     for &i in indices {
         pixels.extend_from_slice(data.image(i));
     }
-    let values = to_model_input(&pixels, data.shape, &Normalisation::symmetric(c));
-    Tensor::from_data(TensorData::new(values, [indices.len(), c, h, w]), device)
+    to_model_input(&pixels, data.shape, &Normalisation::symmetric(c))
 }
 
 /// Labels of `indices` as an integer tensor.
 pub fn labels(data: &Dataset, indices: &[usize], device: &Device) -> Tensor<1, Int> {
-    let values: Vec<i64> = indices.iter().map(|&i| data.labels[i] as i64).collect();
-    Tensor::from_data(TensorData::new(values, [indices.len()]), device)
+    Tensor::from_data(TensorData::new(label_values(data, indices), [indices.len()]), device)
+}
+
+/// Labels of `indices`, on the host.
+pub fn label_values(data: &Dataset, indices: &[usize]) -> Vec<i64> {
+    indices.iter().map(|&i| data.labels[i] as i64).collect()
 }
 
 /// The visiting order of epoch `epoch` (0-based): a permutation seeded by `(seed, epoch)`, so a

@@ -299,11 +299,6 @@ impl<M: Module> Weights<M> {
         Ok(())
     }
 
-    /// The model's structure (its tensors are not the trained ones: [`Weights::model`]).
-    pub(crate) fn template(&self) -> &M {
-        &self.template
-    }
-
     /// The first of the buffers that a step could not rewrite in place.
     pub(crate) fn copied(&self) -> Option<String> {
         self.copied.clone()

@@ -102,6 +102,8 @@ pub struct Gan {
     plan: QueryPlan,
     /// The host's stream of the steps' random draws ([`Draws`]).
     rng: SplitMix64,
+    /// The discriminator's dropout channels per block, as a training pass draws them.
+    dropout_channels: Vec<usize>,
 }
 
 /// How the step runs.
@@ -213,6 +215,7 @@ impl Gan {
         // Both modes draw the same initial values, whichever pass reads them first.
         mekd_models::initialise(&generator);
         mekd_models::initialise(&discriminator);
+        let dropout_channels = discriminator.dropout_channels(&discriminator.devices()[0]);
         let nets = if graphs {
             Nets::Graphs(Box::new(GanGraphs::new(generator, discriminator, config)))
         } else {
@@ -230,7 +233,7 @@ impl Gan {
             queries_done: 0,
             label_counts: vec![0; classes],
         };
-        Self { nets, plan, rng: SplitMix64::new(config.seed ^ DRAWS_STREAM) }
+        Self { nets, plan, rng: SplitMix64::new(config.seed ^ DRAWS_STREAM), dropout_channels }
     }
 
     /// Spread `config.im_queries` over a run of `images` synthetic images in total (epochs times
@@ -268,7 +271,7 @@ impl Gan {
         let [b, _, _, _] = real.dims();
         let time = self.plan.steps_done + 1;
         let ask = self.plan.next(b);
-        let draws = Draws::new(&self.nets.discriminator(), b, self.plan.classes, &real.device());
+        let draws = Draws { batch: b, classes: self.plan.classes, channels: self.dropout_channels.clone() };
         let values = draws.draw(&mut self.rng);
         match &mut self.nets {
             Nets::Eager(eager) => {
@@ -276,16 +279,6 @@ impl Gan {
                 eager.step(real, &draws, flat, ask, &mut self.plan, teacher)
             }
             Nets::Graphs(graphs) => graphs.step(real, draws, values, time, ask, &mut self.plan, teacher),
-        }
-    }
-}
-
-impl Nets {
-    /// The discriminator's structure (for its dropout's shapes).
-    fn discriminator(&self) -> Discriminator {
-        match self {
-            Nets::Eager(eager) => eager.discriminator.clone(),
-            Nets::Graphs(graphs) => graphs.weights.borrow().discriminator.template().clone(),
         }
     }
 }
@@ -359,10 +352,6 @@ struct Draws {
 }
 
 impl Draws {
-    fn new(discriminator: &Discriminator, batch: usize, classes: usize, device: &Device) -> Self {
-        Self { batch, classes, channels: discriminator.dropout_channels(device) }
-    }
-
     /// Values of one pass's dropout draws.
     fn pass_len(&self) -> usize {
         self.batch * self.channels.iter().sum::<usize>()
@@ -703,6 +692,7 @@ mod tests {
             .collect();
         let run = |graphs: bool| {
             let mut gan = Gan::new(&config, 10, 1, false, &device, graphs).unwrap();
+            assert_eq!(gan.dropout_channels, [4, 8, 16, 32], "the discriminator's dropout is drawn");
             let mut teacher = teacher();
             let mut losses = Vec::new();
             for batch in &batches {

@@ -11,7 +11,6 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use mekd_contract::{Normalisation, to_model_input};
 use mekd_models::export::ExportMetadata;
 use mekd_models::{Architecture, Classifier, ClassifierSpec, IMAGE_SIZE};
 use mekd_runtime::{Dataset, Split};
@@ -175,7 +174,6 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
     };
     let plain = device.clone().inner();
     let mut training = Training::new(model, optim, &config.sgd, config.device.records_graphs(), &plain, loss);
-    let norm = Normalisation::symmetric(c);
     for epoch in start_epoch..config.epochs {
         let started = Instant::now();
         let lr = config.sgd.lr_at(epoch);
@@ -185,9 +183,9 @@ pub fn train(dir: &Path, config: &TrainConfig, resume: bool) -> Result<TrainSumm
         let mut sums: Option<Tensor<1>> = None;
         let mut seen = 0usize;
         for chunk in order.chunks(config.batch) {
-            let pixels: Vec<u8> = chunk.iter().flat_map(|&i| train_set.image(i).iter().copied()).collect();
-            let labels = chunk.iter().map(|&i| train_set.labels[i] as i64).collect();
-            let values = training.step((vec![to_model_input(&pixels, train_set.shape, &norm)], vec![labels]), lr)?;
+            let inputs =
+                (vec![batches::image_values(&train_set, chunk)], vec![batches::label_values(&train_set, chunk)]);
+            let values = training.step(inputs, lr)?;
             sums = Some(match sums {
                 None => values,
                 Some(sums) => sums + values,
